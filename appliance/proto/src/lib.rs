@@ -1,0 +1,332 @@
+//! The protocol between the imgsafe host process and the guest agent.
+//!
+//! Transport: a byte stream (virtio-serial port in the guest, Unix socket on the host).
+//! Every message is one frame:
+//!
+//! ```text
+//! u32 little-endian  length of what follows (kind byte + payload), 1 ..= MAX_FRAME
+//! u8                 kind: KIND_MSG (payload = JSON Request/Response) or KIND_DATA (raw bytes)
+//! payload
+//! ```
+//!
+//! The host speaks first with `Request::Hello`; every request gets exactly one
+//! `Response`, except the streaming ones documented on their variants. The host treats
+//! every frame from the guest as hostile: lengths are bounded before allocation and
+//! names are validated with [`validate_name`] before use.
+
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read, Write};
+
+/// Bumped whenever a message changes shape.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest frame (kind byte + payload) either side accepts.
+pub const MAX_FRAME: usize = 1 << 20;
+/// Largest data chunk the agent sends in one `KIND_DATA` frame.
+pub const CHUNK: usize = 256 * 1024;
+/// Longest file name component (Linux NAME_MAX).
+pub const MAX_NAME: usize = 255;
+/// Longest path the host sends (Linux PATH_MAX).
+pub const MAX_PATH: usize = 4096;
+/// Most entries one `ReadDir` answer may carry before it is split.
+pub const MAX_DIR_ENTRIES_PER_FRAME: usize = 2048;
+/// Frame kind: a JSON-encoded [`Request`] or [`Response`].
+pub const KIND_MSG: u8 = 1;
+/// Frame kind: raw file bytes (a chunk of a file being read).
+pub const KIND_DATA: u8 = 2;
+/// Name of the virtio-serial port the agent opens (`/dev/virtio-ports/<name>`).
+pub const PORT_NAME: &str = "org.imgsafe.agent";
+
+/// A request from the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// First message; the agent answers `Hello` with its own version.
+    Hello { version: u32 },
+    /// Probe every block device and partition (and LVM volume) the guest sees.
+    ListFilesystems,
+    /// Mount `device` read-only at the guest's sysroot + `mountpoint` ("/" for the root).
+    /// `fstype` None = the type the probe found.
+    Mount { device: String, mountpoint: String, fstype: Option<String> },
+    /// List a directory of the mounted tree. Answered by one or more `DirEntries` frames,
+    /// the last with `done: true`.
+    ReadDir { path: Vec<u8> },
+    /// lstat one path of the mounted tree. Answered by `Stat`.
+    Stat { path: Vec<u8> },
+    /// Read a regular file: answered by `FileStart`, then DATA frames, then `FileEnd`
+    /// (or `Error` at any point, which ends the stream).
+    ReadFile { path: Vec<u8> },
+    /// Recursive walk below a directory, depth first, pre-order, never following symlinks:
+    /// answered by `WalkEntries` frames, the last with `done: true`.
+    Walk { path: Vec<u8> },
+    /// Read a symlink's target. Answered by `Link`.
+    ReadLink { path: Vec<u8> },
+    /// Unmount everything, sync and power the guest off. Answered by `Bye` first.
+    Shutdown,
+}
+
+/// Kind of a directory entry, from lstat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileType {
+    Regular,
+    Directory,
+    Symlink,
+    CharDevice,
+    BlockDevice,
+    Fifo,
+    Socket,
+}
+
+/// lstat fields of one entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// One name component, raw bytes (not necessarily UTF-8). Empty for `Stat` of "/".
+    pub name: Vec<u8>,
+    pub kind: FileType,
+    /// Permission bits and set-id/sticky bits (st_mode & 0o7777).
+    pub mode: u32,
+    pub size: u64,
+    /// Seconds since the epoch.
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u64,
+    /// Symlink target, raw bytes, for symlinks only.
+    pub target: Option<Vec<u8>>,
+}
+
+/// One entry of a `Walk`: its path below the walked directory, as name components.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalkEntry {
+    /// Components from the walked directory to this entry, each a single name.
+    pub path: Vec<Vec<u8>>,
+    pub entry: Entry,
+}
+
+/// One block device, partition or logical volume the guest found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsInfo {
+    /// Guest device path, e.g. `/dev/vda2` or `/dev/mapper/vg-lv`.
+    pub device: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Filesystem type as `mount` names it (`ext4`, `xfs`, `btrfs`, `vfat`, `iso9660`,
+    /// `swap`, `LVM2_member`), None when nothing was recognised.
+    pub fstype: Option<String>,
+    pub label: Option<String>,
+    pub uuid: Option<String>,
+    /// Partition number (1-based) for partitions.
+    pub partition: Option<u32>,
+    /// GPT partition UUID, if any.
+    pub partuuid: Option<String>,
+    /// True for a whole disk that carries a partition table.
+    pub partitioned: bool,
+}
+
+/// Category of an agent-side failure, so the host can pick an exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The path does not exist in the image.
+    NotFound,
+    /// A directory where a file was needed.
+    IsDirectory,
+    /// A non-directory where a directory was needed.
+    NotDirectory,
+    /// Nothing mountable, or mount failed.
+    Mount,
+    /// The request was malformed or out of order.
+    BadRequest,
+    /// Anything else (I/O error reading the filesystem, ...).
+    Other,
+}
+
+/// A response from the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Hello { version: u32, kernel: String },
+    Filesystems { list: Vec<FsInfo> },
+    Mounted { device: String, fstype: String },
+    DirEntries { entries: Vec<Entry>, done: bool },
+    Stat { entry: Entry },
+    FileStart { size: u64 },
+    FileEnd,
+    WalkEntries { entries: Vec<WalkEntry>, done: bool },
+    Link { target: Vec<u8> },
+    Bye,
+    Error { kind: ErrorKind, message: String },
+}
+
+/// A decoded frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<T> {
+    Msg(T),
+    Data(Vec<u8>),
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream ended or failed.
+    #[error("agent channel: {0}")]
+    Io(#[from] io::Error),
+    /// A length of 0 or above [`MAX_FRAME`].
+    #[error("agent sent a frame of {0} bytes (limit {MAX_FRAME})")]
+    TooLarge(usize),
+    /// A kind byte other than the two known.
+    #[error("agent sent a frame of unknown kind {0}")]
+    UnknownKind(u8),
+    /// The JSON did not decode to the expected message.
+    #[error("agent sent a malformed message: {0}")]
+    Malformed(String),
+}
+
+/// Write one message frame.
+pub fn write_msg<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
+    let json = serde_json::to_vec(msg).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    write_frame(w, KIND_MSG, &json)
+}
+
+/// Write one data frame (`data.len()` must be below [`MAX_FRAME`]).
+pub fn write_data<W: Write>(w: &mut W, data: &[u8]) -> io::Result<()> {
+    write_frame(w, KIND_DATA, data)
+}
+
+fn write_frame<W: Write>(w: &mut W, kind: u8, payload: &[u8]) -> io::Result<()> {
+    let len = payload.len() + 1;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "frame too large"));
+    }
+    let mut head = [0u8; 5];
+    head[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    head[4] = kind;
+    w.write_all(&head)?;
+    w.write_all(payload)?;
+    Ok(())
+}
+
+/// Read one frame, bounded by [`MAX_FRAME`], and decode a message frame as `T`.
+pub fn read_frame<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> Result<Frame<T>, FrameError> {
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head)?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut payload = vec![0u8; len - 1];
+    r.read_exact(&mut payload)?;
+    match head[4] {
+        KIND_MSG => serde_json::from_slice(&payload)
+            .map(Frame::Msg)
+            .map_err(|e| FrameError::Malformed(e.to_string())),
+        KIND_DATA => Ok(Frame::Data(payload)),
+        k => Err(FrameError::UnknownKind(k)),
+    }
+}
+
+/// Why a name from the guest was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("empty name")]
+    Empty,
+    #[error("name is . or ..")]
+    Dot,
+    #[error("name contains '/'")]
+    Slash,
+    #[error("name contains a NUL byte")]
+    Nul,
+    #[error("name longer than {MAX_NAME} bytes")]
+    TooLong,
+}
+
+/// Check that `name` is one safe path component: not empty, not `.` or `..`, no `/`, no
+/// NUL, at most [`MAX_NAME`] bytes. The host calls this on every name the guest sends
+/// before it uses the name for anything.
+pub fn validate_name(name: &[u8]) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if name == b"." || name == b".." {
+        return Err(NameError::Dot);
+    }
+    if name.len() > MAX_NAME {
+        return Err(NameError::TooLong);
+    }
+    if name.contains(&b'/') {
+        return Err(NameError::Slash);
+    }
+    if name.contains(&0) {
+        return Err(NameError::Nul);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_round_trips() {
+        let mut buf = Vec::new();
+        let req = Request::ReadFile { path: b"/etc/\xffname".to_vec() };
+
+        write_msg(&mut buf, &req).unwrap();
+        let back: Frame<Request> = read_frame(&mut buf.as_slice()).unwrap();
+
+        assert_eq!(back, Frame::Msg(req));
+    }
+
+    #[test]
+    fn data_round_trips() {
+        let mut buf = Vec::new();
+
+        write_data(&mut buf, b"\0\x01binary").unwrap();
+        let back: Frame<Request> = read_frame(&mut buf.as_slice()).unwrap();
+
+        assert_eq!(back, Frame::Data(b"\0\x01binary".to_vec()));
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_allocation() {
+        let head = [0xff, 0xff, 0xff, 0x7f, KIND_DATA];
+
+        let err = read_frame::<_, Response>(&mut head.as_slice()).unwrap_err();
+
+        assert!(matches!(err, FrameError::TooLarge(_)));
+    }
+
+    #[test]
+    fn zero_length_frame_is_refused() {
+        let head = [0, 0, 0, 0, KIND_DATA];
+
+        let err = read_frame::<_, Response>(&mut head.as_slice()).unwrap_err();
+
+        assert!(matches!(err, FrameError::TooLarge(0)));
+    }
+
+    #[test]
+    fn unknown_kind_is_refused() {
+        let head = [1, 0, 0, 0, 9];
+
+        let err = read_frame::<_, Response>(&mut head.as_slice()).unwrap_err();
+
+        assert!(matches!(err, FrameError::UnknownKind(9)));
+    }
+
+    #[test]
+    fn hostile_names_are_refused() {
+        assert_eq!(validate_name(b""), Err(NameError::Empty));
+        assert_eq!(validate_name(b"."), Err(NameError::Dot));
+        assert_eq!(validate_name(b".."), Err(NameError::Dot));
+        assert_eq!(validate_name(b"a/b"), Err(NameError::Slash));
+        assert_eq!(validate_name(b"a\0b"), Err(NameError::Nul));
+        assert_eq!(validate_name(&[b'x'; 256]), Err(NameError::TooLong));
+    }
+
+    #[test]
+    fn odd_but_safe_names_are_accepted() {
+        assert_eq!(validate_name(b"with space"), Ok(()));
+        assert_eq!(validate_name(b"new\nline\\back"), Ok(()));
+        assert_eq!(validate_name("naïve".as_bytes()), Ok(()));
+        assert_eq!(validate_name(b"..."), Ok(()));
+        assert_eq!(validate_name(&[0xff, 0xfe]), Ok(()));
+    }
+}

@@ -1,0 +1,268 @@
+//! Host side of the agent protocol: typed calls over the framed channel.
+//!
+//! Everything the guest sends is hostile. Frames are bounded by the proto crate;
+//! here every answer is checked to be the one expected, names are validated before they
+//! leave this module, and streams are bounded by what the host asked for.
+
+use crate::{Error, Result};
+use imgsafe_proto::{
+    self as proto, validate_name, Entry, ErrorKind, Frame, FsInfo, Request, Response, WalkEntry,
+};
+use std::io::{BufReader, BufWriter, Write};
+use std::os::unix::net::UnixStream;
+
+/// What commands need from a mounted guest filesystem. Implemented by [`AgentClient`]
+/// and by fakes in tests.
+pub trait GuestFs {
+    /// lstat a path.
+    fn stat(&mut self, path: &[u8]) -> Result<Entry>;
+    /// List a directory (entries unsorted, names validated).
+    fn read_dir(&mut self, path: &[u8]) -> Result<Vec<Entry>>;
+    /// Stream a regular file's bytes into `out`; returns the byte count.
+    fn read_file(&mut self, path: &[u8], out: &mut dyn Write) -> Result<u64>;
+    /// Every entry below a directory, depth first, pre-order, symlinks not followed.
+    fn walk(&mut self, path: &[u8], each: &mut dyn FnMut(WalkEntry) -> Result<()>) -> Result<()>;
+}
+
+/// Most entries a single directory listing may have before imgsafe gives up (bounds memory).
+pub const MAX_DIR_ENTRIES: usize = 4_000_000;
+
+/// The connection to the guest agent.
+pub struct AgentClient {
+    reader: BufReader<UnixStream>,
+    writer: BufWriter<UnixStream>,
+    /// The guest kernel version, from the handshake.
+    pub kernel: String,
+}
+
+/// Map an agent-side error to the host error, naming `path`.
+fn agent_error(kind: ErrorKind, message: String, path: &[u8]) -> Error {
+    let shown = String::from_utf8_lossy(path).into_owned();
+    match kind {
+        ErrorKind::NotFound | ErrorKind::IsDirectory | ErrorKind::NotDirectory => {
+            Error::NotFound { image: Default::default(), path: shown, what: message }
+        }
+        ErrorKind::Mount => Error::Filesystem { image: Default::default(), what: message },
+        ErrorKind::BadRequest | ErrorKind::Other => Error::guest(format!("{shown}: {message}")),
+    }
+}
+
+impl AgentClient {
+    /// Handshake on a connected stream.
+    pub fn connect(stream: UnixStream) -> Result<Self> {
+        let reader = BufReader::new(stream.try_clone().map_err(|e| Error::guest(e.to_string()))?);
+        let writer = BufWriter::new(stream);
+        let mut c = AgentClient { reader, writer, kernel: String::new() };
+        match c.call(&Request::Hello { version: proto::PROTOCOL_VERSION })? {
+            Response::Hello { version, kernel } if version == proto::PROTOCOL_VERSION => {
+                c.kernel = kernel.chars().take(256).collect();
+                Ok(c)
+            }
+            Response::Hello { version, .. } => Err(Error::guest(format!(
+                "protocol version {version}, expected {}",
+                proto::PROTOCOL_VERSION
+            ))),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Set a read timeout for every later answer (None = wait forever).
+    pub fn set_timeout(&self, t: Option<std::time::Duration>) -> Result<()> {
+        self.reader.get_ref().set_read_timeout(t).map_err(|e| Error::guest(e.to_string()))
+    }
+
+    fn send(&mut self, req: &Request) -> Result<()> {
+        proto::write_msg(&mut self.writer, req)
+            .and_then(|_| self.writer.flush())
+            .map_err(|e| Error::guest(format!("sending request: {e}")))
+    }
+
+    fn recv(&mut self) -> Result<Frame<Response>> {
+        proto::read_frame(&mut self.reader).map_err(|e| match e {
+            proto::FrameError::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.kind() == std::io::ErrorKind::TimedOut => {
+                Error::appliance("the guest agent did not answer in time")
+            }
+            proto::FrameError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Error::appliance("the appliance closed the agent channel (guest crashed or was killed)")
+            }
+            other => Error::guest(other.to_string()),
+        })
+    }
+
+    fn recv_msg(&mut self) -> Result<Response> {
+        match self.recv()? {
+            Frame::Msg(m) => Ok(m),
+            Frame::Data(_) => Err(Error::guest("unexpected data frame")),
+        }
+    }
+
+    /// Send one request and read one message.
+    fn call(&mut self, req: &Request) -> Result<Response> {
+        self.send(req)?;
+        self.recv_msg()
+    }
+
+    /// Probe block devices, partitions and volumes.
+    pub fn list_filesystems(&mut self) -> Result<Vec<FsInfo>> {
+        match self.call(&Request::ListFilesystems)? {
+            Response::Filesystems { list } if list.len() <= 4096 => Ok(list),
+            Response::Filesystems { .. } => Err(Error::guest("too many filesystems")),
+            Response::Error { kind, message } => Err(agent_error(kind, message, b"")),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Mount `device` read-only at `mountpoint` below the guest sysroot.
+    pub fn mount(&mut self, device: &str, mountpoint: &str, fstype: Option<&str>) -> Result<String> {
+        let req = Request::Mount {
+            device: device.into(),
+            mountpoint: mountpoint.into(),
+            fstype: fstype.map(Into::into),
+        };
+        match self.call(&req)? {
+            Response::Mounted { fstype, .. } => Ok(fstype),
+            Response::Error { message, .. } => {
+                Err(Error::Filesystem { image: Default::default(), what: format!("mounting {device}: {message}") })
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Ask the agent to unmount and power off; waits for its answer.
+    pub fn shutdown(&mut self) -> Result<()> {
+        match self.call(&Request::Shutdown)? {
+            Response::Bye => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+fn check_path(path: &[u8]) -> Result<()> {
+    if path.len() > proto::MAX_PATH || path.contains(&0) {
+        return Err(Error::Other(format!("{}: path too long or contains NUL", String::from_utf8_lossy(path))));
+    }
+    Ok(())
+}
+
+fn check_entry(e: &Entry) -> Result<()> {
+    validate_name(&e.name)
+        .map_err(|err| Error::guest(format!("unsafe name {:?}: {err}", String::from_utf8_lossy(&e.name))))?;
+    if let Some(t) = &e.target {
+        if t.len() > proto::MAX_PATH {
+            return Err(Error::guest("symlink target too long"));
+        }
+    }
+    Ok(())
+}
+
+fn unexpected(r: &Response) -> Error {
+    let mut s = format!("{r:?}");
+    s.truncate(120);
+    Error::guest(format!("unexpected answer {s}"))
+}
+
+impl GuestFs for AgentClient {
+    fn stat(&mut self, path: &[u8]) -> Result<Entry> {
+        check_path(path)?;
+        match self.call(&Request::Stat { path: path.to_vec() })? {
+            Response::Stat { entry } => Ok(entry),
+            Response::Error { kind, message } => Err(agent_error(kind, message, path)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn read_dir(&mut self, path: &[u8]) -> Result<Vec<Entry>> {
+        check_path(path)?;
+        self.send(&Request::ReadDir { path: path.to_vec() })?;
+        let mut all = Vec::new();
+        loop {
+            match self.recv_msg()? {
+                Response::DirEntries { entries, done } => {
+                    for e in &entries {
+                        check_entry(e)?;
+                    }
+                    all.extend(entries);
+                    if all.len() > MAX_DIR_ENTRIES {
+                        return Err(Error::guest("directory listing too large"));
+                    }
+                    if done {
+                        return Ok(all);
+                    }
+                }
+                Response::Error { kind, message } => return Err(agent_error(kind, message, path)),
+                other => return Err(unexpected(&other)),
+            }
+        }
+    }
+
+    fn read_file(&mut self, path: &[u8], out: &mut dyn Write) -> Result<u64> {
+        check_path(path)?;
+        self.send(&Request::ReadFile { path: path.to_vec() })?;
+        let size = match self.recv_msg()? {
+            Response::FileStart { size } => size,
+            Response::Error { kind, message } => return Err(agent_error(kind, message, path)),
+            other => return Err(unexpected(&other)),
+        };
+        let mut got: u64 = 0;
+        let mut out_err: Option<std::io::Error> = None;
+        loop {
+            match self.recv()? {
+                Frame::Data(d) => {
+                    got = got.checked_add(d.len() as u64).ok_or_else(|| Error::guest("file too large"))?;
+                    if got > size {
+                        return Err(Error::guest("file stream longer than announced"));
+                    }
+                    // Keep draining the stream after a local write error so the channel
+                    // stays in sync, then report the error.
+                    if out_err.is_none() {
+                        if let Err(e) = out.write_all(&d) {
+                            out_err = Some(e);
+                        }
+                    }
+                }
+                Frame::Msg(Response::FileEnd) => break,
+                Frame::Msg(Response::Error { kind, message }) => return Err(agent_error(kind, message, path)),
+                Frame::Msg(other) => return Err(unexpected(&other)),
+            }
+        }
+        if let Some(e) = out_err {
+            return Err(Error::Other(format!("writing output: {e}")));
+        }
+        if got != size {
+            // The file changed size while read (cannot happen read-only) or the agent lied.
+            return Err(Error::guest(format!("file stream ended after {got} of {size} bytes")));
+        }
+        Ok(got)
+    }
+
+    fn walk(&mut self, path: &[u8], each: &mut dyn FnMut(WalkEntry) -> Result<()>) -> Result<()> {
+        check_path(path)?;
+        self.send(&Request::Walk { path: path.to_vec() })?;
+        let mut first_err: Option<Error> = None;
+        loop {
+            match self.recv_msg()? {
+                Response::WalkEntries { entries, done } => {
+                    for w in entries {
+                        if first_err.is_some() {
+                            continue;
+                        }
+                        let ok = w.path.len() <= 2048 && w.path.iter().all(|c| validate_name(c).is_ok());
+                        let r = if !ok {
+                            Err(Error::guest("unsafe path in walk"))
+                        } else {
+                            check_entry(&w.entry).and_then(|_| each(w))
+                        };
+                        if let Err(e) = r {
+                            first_err = Some(e);
+                        }
+                    }
+                    if done {
+                        return first_err.map_or(Ok(()), Err);
+                    }
+                }
+                Response::Error { kind, message } => return Err(agent_error(kind, message, path)),
+                other => return Err(unexpected(&other)),
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Locate, build and cache the appliance (kernel + initramfs).

@@ -1,0 +1,149 @@
+//! Command-line syntax (clap derive). Parsing only: commands live in `commands/`.
+
+use crate::format::Format;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Look inside untrusted disk images without root.
+#[derive(Debug, Parser)]
+#[command(name = "imgsafe", version, about, long_about = None)]
+pub struct Cli {
+    /// Print each stage with its timing on stderr.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How to open the image; shared by every subcommand that takes one.
+#[derive(Debug, Clone, Args)]
+pub struct ImageArgs {
+    /// Decode as this format instead of probing magic bytes.
+    #[arg(long, value_enum, global = true)]
+    pub format: Option<Format>,
+    /// VHD differencing: accept a parent whose unique id does not match.
+    #[arg(long, global = true)]
+    pub ignore_parent_id: bool,
+    /// Where bare OpenVZ container ids are looked up.
+    #[arg(long, env = "IMGSAFE_VZ_ROOT", default_value = "/vz/private", global = true)]
+    pub vz_root: PathBuf,
+}
+
+/// Which filesystem(s) of the image to mount.
+#[derive(Debug, Clone, Args)]
+pub struct MountArgs {
+    /// Filesystem to mount: a guest device (/dev/sda2) or a partition number (2).
+    #[arg(short = 'm', long = "mount", value_name = "DEVICE")]
+    pub mount: Option<String>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List a directory of the image.
+    Ls(LsArgs),
+    /// Write a file of the image to stdout.
+    Cat(CatArgs),
+    /// Copy files or directories out of the image.
+    Cp(CpArgs),
+    /// List the partitions and filesystems of the image.
+    Filesystems(FilesystemsArgs),
+    /// Show the image's container format, size and chain.
+    Info(InfoArgs),
+    /// Serve the decoded image read-only over NBD on a Unix socket.
+    Serve(ServeArgs),
+}
+
+/// `imgsafe ls`.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// The disk image (file, ploop directory or DiskDescriptor.xml, or container id).
+    pub image: PathBuf,
+    /// Directory (or file) in the image.
+    #[arg(default_value = "/")]
+    pub path: String,
+    /// Long listing: type and mode, size, mtime, name (-> target).
+    #[arg(short = 'l', long)]
+    pub long: bool,
+    /// Recurse into subdirectories.
+    #[arg(short = 'R', long)]
+    pub recursive: bool,
+    /// Show entries whose names start with '.' (always on with --json).
+    #[arg(short = 'a', long)]
+    pub all: bool,
+    /// One JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub image_args: ImageArgs,
+    #[command(flatten)]
+    pub mount: MountArgs,
+}
+
+/// `imgsafe cat`.
+#[derive(Debug, Args)]
+pub struct CatArgs {
+    /// The disk image.
+    pub image: PathBuf,
+    /// Files in the image, written in order.
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+    #[command(flatten)]
+    pub image_args: ImageArgs,
+    #[command(flatten)]
+    pub mount: MountArgs,
+}
+
+/// `imgsafe cp IMAGE:PATH... DEST`.
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// Sources as IMAGE:/path (all from the same image), then the destination.
+    #[arg(required = true, num_args = 2..)]
+    pub args: Vec<String>,
+    /// Overwrite existing files in the destination.
+    #[arg(short, long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub image_args: ImageArgs,
+    #[command(flatten)]
+    pub mount: MountArgs,
+}
+
+/// `imgsafe filesystems`.
+#[derive(Debug, Args)]
+pub struct FilesystemsArgs {
+    /// The disk image.
+    pub image: PathBuf,
+    /// One JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub image_args: ImageArgs,
+}
+
+/// `imgsafe info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// The disk image.
+    pub image: PathBuf,
+    /// One JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub image_args: ImageArgs,
+}
+
+/// `imgsafe serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The disk image.
+    pub image: PathBuf,
+    /// Unix socket to listen on (created; must not exist).
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Export name announced to clients.
+    #[arg(long, default_value = "")]
+    pub export_name: String,
+    #[command(flatten)]
+    pub image_args: ImageArgs,
+}

@@ -1,0 +1,1 @@
+//! A session: decoded image + NBD server + appliance VM + agent connection.

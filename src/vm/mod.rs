@@ -1,0 +1,1 @@
+//! QEMU: typed config → argv, process lifetime, QMP.
