@@ -5,7 +5,10 @@
 //! file, and answers reads of the *virtual* disk. Chains (ploop deltas, VHD differencing
 //! parents) are decoders that own their parent as a `Box<dyn BlockSource>`.
 
+pub mod descriptor;
+pub mod ploop;
 pub mod raw;
+pub mod vhd;
 
 use std::fmt;
 use std::fs::File;
@@ -73,12 +76,21 @@ pub trait BlockSource: Send + Sync {
 pub enum Format {
     /// The file is the disk, byte for byte.
     Raw,
+    /// OpenVZ ploop / Parallels expanding image (one delta, no chain).
+    Ploop,
+    /// A ploop DiskDescriptor.xml naming a chain of deltas.
+    Descriptor,
+    /// Microsoft VHD: fixed, dynamic or differencing.
+    Vhd,
 }
 
 impl fmt::Display for Format {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Format::Raw => "raw",
+            Format::Ploop => "ploop",
+            Format::Descriptor => "descriptor",
+            Format::Vhd => "vhd",
         })
     }
 }
@@ -129,7 +141,16 @@ const PROBE_LEN: usize = 4096;
 
 /// Decide the format of a file from its first bytes (and its last 512 for VHD fixed).
 pub fn detect(path: &Path, file: &File) -> Result<Format, FormatError> {
-    let _ = read_head(path, file)?;
+    let head = read_head(path, file)?;
+    if ploop::probe(&head) {
+        return Ok(Format::Ploop);
+    }
+    if descriptor::probe(&head) {
+        return Ok(Format::Descriptor);
+    }
+    if vhd::probe(path, file, &head)? {
+        return Ok(Format::Vhd);
+    }
     Ok(Format::Raw)
 }
 
@@ -160,6 +181,9 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>, For
     };
     match format {
         Format::Raw => Ok(Box::new(raw::Raw::new(path, file)?)),
+        Format::Ploop => ploop::open_single(path, file),
+        Format::Descriptor => descriptor::open_chain(path, opts),
+        Format::Vhd => vhd::open(path, file, opts),
     }
 }
 
