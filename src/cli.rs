@@ -68,9 +68,6 @@ pub struct LsArgs {
     /// Recurse into subdirectories.
     #[arg(short = 'R', long)]
     pub recursive: bool,
-    /// Show entries whose names start with '.' (always on with --json).
-    #[arg(short = 'a', long)]
-    pub all: bool,
     /// One JSON document on stdout.
     #[arg(long)]
     pub json: bool,

@@ -1,0 +1,307 @@
+//! The appliance: a kernel and an initramfs whose `/init` is this very binary (the guest
+//! agent), built from declared host inputs as an ordinary user, cached per user and
+//! rebuilt only when an input changes (the supermin model).
+//!
+//! Inputs: a kernel and its modules (`/boot/vmlinuz-*` + `/lib/modules/<version>`, or
+//! `IMGSAFE_KERNEL`), busybox-static, the kernel modules the agent needs (with their
+//! dependencies from `modules.dep` and `modules.softdep`), and this executable with the
+//! shared libraries it loads. The cache key is a hash of every input's path, size and
+//! modification time, so a rebuilt imgsafe, an upgraded kernel or busybox gives a new
+//! appliance.
+
+pub mod cpio;
+pub mod elf;
+pub mod kernel;
+pub mod modules;
+
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Why the appliance could not be built or found.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplianceError {
+    /// A required input is not installed.
+    #[error("{what} not found ({where_}): install the Debian package {package}")]
+    Missing { what: &'static str, where_: String, package: &'static str },
+    /// Reading an input or writing the cache failed.
+    #[error("building the appliance: {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    /// An input exists but is unusable.
+    #[error("building the appliance: {0}")]
+    Invalid(String),
+}
+
+impl ApplianceError {
+    fn io(path: &Path, source: io::Error) -> Self {
+        ApplianceError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+impl From<ApplianceError> for crate::Error {
+    fn from(e: ApplianceError) -> Self {
+        crate::Error::appliance(e.to_string())
+    }
+}
+
+/// A ready appliance in the cache.
+#[derive(Debug, Clone)]
+pub struct Appliance {
+    /// Kernel to boot: an uncompressed ELF `vmlinux` (PVH entry) when it could be
+    /// extracted, else the distribution's bzImage.
+    pub kernel: PathBuf,
+    /// True when `kernel` is the extracted ELF (booted through PVH).
+    pub pvh: bool,
+    /// Uncompressed newc cpio initramfs.
+    pub initrd: PathBuf,
+    /// Kernel release, e.g. `6.1.0-56-cloud-amd64`.
+    pub kernel_release: String,
+}
+
+/// Modules the agent loads, by module name (dependencies are added from modules.dep).
+/// Virtio transports and devices, the filesystems imgsafe mounts and their helpers.
+pub const WANTED_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",
+    "crc32c_intel",
+    "xfs",
+    "btrfs",
+    "blake2b_generic",
+    "xxhash_generic",
+    "vfat",
+    "nls_utf8",
+    "nls_cp437",
+    "nls_iso8859_1",
+    "isofs",
+    "udf",
+    "dm_mod",
+    "dm_snapshot",
+    "dm_mirror",
+    "dm_zero",
+    "dm_thin_pool",
+    "overlay",
+];
+
+/// Paths of the build inputs, before hashing.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub kernel: PathBuf,
+    pub kernel_release: String,
+    pub modules_dir: PathBuf,
+    pub busybox: PathBuf,
+    /// This executable (becomes `/init`).
+    pub agent: PathBuf,
+}
+
+/// Where the per-user cache lives: `$XDG_CACHE_HOME/imgsafe`, else `~/.cache/imgsafe`.
+pub fn cache_root() -> Result<PathBuf, ApplianceError> {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(x).join("imgsafe"));
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(h).join(".cache").join("imgsafe"));
+    }
+    Err(ApplianceError::Invalid("neither XDG_CACHE_HOME nor HOME is set: no place for the appliance cache".into()))
+}
+
+/// Find every input on this host.
+pub fn find_inputs() -> Result<Inputs, ApplianceError> {
+    let (kernel, kernel_release) = kernel::find()?;
+    let modules_dir = std::env::var_os("IMGSAFE_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new("/lib/modules").join(&kernel_release));
+    if !modules_dir.join("modules.dep").is_file() {
+        return Err(ApplianceError::Missing {
+            what: "kernel modules",
+            where_: modules_dir.display().to_string(),
+            package: "linux-image-cloud-amd64 (the modules matching the kernel)",
+        });
+    }
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .ok_or(ApplianceError::Missing { what: "busybox", where_: "/bin/busybox".into(), package: "busybox-static" })?;
+    if !elf::is_static(&busybox).map_err(|e| ApplianceError::io(&busybox, e))? {
+        return Err(ApplianceError::Missing {
+            what: "a statically linked busybox",
+            where_: busybox.display().to_string(),
+            package: "busybox-static",
+        });
+    }
+    let agent = std::env::current_exe().map_err(|e| ApplianceError::io(Path::new("/proc/self/exe"), e))?;
+    Ok(Inputs { kernel, kernel_release, modules_dir, busybox, agent })
+}
+
+/// Everything that goes into the initramfs, resolved but not yet written.
+struct Plan {
+    modules: Vec<PathBuf>,
+    libs: Vec<(PathBuf, PathBuf)>,
+    applets: Vec<String>,
+}
+
+fn plan(inputs: &Inputs) -> Result<Plan, ApplianceError> {
+    let modules = modules::resolve(&inputs.modules_dir, WANTED_MODULES)?;
+    let libs = elf::closure(&inputs.agent).map_err(|e| ApplianceError::io(&inputs.agent, e))?;
+    let applets = busybox_applets(&inputs.busybox)?;
+    Ok(Plan { modules, libs, applets })
+}
+
+/// The cache key: a hash of the format version and every input's identity.
+fn cache_key(inputs: &Inputs, plan: &Plan) -> Result<String, ApplianceError> {
+    let mut h = Sha256::new();
+    h.update(b"imgsafe-appliance-v1\0");
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    let mut files: Vec<&Path> = vec![&inputs.kernel, &inputs.busybox, &inputs.agent];
+    files.extend(plan.modules.iter().map(PathBuf::as_path));
+    files.extend(plan.libs.iter().map(|(src, _)| src.as_path()));
+    for f in files {
+        let m = fs::metadata(f).map_err(|e| ApplianceError::io(f, e))?;
+        h.update(f.as_os_str().as_encoded_bytes());
+        h.update([0]);
+        h.update(m.len().to_le_bytes());
+        h.update(m.mtime().to_le_bytes());
+        h.update(m.mtime_nsec().to_le_bytes());
+        h.update(m.ino().to_le_bytes());
+    }
+    let digest = h.finalize();
+    Ok(digest.iter().take(12).map(|b| format!("{b:02x}")).collect())
+}
+
+/// Return the cached appliance for the current inputs, building it first if needed.
+/// Safe when several imgsafe processes build at once: each builds in a private temp
+/// dir and renames it into place; the loser of the race uses the winner's.
+pub fn ensure() -> Result<Appliance, ApplianceError> {
+    let inputs = find_inputs()?;
+    let plan = plan(&inputs)?;
+    let key = cache_key(&inputs, &plan)?;
+    let root = cache_root()?;
+    let dir = root.join(format!("appliance-{key}"));
+    if let Some(a) = load(&dir, &inputs) {
+        return Ok(a);
+    }
+    fs::create_dir_all(&root).map_err(|e| ApplianceError::io(&root, e))?;
+    let _ = fs::set_permissions(&root, fs::Permissions::from_mode(0o700));
+    let tmp = tempfile::Builder::new()
+        .prefix(".building-")
+        .tempdir_in(&root)
+        .map_err(|e| ApplianceError::io(&root, e))?;
+    build_into(tmp.path(), &inputs, &plan)?;
+    let built = tmp.keep();
+    match fs::rename(&built, &dir) {
+        Ok(()) => {}
+        Err(_) if load(&dir, &inputs).is_some() => {
+            let _ = fs::remove_dir_all(&built);
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&built);
+            return Err(ApplianceError::io(&dir, e));
+        }
+    }
+    prune(&root, &dir);
+    load(&dir, &inputs).ok_or_else(|| ApplianceError::Invalid(format!("{} is incomplete after building", dir.display())))
+}
+
+/// Read a finished cache entry; `None` if it is missing or incomplete.
+fn load(dir: &Path, inputs: &Inputs) -> Option<Appliance> {
+    let initrd = dir.join("initrd.cpio");
+    if !dir.join("complete").is_file() || !initrd.is_file() {
+        return None;
+    }
+    let vmlinux = dir.join("vmlinux");
+    let (kernel, pvh) = if vmlinux.is_file() { (vmlinux, true) } else { (inputs.kernel.clone(), false) };
+    Some(Appliance { kernel, pvh, initrd, kernel_release: inputs.kernel_release.clone() })
+}
+
+/// Remove other finished appliances (older inputs) and stale build dirs, best effort.
+fn prune(root: &Path, keep: &Path) {
+    let Ok(rd) = fs::read_dir(root) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let old_build = name.starts_with(".building-")
+            && e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok()).is_some_and(|age| age.as_secs() > 3600);
+        if (name.starts_with("appliance-") && p != keep) || old_build {
+            let _ = fs::remove_dir_all(&p);
+        }
+    }
+}
+
+/// Build kernel + initramfs into `dir` (a private temp dir).
+fn build_into(dir: &Path, inputs: &Inputs, plan: &Plan) -> Result<(), ApplianceError> {
+    let stage = crate::trace::stage("appliance build");
+    let pvh = match kernel::extract_vmlinux(&inputs.kernel)? {
+        Some(elf) => {
+            let p = dir.join("vmlinux");
+            fs::write(&p, elf).map_err(|e| ApplianceError::io(&p, e))?;
+            true
+        }
+        None => false,
+    };
+    let initrd = dir.join("initrd.cpio");
+    let file = fs::File::create(&initrd).map_err(|e| ApplianceError::io(&initrd, e))?;
+    let mut w = cpio::Writer::new(io::BufWriter::new(file));
+    write_tree(&mut w, inputs, plan).map_err(|e| ApplianceError::io(&initrd, e))?;
+    let mut out = w.finish().map_err(|e| ApplianceError::io(&initrd, e))?;
+    io::Write::flush(&mut out).map_err(|e| ApplianceError::io(&initrd, e))?;
+    out.get_ref().sync_all().map_err(|e| ApplianceError::io(&initrd, e))?;
+    let done = dir.join("complete");
+    fs::write(&done, b"").map_err(|e| ApplianceError::io(&done, e))?;
+    stage.done(&format!("{} modules, {} libraries, pvh={pvh}", plan.modules.len(), plan.libs.len()));
+    Ok(())
+}
+
+fn write_tree<W: io::Write>(w: &mut cpio::Writer<W>, inputs: &Inputs, plan: &Plan) -> io::Result<()> {
+    for d in ["bin", "sbin", "dev", "proc", "sys", "tmp", "run", "sysroot", "mnt", "etc", "etc/imgsafe", "lib", "lib64", "root"] {
+        w.dir(d, 0o755)?;
+    }
+    w.file_from("init", 0o755, &inputs.agent)?;
+    w.file_from("bin/busybox", 0o755, &inputs.busybox)?;
+    for a in &plan.applets {
+        if a != "busybox" {
+            w.symlink(&format!("bin/{a}"), "busybox")?;
+        }
+    }
+    for (src, dst) in &plan.libs {
+        let rel = dst.strip_prefix("/").unwrap_or(dst);
+        w.parents(rel)?;
+        w.file_from(&rel.to_string_lossy(), 0o755, src)?;
+    }
+    let mut list = String::new();
+    for m in &plan.modules {
+        let rel = Path::new("lib/modules").join(&inputs.kernel_release).join(m.strip_prefix(&inputs.modules_dir).unwrap_or(m));
+        w.parents(&rel)?;
+        w.file_from(&rel.to_string_lossy(), 0o644, m)?;
+        list.push('/');
+        list.push_str(&rel.to_string_lossy());
+        list.push('\n');
+    }
+    w.file("etc/imgsafe/modules", 0o644, list.as_bytes())?;
+    w.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")?;
+    w.file("etc/group", 0o644, b"root:x:0:\n")?;
+    Ok(())
+}
+
+/// Busybox's applet names, from `busybox --list` (busybox is static and trusted: it is
+/// a host package, not image content).
+fn busybox_applets(busybox: &Path) -> Result<Vec<String>, ApplianceError> {
+    let out = std::process::Command::new(busybox)
+        .arg("--list")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| ApplianceError::io(busybox, e))?;
+    if !out.status.success() {
+        return Err(ApplianceError::Invalid(format!("{} --list failed", busybox.display())));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' || b == b'['))
+        .map(String::from)
+        .collect())
+}
