@@ -1,1 +1,0 @@
-//! Locate, build and cache the appliance (kernel + initramfs).
