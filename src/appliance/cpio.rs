@@ -13,6 +13,7 @@ const TRAILER: &str = "TRAILER!!!";
 const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
 const S_IFLNK: u32 = 0o120000;
+const S_IFCHR: u32 = 0o020000;
 
 /// Streams entries into a cpio archive. All entries are owned by root with mtime 0, so
 /// the archive depends only on its contents.
@@ -29,10 +30,14 @@ impl<W: Write> Writer<W> {
     }
 
     fn header(&mut self, name: &str, mode: u32, size: u32) -> io::Result<()> {
+        self.header_rdev(name, mode, size, (0, 0))
+    }
+
+    fn header_rdev(&mut self, name: &str, mode: u32, size: u32, rdev: (u32, u32)) -> io::Result<()> {
         let namesize = name.len() + 1;
         let hdr = format!(
             "{MAGIC}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-            self.ino, mode, 0, 0, 1, 0, size, 0, 0, 0, 0, namesize, 0
+            self.ino, mode, 0, 0, 1, 0, size, 0, 0, rdev.0, rdev.1, namesize, 0
         );
         self.ino += 1;
         self.out.write_all(hdr.as_bytes())?;
@@ -88,6 +93,12 @@ impl<W: Write> Writer<W> {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{} shrank while copied", src.display())));
         }
         self.pad(len as usize)
+    }
+
+    /// Add a character device node. Writing the archive entry needs no privilege; the
+    /// kernel creates the node when it unpacks the initramfs.
+    pub fn char_device(&mut self, name: &str, perm: u32, major: u32, minor: u32) -> io::Result<()> {
+        self.header_rdev(name, S_IFCHR | perm, 0, (major, minor))
     }
 
     /// Add a symbolic link.

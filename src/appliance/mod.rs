@@ -154,7 +154,7 @@ fn plan(inputs: &Inputs) -> Result<Plan, ApplianceError> {
 /// The cache key: a hash of the format version and every input's identity.
 fn cache_key(inputs: &Inputs, plan: &Plan) -> Result<String, ApplianceError> {
     let mut h = Sha256::new();
-    h.update(b"imgsafe-appliance-v1\0");
+    h.update(b"imgsafe-appliance-v2\0");
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
     let mut files: Vec<&Path> = vec![&inputs.kernel, &inputs.busybox, &inputs.agent];
     files.extend(plan.modules.iter().map(PathBuf::as_path));
@@ -260,6 +260,11 @@ fn write_tree<W: io::Write>(w: &mut cpio::Writer<W>, inputs: &Inputs, plan: &Pla
     for d in ["bin", "sbin", "dev", "proc", "sys", "tmp", "run", "sysroot", "mnt", "etc", "etc/imgsafe", "lib", "lib64", "root"] {
         w.dir(d, 0o755)?;
     }
+    // The kernel opens /dev/console as init's stdin/stdout/stderr only if it exists
+    // before devtmpfs is mounted, and Rust's runtime aborts at start-up if fds 0-2 are
+    // closed and /dev/null cannot be opened.
+    w.char_device("dev/console", 0o600, 5, 1)?;
+    w.char_device("dev/null", 0o666, 1, 3)?;
     w.file_from("init", 0o755, &inputs.agent)?;
     w.file_from("bin/busybox", 0o755, &inputs.busybox)?;
     for a in &plan.applets {

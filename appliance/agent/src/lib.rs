@@ -4,7 +4,56 @@
 //! initramfs as `/init`, so it always travels with the host binary and always speaks
 //! the same protocol version. When the binary starts as PID 1 it calls [`run`].
 
+use std::io::{BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the image's root filesystem is mounted in the guest.
+pub const SYSROOT: &str = "/sysroot";
+/// Pause before reading again after the host end of the port closed (it reads EOF then).
+const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
+
 /// Run as the appliance's init: set up the guest, serve the host, power off.
 pub fn run() -> ! {
-    unimplemented!("agent")
+    let sysroot = Path::new(SYSROOT);
+    let port = match init::boot() {
+        Ok(p) => p,
+        Err(e) => {
+            init::log(&format!("fatal: {e}"));
+            init::power_off(sysroot);
+        }
+    };
+    let agent = serve::Agent {
+        sysroot: PathBuf::from(SYSROOT),
+        devices: devices::DeviceRoots {
+            sys: "/sys".into(),
+            dev: "/dev".into(),
+        },
+        debug: init::debug_requested(),
+    };
+    loop {
+        let reader = port.try_clone().map(BufReader::new);
+        let Ok(mut reader) = reader else {
+            init::log("fatal: cannot duplicate the port descriptor");
+            init::power_off(sysroot);
+        };
+        let mut writer = BufWriter::with_capacity(imgsafe_proto::CHUNK + 64, &port);
+        match agent.serve(&mut reader, &mut writer) {
+            serve::Outcome::Shutdown => init::power_off(sysroot),
+            // A virtio-serial port reads EOF while the host side is not connected.
+            serve::Outcome::Disconnected => std::thread::sleep(RECONNECT_PAUSE),
+        }
+    }
 }
+
+pub mod devices;
+pub mod entry;
+pub mod error;
+pub mod init;
+pub mod mount;
+pub mod probe;
+pub mod readdir;
+pub mod readfile;
+pub mod resolve;
+pub mod serve;
+pub mod walk;

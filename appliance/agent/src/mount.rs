@@ -1,0 +1,200 @@
+//! `Mount`: read-only, with options that never write to the image or replay a journal.
+
+use crate::error::{errno_text, OpError};
+use crate::probe::probe;
+use crate::resolve::resolve_creating;
+use imgsafe_proto::ErrorKind;
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+/// Flags of every mount: read-only, and nothing in the image may run or reach a device.
+const FLAGS: libc::c_ulong = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+
+/// (type, options) to try in order; the next one is tried only when the kernel refuses
+/// an option or type (EINVAL, ENODEV). Never an attempt that could replay a journal.
+pub fn attempts(fstype: &str) -> Vec<(&str, &'static str)> {
+    match fstype {
+        // The ext4 driver serves ext2/ext3 too; `noload` skips the journal entirely.
+        "ext2" => vec![("ext2", "noload"), ("ext2", ""), ("ext4", "noload")],
+        "ext3" => vec![("ext3", "noload"), ("ext4", "noload")],
+        "ext4" => vec![("ext4", "noload")],
+        "xfs" => vec![("xfs", "norecovery")],
+        // `rescue=` appeared in Linux 5.9; older kernels spell it `nologreplay`.
+        "btrfs" => vec![("btrfs", "rescue=nologreplay"), ("btrfs", "nologreplay")],
+        "vfat" => vec![("vfat", "utf8"), ("vfat", "")],
+        "iso9660" => vec![("iso9660", "utf8"), ("iso9660", "")],
+        other => vec![(other, "")],
+    }
+}
+
+/// Types the probe reports that are not mountable filesystems.
+const NOT_MOUNTABLE: [&str; 3] = ["swap", "LVM2_member", "jbd"];
+
+fn cstr(s: &[u8], what: &str) -> Result<CString, OpError> {
+    CString::new(s).map_err(|_| OpError::new(ErrorKind::BadRequest, format!("{what} contains NUL")))
+}
+
+/// The type the probe finds on `device`.
+fn probed_type(device: &str) -> Result<String, OpError> {
+    let f = File::open(device)
+        .map_err(|e| OpError::new(ErrorKind::Mount, format!("{device}: {}", errno_text(&e))))?;
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    // Block devices report size 0 through metadata; seek to the end instead.
+    let size = if size == 0 {
+        io::Seek::seek(&mut &f, io::SeekFrom::End(0)).unwrap_or(0)
+    } else {
+        size
+    };
+    probe(&f, size).fstype.ok_or_else(|| {
+        OpError::new(
+            ErrorKind::Mount,
+            format!("{device}: no filesystem recognised"),
+        )
+    })
+}
+
+/// Mount `device` read-only at `sysroot` + `mountpoint`; returns the type used.
+pub fn mount(
+    sysroot: &Path,
+    device: &str,
+    mountpoint: &str,
+    fstype: Option<&str>,
+) -> Result<String, OpError> {
+    if !device.starts_with("/dev/") || device.split('/').any(|c| c == "..") {
+        return Err(OpError::new(
+            ErrorKind::BadRequest,
+            format!("{device}: not a device path"),
+        ));
+    }
+    let fstype = match fstype {
+        Some(t) => t.to_string(),
+        None => probed_type(device)?,
+    };
+    if NOT_MOUNTABLE.contains(&fstype.as_str()) {
+        return Err(OpError::new(
+            ErrorKind::Mount,
+            format!("{device}: {fstype} is not a mountable filesystem"),
+        ));
+    }
+    let target = resolve_creating(sysroot, mountpoint.as_bytes())
+        .map_err(|e| OpError::new(ErrorKind::Mount, format!("mountpoint {}", e.message)))?;
+    let src = cstr(device.as_bytes(), "device")?;
+    let dst = cstr(
+        std::os::unix::ffi::OsStrExt::as_bytes(target.host.as_os_str()),
+        "mountpoint",
+    )?;
+    let mut last = io::Error::from_raw_os_error(libc::EINVAL);
+    for (t, opts) in attempts(&fstype) {
+        let ty = cstr(t.as_bytes(), "fstype")?;
+        let data = cstr(opts.as_bytes(), "options")?;
+        // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                ty.as_ptr(),
+                FLAGS,
+                data.as_ptr().cast(),
+            )
+        };
+        if rc == 0 {
+            return Ok(t.to_string());
+        }
+        last = io::Error::last_os_error();
+        if !matches!(last.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENODEV)) {
+            break;
+        }
+    }
+    Err(OpError::new(
+        ErrorKind::Mount,
+        format!(
+            "mount {device} on {mountpoint} as {fstype}: {}",
+            errno_text(&last)
+        ),
+    ))
+}
+
+/// Unmount everything at or below `sysroot`, deepest first (lazily if busy).
+pub fn unmount_all(sysroot: &Path) {
+    let mounts = std::fs::read("/proc/self/mounts").unwrap_or_default();
+    let root = std::os::unix::ffi::OsStrExt::as_bytes(sysroot.as_os_str());
+    let mut targets: Vec<Vec<u8>> = mounts
+        .split(|&c| c == b'\n')
+        .filter_map(|l| l.split(|&c| c == b' ').nth(1))
+        .map(unescape_mount_field)
+        .filter(|t| t == root || (t.starts_with(root) && t.get(root.len()) == Some(&b'/')))
+        .collect();
+    // /proc/self/mounts lists in mount order, so a child always follows its parent.
+    targets.reverse();
+    for t in targets {
+        let Ok(c) = CString::new(t) else { continue };
+        // SAFETY: c is a valid NUL-terminated path.
+        unsafe {
+            if libc::umount2(c.as_ptr(), 0) != 0 {
+                libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+            }
+        }
+    }
+}
+
+/// Undo the kernel's octal escapes (`\040` for space, ...) in a /proc/mounts field.
+fn unescape_mount_field(f: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(f.len());
+    let mut i = 0;
+    while i < f.len() {
+        let oct = f
+            .get(i + 1..i + 4)
+            .filter(|d| f[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match oct {
+            Some(d) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(f[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journaled_types_never_fall_back_to_replaying() {
+        for t in ["ext3", "ext4", "xfs", "btrfs"] {
+            let opts = attempts(t);
+
+            assert!(opts.iter().all(|(_, o)| !o.is_empty()), "{t}: {opts:?}");
+        }
+    }
+
+    #[test]
+    fn btrfs_prefers_rescue_syntax() {
+        assert_eq!(attempts("btrfs")[0], ("btrfs", "rescue=nologreplay"));
+    }
+
+    #[test]
+    fn mounts_field_escapes_are_decoded() {
+        assert_eq!(
+            unescape_mount_field(br"/sysroot/my\040dir\134x"),
+            b"/sysroot/my dir\\x".to_vec()
+        );
+    }
+
+    #[test]
+    fn non_device_paths_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+
+        let err = mount(dir.path(), "/dev/../etc/passwd", "/", Some("ext4")).unwrap_err();
+        let err2 = mount(dir.path(), "relative", "/", Some("ext4")).unwrap_err();
+
+        assert_eq!(err.kind, ErrorKind::BadRequest);
+        assert_eq!(err2.kind, ErrorKind::BadRequest);
+    }
+}

@@ -1,0 +1,824 @@
+//! blkid-like content probing: which filesystem, label and UUID a block device holds,
+//! and whether it carries a partition table.
+//!
+//! Everything here works on any [`FileExt`], so the guest probes `/dev/vdaN` and the unit
+//! tests probe image files made by the real mkfs tools. Device bytes are hostile: every
+//! read is bounded ([`MAX_READ`]) and checked against the device size, and no field read
+//! from the device is trusted as an offset or length before it is range-checked.
+
+use std::os::unix::fs::FileExt;
+
+/// Largest single read the prober makes (bounds memory on hostile sizes).
+const MAX_READ: usize = 1 << 20;
+/// Sector size assumed for MBR and the first GPT attempt.
+const SECTOR: u64 = 512;
+
+/// ext2/3/4: superblock offset, magic offset within it and value (ext4 disk layout, "The Super Block").
+const EXT_SB: u64 = 1024;
+const EXT_MAGIC: u16 = 0xEF53;
+/// ext s_feature_compat: has_journal.
+const EXT_COMPAT_HAS_JOURNAL: u32 = 0x0004;
+/// ext s_feature_incompat: external journal device.
+const EXT_INCOMPAT_JOURNAL_DEV: u32 = 0x0008;
+/// ext ro_compat features ext2/ext3 drivers understand (sparse_super, large_file, btree_dir).
+const EXT3_RO_COMPAT_SUPPORTED: u32 = 0x0001 | 0x0002 | 0x0004;
+/// ext incompat features the ext2 driver understands (filetype, meta_bg).
+const EXT2_INCOMPAT_SUPPORTED: u32 = 0x0002 | 0x0010;
+/// ext incompat features the ext3 driver understands (filetype, recover, meta_bg).
+const EXT3_INCOMPAT_SUPPORTED: u32 = 0x0002 | 0x0004 | 0x0010;
+
+/// XFS superblock magic at byte 0 ("XFS Algorithms & Data Structures", 12.1).
+const XFS_MAGIC: &[u8; 4] = b"XFSB";
+/// Btrfs primary superblock offset and its magic at offset 0x40 within it.
+const BTRFS_SB: u64 = 65536;
+const BTRFS_MAGIC: &[u8; 8] = b"_BHRfS_M";
+/// ISO 9660 (ECMA-119 8.4): the primary volume descriptor lives in sector 16.
+const ISO_PVD: u64 = 16 * 2048;
+const ISO_MAGIC: &[u8; 5] = b"CD001";
+/// Linux swap signatures, in the last 10 bytes of the first page.
+const SWAP_MAGIC_V2: &[u8; 10] = b"SWAPSPACE2";
+const SWAP_MAGIC_V1: &[u8; 10] = b"SWAP-SPACE";
+/// Page sizes swap may have been made with (blkid checks the same set).
+const SWAP_PAGE_SIZES: [u64; 4] = [4096, 8192, 16384, 65536];
+/// LVM2 label (lib/format_text/layout.h): in one of the first four sectors.
+const LVM_LABEL: &[u8; 8] = b"LABELONE";
+const LVM_TYPE: &[u8; 8] = b"LVM2 001";
+/// GPT header signature (UEFI 2.10, 5.3.2).
+const GPT_SIGNATURE: &[u8; 8] = b"EFI PART";
+/// MBR boot signature at offset 510.
+const MBR_SIGNATURE: [u8; 2] = [0x55, 0xAA];
+/// MBR partition types that start an extended partition chain (DOS, W95 LBA, Linux).
+const MBR_EXTENDED: [u8; 3] = [0x05, 0x0F, 0x85];
+/// Most logical partitions followed in an extended chain (bounds hostile loops).
+const MAX_LOGICAL: u32 = 128;
+
+/// What the probe found on one device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Probe {
+    /// Filesystem type as `mount` names it, None when nothing was recognised.
+    pub fstype: Option<String>,
+    /// Volume label.
+    pub label: Option<String>,
+    /// Filesystem UUID in blkid's format.
+    pub uuid: Option<String>,
+    /// True when the device carries a partition table (then `fstype` is None).
+    pub partitioned: bool,
+}
+
+/// One partition of a partition table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartEntry {
+    /// Partition number as Linux numbers it (GPT: entry index + 1; MBR: 1-4, logical 5+).
+    pub number: u32,
+    /// blkid's PARTUUID for it, when the table provides one.
+    pub partuuid: Option<String>,
+}
+
+/// Read exactly `len` bytes at `off`, or None if out of range or the read fails.
+fn read<F: FileExt>(dev: &F, size: u64, off: u64, len: usize) -> Option<Vec<u8>> {
+    if len > MAX_READ || off.checked_add(len as u64)? > size {
+        return None;
+    }
+    let mut buf = vec![0u8; len];
+    dev.read_exact_at(&mut buf, off).ok()?;
+    Some(buf)
+}
+
+fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// A label field: up to the first NUL, trailing spaces dropped, None when empty.
+fn label(raw: &[u8]) -> Option<String> {
+    let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+    let s = String::from_utf8_lossy(&raw[..end]);
+    let t = s.trim_end_matches(' ');
+    (!t.is_empty()).then(|| t.to_string())
+}
+
+/// A 16-byte UUID in big-endian byte order as 8-4-4-4-12 lowercase hex; None if all zero.
+fn uuid_be(b: &[u8]) -> Option<String> {
+    if b.iter().all(|&c| c == 0) {
+        return None;
+    }
+    let h: Vec<String> = b.iter().map(|c| format!("{c:02x}")).collect();
+    Some(format!(
+        "{}-{}-{}-{}-{}",
+        h[0..4].concat(),
+        h[4..6].concat(),
+        h[6..8].concat(),
+        h[8..10].concat(),
+        h[10..16].concat()
+    ))
+}
+
+/// A GUID as GPT stores it (first three fields little-endian) in lowercase text form.
+fn guid_le(b: &[u8]) -> Option<String> {
+    let mut be = [0u8; 16];
+    be[0..4].copy_from_slice(&[b[3], b[2], b[1], b[0]]);
+    be[4..6].copy_from_slice(&[b[5], b[4]]);
+    be[6..8].copy_from_slice(&[b[7], b[6]]);
+    be[8..16].copy_from_slice(&b[8..16]);
+    uuid_be(&be)
+}
+
+/// Probe one device: partition table first, then the filesystems.
+pub fn probe<F: FileExt>(dev: &F, size: u64) -> Probe {
+    if partition_table(dev, size).is_some() {
+        return Probe {
+            partitioned: true,
+            ..Probe::default()
+        };
+    }
+    let probers: [fn(&F, u64) -> Option<Probe>; 7] = [
+        probe_ext,
+        probe_xfs,
+        probe_btrfs,
+        probe_iso9660,
+        probe_swap,
+        probe_lvm2,
+        probe_vfat,
+    ];
+    probers
+        .iter()
+        .find_map(|p| p(dev, size))
+        .unwrap_or_default()
+}
+
+fn found(fstype: &str, label: Option<String>, uuid: Option<String>) -> Option<Probe> {
+    Some(Probe {
+        fstype: Some(fstype.to_string()),
+        label,
+        uuid,
+        partitioned: false,
+    })
+}
+
+/// ext2/ext3/ext4, told apart by feature flags the way libblkid does.
+fn probe_ext<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
+    let sb = read(dev, size, EXT_SB, 1024)?;
+    if le16(&sb, 56) != EXT_MAGIC {
+        return None;
+    }
+    let compat = le32(&sb, 92);
+    let incompat = le32(&sb, 96);
+    let ro_compat = le32(&sb, 100);
+    if incompat & EXT_INCOMPAT_JOURNAL_DEV != 0 {
+        return found("jbd", label(&sb[120..136]), uuid_be(&sb[104..120]));
+    }
+    let ro_ok = ro_compat & !EXT3_RO_COMPAT_SUPPORTED == 0;
+    let fstype = if compat & EXT_COMPAT_HAS_JOURNAL == 0
+        && ro_ok
+        && incompat & !EXT2_INCOMPAT_SUPPORTED == 0
+    {
+        "ext2"
+    } else if compat & EXT_COMPAT_HAS_JOURNAL != 0
+        && ro_ok
+        && incompat & !EXT3_INCOMPAT_SUPPORTED == 0
+    {
+        "ext3"
+    } else {
+        "ext4"
+    };
+    found(fstype, label(&sb[120..136]), uuid_be(&sb[104..120]))
+}
+
+fn probe_xfs<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
+    let sb = read(dev, size, 0, 512)?;
+    if &sb[0..4] != XFS_MAGIC {
+        return None;
+    }
+    let blocksize = u32::from_be_bytes([sb[4], sb[5], sb[6], sb[7]]);
+    let agcount = u32::from_be_bytes([sb[88], sb[89], sb[90], sb[91]]);
+    if !(512..=65536).contains(&blocksize) || !blocksize.is_power_of_two() || agcount == 0 {
+        return None;
+    }
+    found("xfs", label(&sb[108..120]), uuid_be(&sb[32..48]))
+}
+
+fn probe_btrfs<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
+    let sb = read(dev, size, BTRFS_SB, 4096)?;
+    if &sb[64..72] != BTRFS_MAGIC {
+        return None;
+    }
+    found(
+        "btrfs",
+        label(&sb[0x12b..0x12b + 256]),
+        uuid_be(&sb[32..48]),
+    )
+}
+
+/// ISO 9660: label = volume identifier; UUID = the modification (else creation) date as
+/// libblkid formats it, YYYY-MM-DD-HH-MM-SS-CC.
+fn probe_iso9660<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
+    let pvd = read(dev, size, ISO_PVD, 2048)?;
+    if pvd[0] != 1 || &pvd[1..6] != ISO_MAGIC {
+        return None;
+    }
+    let uuid = iso_date(&pvd[830..847]).or_else(|| iso_date(&pvd[813..830]));
+    found("iso9660", label(&pvd[40..72]), uuid)
+}
+
+/// ECMA-119 8.4.26.1 date: 16 ASCII digits + a timezone byte; all zero means unset.
+fn iso_date(d: &[u8]) -> Option<String> {
+    let digits = &d[..16];
+    if !digits.iter().all(u8::is_ascii_digit) || digits.iter().all(|&c| c == b'0') {
+        return None;
+    }
+    let s = std::str::from_utf8(digits).ok()?;
+    Some(format!(
+        "{}-{}-{}-{}-{}-{}-{}",
+        &s[0..4],
+        &s[4..6],
+        &s[6..8],
+        &s[8..10],
+        &s[10..12],
+        &s[12..14],
+        &s[14..16]
+    ))
+}
+
+/// Linux swap: signature at page_size - 10; v2 headers carry a UUID and label.
+fn probe_swap<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
+    for page in SWAP_PAGE_SIZES {
+        let Some(magic) = read(dev, size, page - 10, 10) else {
+            continue;
+        };
+        if magic.as_slice() == SWAP_MAGIC_V1 {
+            return found("swap", None, None);
+        }
+        if magic.as_slice() == SWAP_MAGIC_V2 {
+            let hdr = read(dev, size, 1024, 44)?;
+            return found("swap", label(&hdr[28..44]), uuid_be(&hdr[12..28]));
+        }
+    }
+    None
+}
+
+/// LVM2 physical volume: label header in one of sectors 0-3, PV UUID in the pv_header.
+fn probe_lvm2<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
+    let head = read(dev, size, 0, 4 * SECTOR as usize)?;
+    for s in 0..4usize {
+        let sec = &head[s * 512..(s + 1) * 512];
+        if &sec[0..8] != LVM_LABEL || &sec[24..32] != LVM_TYPE {
+            continue;
+        }
+        let pv_off = le32(sec, 20) as usize;
+        let uuid = sec.get(pv_off..pv_off.checked_add(32)?).and_then(lvm_uuid);
+        return found("LVM2_member", None, uuid);
+    }
+    None
+}
+
+/// LVM's 32-character id shown 6-4-4-4-4-4-6 with dashes, as blkid and pvs do.
+fn lvm_uuid(raw: &[u8]) -> Option<String> {
+    if !raw.iter().all(u8::is_ascii_alphanumeric) {
+        return None;
+    }
+    let s = std::str::from_utf8(raw).ok()?;
+    let cuts = [0, 6, 10, 14, 18, 22, 26, 32];
+    Some(
+        cuts.windows(2)
+            .map(|w| &s[w[0]..w[1]])
+            .collect::<Vec<_>>()
+            .join("-"),
+    )
+}
+
+/// FAT boot sector BPB sanity checks (Microsoft FAT spec, section 3.1).
+fn is_fat_boot_sector(bs: &[u8]) -> bool {
+    let jump_ok = (bs[0] == 0xEB && bs[2] == 0x90) || bs[0] == 0xE9;
+    let bytes_per_sector = le16(bs, 11);
+    let per_cluster = bs[13];
+    let reserved = le16(bs, 14);
+    let fats = bs[16];
+    let media = bs[21];
+    jump_ok
+        && matches!(bytes_per_sector, 512 | 1024 | 2048 | 4096)
+        && per_cluster != 0
+        && per_cluster.is_power_of_two()
+        && reserved != 0
+        && fats != 0
+        && (media == 0xF0 || media >= 0xF8)
+}
+
+/// vfat (FAT12/16/32): label and volume serial from the boot sector.
+fn probe_vfat<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
+    let bs = read(dev, size, 0, 512)?;
+    if !is_fat_boot_sector(&bs) {
+        return None;
+    }
+    // FAT32 has a zero 16-bit FAT size and its extended BPB 28 bytes further on.
+    let ext = if le16(&bs, 22) == 0 { 64 } else { 36 };
+    let (label_v, uuid) = if bs[ext + 2] == 0x29 {
+        let id = &bs[ext + 3..ext + 7];
+        let uuid = format!("{:02X}{:02X}-{:02X}{:02X}", id[3], id[2], id[1], id[0]);
+        (
+            label(&bs[ext + 7..ext + 18]).filter(|l| l != "NO NAME"),
+            Some(uuid),
+        )
+    } else {
+        (None, None)
+    };
+    found("vfat", label_v, uuid)
+}
+
+/// The partition table on a whole disk, or None when there is none. GPT wins over the
+/// protective MBR; a FAT boot sector is not an MBR even though it ends in 0x55AA.
+pub fn partition_table<F: FileExt>(dev: &F, size: u64) -> Option<Vec<PartEntry>> {
+    gpt(dev, size, SECTOR)
+        .or_else(|| gpt(dev, size, 4096))
+        .or_else(|| mbr(dev, size))
+}
+
+fn gpt<F: FileExt>(dev: &F, size: u64, lba: u64) -> Option<Vec<PartEntry>> {
+    let hdr = read(dev, size, lba, lba as usize)?;
+    if &hdr[0..8] != GPT_SIGNATURE {
+        return None;
+    }
+    let hdr_size = le32(&hdr, 12) as usize;
+    if !(92..=hdr.len()).contains(&hdr_size) {
+        return None;
+    }
+    let mut h = hdr[..hdr_size].to_vec();
+    h[16..20].fill(0);
+    if crc32(&h) != le32(&hdr, 16) {
+        return None;
+    }
+    let entries_lba = le64(&hdr, 72);
+    let count = le32(&hdr, 80) as usize;
+    let entry_size = le32(&hdr, 84) as usize;
+    if entry_size < 128 || !entry_size.is_multiple_of(8) {
+        return None;
+    }
+    let table_len = count.checked_mul(entry_size).filter(|&n| n <= MAX_READ)?;
+    let table = read(dev, size, entries_lba.checked_mul(lba)?, table_len)?;
+    if crc32(&table) != le32(&hdr, 88) {
+        return None;
+    }
+    let parts = table
+        .chunks_exact(entry_size)
+        .enumerate()
+        .filter(|(_, e)| e[0..16].iter().any(|&c| c != 0))
+        .map(|(i, e)| PartEntry {
+            number: i as u32 + 1,
+            partuuid: guid_le(&e[16..32]),
+        })
+        .collect();
+    Some(parts)
+}
+
+/// One 16-byte MBR/EBR entry: (boot flag, type, start LBA, sectors).
+fn mbr_entry(sec: &[u8], i: usize) -> (u8, u8, u32, u32) {
+    let e = &sec[446 + 16 * i..446 + 16 * (i + 1)];
+    (e[0], e[4], le32(e, 8), le32(e, 12))
+}
+
+fn mbr<F: FileExt>(dev: &F, size: u64) -> Option<Vec<PartEntry>> {
+    let sec = read(dev, size, 0, 512)?;
+    if sec[510..512] != MBR_SIGNATURE || is_fat_boot_sector(&sec) {
+        return None;
+    }
+    let entries: Vec<_> = (0..4).map(|i| mbr_entry(&sec, i)).collect();
+    if entries.iter().any(|&(boot, ..)| boot != 0 && boot != 0x80) {
+        return None;
+    }
+    let used = |&(_, t, start, len): &(u8, u8, u32, u32)| t != 0 && start != 0 && len != 0;
+    if !entries.iter().any(used) {
+        return None;
+    }
+    let sig = le32(&sec, 440);
+    let partuuid = |n: u32| (sig != 0).then(|| format!("{sig:08x}-{n:02x}"));
+    let mut parts: Vec<PartEntry> = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        if used(e) {
+            parts.push(PartEntry {
+                number: i as u32 + 1,
+                partuuid: partuuid(i as u32 + 1),
+            });
+        }
+    }
+    if let Some(&(_, _, ext_start, _)) = entries
+        .iter()
+        .find(|e| used(e) && MBR_EXTENDED.contains(&e.1))
+    {
+        for n in logical_numbers(dev, size, ext_start) {
+            parts.push(PartEntry {
+                number: n,
+                partuuid: partuuid(n),
+            });
+        }
+    }
+    Some(parts)
+}
+
+/// Follow the extended partition's EBR chain; logical partitions are numbered from 5.
+fn logical_numbers<F: FileExt>(dev: &F, size: u64, ext_start: u32) -> Vec<u32> {
+    let mut numbers = Vec::new();
+    let mut ebr = u64::from(ext_start);
+    for n in 5..5 + MAX_LOGICAL {
+        let Some(sec) = ebr
+            .checked_mul(SECTOR)
+            .and_then(|off| read(dev, size, off, 512))
+        else {
+            break;
+        };
+        if sec[510..512] != MBR_SIGNATURE {
+            break;
+        }
+        let (_, t, start, len) = mbr_entry(&sec, 0);
+        if t != 0 && start != 0 && len != 0 {
+            numbers.push(n);
+        }
+        let (_, next_t, next, _) = mbr_entry(&sec, 1);
+        if next_t == 0 || next == 0 {
+            break;
+        }
+        ebr = u64::from(ext_start) + u64::from(next);
+    }
+    numbers
+}
+
+/// CRC-32 (IEEE 802.3, reflected, as GPT uses), bitwise: the inputs are small.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::fs::File;
+    use std::path::Path;
+    use std::process::Command;
+
+    /// Run a tool, failing the test with the Debian package to install if it is missing.
+    fn run(package: &str, prog: &str, args: &[&str]) {
+        let out = Command::new(prog).args(args).output().unwrap_or_else(|e| {
+            panic!("{prog} not runnable ({e}): install the Debian package {package}")
+        });
+        assert!(
+            out.status.success(),
+            "{prog} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// libblkid's low-level probe of a file, as KEY=value pairs: the oracle.
+    fn blkid(path: &Path) -> HashMap<String, String> {
+        let out = Command::new("blkid")
+            .args(["-p", "-o", "export"])
+            .arg(path)
+            .output()
+            .expect("blkid not runnable: install the Debian package util-linux");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), unescape(v)))
+            .collect()
+    }
+
+    /// Undo `blkid -o export`'s backslash escaping of special characters.
+    fn unescape(v: &str) -> String {
+        let mut out = String::new();
+        let mut chars = v.chars();
+        while let Some(c) = chars.next() {
+            out.push(if c == '\\' {
+                chars.next().unwrap_or(c)
+            } else {
+                c
+            });
+        }
+        out
+    }
+
+    fn image(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
+        let p = dir.join(name);
+        File::create(&p).unwrap().set_len(size).unwrap();
+        p
+    }
+
+    fn probe_file(path: &Path) -> Probe {
+        let f = File::open(path).unwrap();
+        let size = f.metadata().unwrap().len();
+        probe(&f, size)
+    }
+
+    /// Probe a fresh mkfs image and compare TYPE, LABEL and UUID with blkid.
+    fn assert_matches_blkid(path: &Path, fstype: &str) {
+        let want = blkid(path);
+
+        let got = probe_file(path);
+
+        assert_eq!(
+            got.fstype.as_deref(),
+            Some(fstype),
+            "type of {}",
+            path.display()
+        );
+        assert_eq!(want.get("TYPE").map(String::as_str), Some(fstype));
+        assert_eq!(
+            got.label,
+            want.get("LABEL").cloned(),
+            "label of {}",
+            path.display()
+        );
+        assert_eq!(
+            got.uuid,
+            want.get("UUID").cloned(),
+            "uuid of {}",
+            path.display()
+        );
+        assert!(!got.partitioned);
+    }
+
+    #[test]
+    fn ext2_ext3_ext4_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        for (tool, fstype) in [
+            ("mkfs.ext2", "ext2"),
+            ("mkfs.ext3", "ext3"),
+            ("mkfs.ext4", "ext4"),
+        ] {
+            let p = image(dir.path(), fstype, 8 << 20);
+            run(
+                "e2fsprogs",
+                tool,
+                &["-q", "-F", "-L", "lbl-x", p.to_str().unwrap()],
+            );
+
+            assert_matches_blkid(&p, fstype);
+            assert_eq!(probe_file(&p).label.as_deref(), Some("lbl-x"));
+        }
+    }
+
+    #[test]
+    fn ext2_with_extents_is_ext4() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), "e", 8 << 20);
+        run(
+            "e2fsprogs",
+            "mkfs.ext4",
+            &["-q", "-F", "-O", "^has_journal", p.to_str().unwrap()],
+        );
+
+        assert_matches_blkid(&p, "ext4");
+    }
+
+    #[test]
+    fn vfat_12_16_32_label_and_serial() {
+        let dir = tempfile::tempdir().unwrap();
+        for bits in ["12", "16", "32"] {
+            let p = image(dir.path(), bits, 40 << 20);
+            run(
+                "dosfstools",
+                "mkfs.vfat",
+                &[
+                    "-F",
+                    bits,
+                    "-n",
+                    "MYLABEL",
+                    "-i",
+                    "1234abcd",
+                    p.to_str().unwrap(),
+                ],
+            );
+
+            assert_matches_blkid(&p, "vfat");
+            assert_eq!(probe_file(&p).uuid.as_deref(), Some("1234-ABCD"));
+            assert_eq!(partition_table(&File::open(&p).unwrap(), 40 << 20), None);
+        }
+    }
+
+    #[test]
+    fn btrfs_label_and_fsid() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), "b", 128 << 20);
+        run(
+            "btrfs-progs",
+            "mkfs.btrfs",
+            &["-q", "-f", "-L", "bt label", p.to_str().unwrap()],
+        );
+
+        assert_matches_blkid(&p, "btrfs");
+    }
+
+    #[test]
+    fn xfs_label_and_uuid() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), "x", 320 << 20);
+        run(
+            "xfsprogs",
+            "mkfs.xfs",
+            &["-q", "-f", "-L", "xfslbl", p.to_str().unwrap()],
+        );
+
+        assert_matches_blkid(&p, "xfs");
+    }
+
+    #[test]
+    fn iso9660_volume_id_and_date_uuid() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("hello.txt"), b"hi\n").unwrap();
+        let p = dir.path().join("cd.iso");
+        run(
+            "genisoimage",
+            "genisoimage",
+            &[
+                "-quiet",
+                "-V",
+                "MY_CD",
+                "-o",
+                p.to_str().unwrap(),
+                src.to_str().unwrap(),
+            ],
+        );
+
+        assert_matches_blkid(&p, "iso9660");
+    }
+
+    #[test]
+    fn swap_label_and_uuid() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), "s", 4 << 20);
+        let uuid = "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0";
+        run(
+            "util-linux",
+            "mkswap",
+            &["-q", "-L", "swp", "-U", uuid, p.to_str().unwrap()],
+        );
+
+        assert_matches_blkid(&p, "swap");
+        assert_eq!(probe_file(&p).uuid.as_deref(), Some(uuid));
+    }
+
+    #[test]
+    fn lvm2_physical_volume_label() {
+        // pvcreate needs a block device, so build the label as lib/format_text/layout.h
+        // describes it: label_header in sector 1, pv_header (id first) right after it.
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), "pv", 4 << 20);
+        let mut sec = [0u8; 512];
+        sec[0..8].copy_from_slice(LVM_LABEL);
+        sec[8..16].copy_from_slice(&1u64.to_le_bytes());
+        sec[20..24].copy_from_slice(&32u32.to_le_bytes());
+        sec[24..32].copy_from_slice(LVM_TYPE);
+        sec[32..64].copy_from_slice(b"AbCdEf0123456789GhIjKlMnOpQrStUv");
+        let crc = lvm_crc(&sec[20..]);
+        sec[16..20].copy_from_slice(&crc.to_le_bytes());
+        File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .write_all_at(&sec, 512)
+            .unwrap();
+
+        assert_matches_blkid(&p, "LVM2_member");
+        assert_eq!(
+            probe_file(&p).uuid.as_deref(),
+            Some("AbCdEf-0123-4567-89Gh-IjKl-MnOp-QrStUv")
+        );
+    }
+
+    /// LVM's label CRC (lib/misc/crc.c: initial 0xf597a6cf, no final inversion).
+    fn lvm_crc(data: &[u8]) -> u32 {
+        let mut crc = 0xf597_a6cfu32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        crc
+    }
+
+    #[test]
+    fn gpt_partuuids_are_the_unique_guids() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), "gpt", 16 << 20);
+        let path = p.to_str().unwrap();
+        run(
+            "gdisk",
+            "sgdisk",
+            &["-n", "1:2048:+4M", "-n", "3:0:+4M", path],
+        );
+        run(
+            "gdisk",
+            "sgdisk",
+            &[
+                "-u",
+                "1:6F1E2D3C-4B5A-4978-8695-A4B3C2D1E0F9",
+                "-u",
+                "3:00112233-4455-6677-8899-AABBCCDDEEFF",
+                path,
+            ],
+        );
+        let f = File::open(&p).unwrap();
+
+        let table = partition_table(&f, 16 << 20);
+        let whole = probe(&f, 16 << 20);
+
+        assert_eq!(
+            table,
+            Some(vec![
+                PartEntry {
+                    number: 1,
+                    partuuid: Some("6f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9".into())
+                },
+                PartEntry {
+                    number: 3,
+                    partuuid: Some("00112233-4455-6677-8899-aabbccddeeff".into())
+                },
+            ])
+        );
+        assert!(whole.partitioned);
+        assert_eq!(whole.fstype, None);
+    }
+
+    #[test]
+    fn mbr_partuuids_use_the_disk_signature_including_logicals() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), "mbr", 32 << 20);
+        let script = "label: dos\nlabel-id: 0x1a2b3c4d\n,4M,L\n,4M,L\n,,E\n,4M,L\n,4M,L\n";
+        let mut child = Command::new("sfdisk")
+            .args(["-q", p.to_str().unwrap()])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("sfdisk not runnable: install the Debian package fdisk");
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success());
+        let f = File::open(&p).unwrap();
+
+        let numbers: Vec<(u32, Option<String>)> = partition_table(&f, 32 << 20)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.number, e.partuuid))
+            .collect();
+
+        let want: Vec<(u32, Option<String>)> = [1, 2, 3, 5, 6]
+            .iter()
+            .map(|&n| (n, Some(format!("1a2b3c4d-{n:02x}"))))
+            .collect();
+        assert_eq!(numbers, want);
+        assert!(probe(&f, 32 << 20).partitioned);
+    }
+
+    #[test]
+    fn blank_and_tiny_devices_are_unrecognised() {
+        let dir = tempfile::tempdir().unwrap();
+        let blank = image(dir.path(), "blank", 1 << 20);
+        let tiny = image(dir.path(), "tiny", 100);
+
+        assert_eq!(probe_file(&blank), Probe::default());
+        assert_eq!(probe_file(&tiny), Probe::default());
+    }
+
+    #[test]
+    fn hostile_gpt_entry_count_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), "bad", 1 << 20);
+        let mut hdr = [0u8; 92];
+        hdr[0..8].copy_from_slice(GPT_SIGNATURE);
+        hdr[12..16].copy_from_slice(&92u32.to_le_bytes());
+        hdr[72..80].copy_from_slice(&u64::MAX.to_le_bytes());
+        hdr[80..84].copy_from_slice(&u32::MAX.to_le_bytes());
+        hdr[84..88].copy_from_slice(&128u32.to_le_bytes());
+        let crc = crc32(&hdr);
+        hdr[16..20].copy_from_slice(&crc.to_le_bytes());
+        File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .write_all_at(&hdr, 512)
+            .unwrap();
+
+        assert_eq!(partition_table(&File::open(&p).unwrap(), 1 << 20), None);
+    }
+}
