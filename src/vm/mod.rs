@@ -1,1 +1,62 @@
 //! QEMU: typed config → argv, process lifetime, QMP.
+//!
+//! - [`config`]: [`VmConfig`] and the pure [`VmConfig::argv`];
+//! - [`accel`]: KVM or TCG for this host and user;
+//! - [`tsc`]: the host TSC rate the guest kernel needs under TCG;
+//! - [`qmp`]: a small serde_json QMP client;
+//! - [`process`]: [`Vm`], one QEMU process from spawn to reap;
+//! - [`reaper`]: the signal handlers and registry that make sure no QEMU outlives imgsafe.
+//!
+//! A session's use, in order:
+//!
+//! ```no_run
+//! # fn demo(kernel: &std::path::Path, initrd: &std::path::Path, run_dir: &std::path::Path,
+//! #         nbd_socket: &std::path::Path) -> imgsafe::Result<()> {
+//! use imgsafe::vm::{accel, reaper, Vm, VmConfig};
+//! reaper::install_signal_handlers(); // once, early, from the main thread
+//! let (accel, notice) = accel::choose()?;
+//! if let Some(line) = notice {
+//!     eprintln!("{line}");
+//! }
+//! let mut cfg = VmConfig::new(accel, kernel, initrd, run_dir); // run_dir: private temp dir
+//! cfg.extra_cmdline.push("rdinit=/init".into());
+//! let mut vm = Vm::launch(&cfg)?; // paused (-S), QMP connected
+//! vm.attach_nbd_disk(nbd_socket, "", true)?; // NBD server must already listen
+//! vm.start()?;
+//! let agent = vm.connect_agent()?; // talk the agent protocol on this stream
+//! // ... on any agent I/O error: vm.check_alive()? explains a dead QEMU ...
+//! # drop(agent);
+//! vm.shutdown(std::time::Duration::from_secs(2))?;
+//! # Ok(()) }
+//! ```
+
+pub mod accel;
+pub mod config;
+pub mod process;
+pub mod qmp;
+pub mod reaper;
+pub mod tsc;
+
+pub use accel::AccelError;
+pub use config::{Accel, Machine, VmConfig};
+pub use process::{DiskSlot, Vm, VmError};
+
+impl From<VmError> for crate::Error {
+    /// A VM failure after a signal is the signal's doing (QEMU was killed by the
+    /// handler), so it becomes [`crate::Error::Interrupted`]; anything else is an
+    /// appliance failure.
+    fn from(e: VmError) -> Self {
+        if reaper::interrupted() {
+            crate::Error::Interrupted
+        } else {
+            crate::Error::appliance(e.to_string())
+        }
+    }
+}
+
+impl From<AccelError> for crate::Error {
+    /// A bad `IMGSAFE_ACCEL` is a usage problem, reported as one line.
+    fn from(e: AccelError) -> Self {
+        crate::Error::Other(e.to_string())
+    }
+}

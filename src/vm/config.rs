@@ -1,0 +1,464 @@
+//! The typed description of one appliance VM and the QEMU command line it becomes.
+//!
+//! [`VmConfig::argv`] is pure: the same config always gives the same arguments, so the
+//! whole command line is checked by unit tests (and once against the real QEMU in
+//! tests/vm.rs). Everything impure (host TSC, accelerator probing) is decided before
+//! and stored in the config.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+/// The QEMU binary looked up on `PATH` when none is configured.
+pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
+/// Guest memory: enough for the kernel, the initramfs unpacked in RAM and page cache
+/// for reading files; less makes large `cp` slower, more makes start-up slower.
+pub const DEFAULT_MEMORY_MIB: u32 = 192;
+/// The appliance does one job at a time; a second vCPU only costs start-up time
+/// under TCG on a 2-core host.
+pub const DEFAULT_CPUS: u32 = 1;
+/// QEMU id of the virtio-serial controller carrying the agent port.
+pub const SERIAL_CONTROLLER_ID: &str = "vser0";
+/// QEMU chardev id of the agent channel.
+pub const AGENT_CHARDEV_ID: &str = "agent";
+/// Kernel arguments every appliance boot gets, before the caller's extras.
+///
+/// - `console=ttyS0`: the console goes to the serial port, i.e. the console log file.
+/// - `quiet`: printing to an emulated UART is slow under TCG.
+/// - `panic=-1`: reboot at once on panic; with `-no-reboot` QEMU then exits, so a
+///   crashed guest is seen as a dead process instead of a hang.
+/// - `pcie_ports=native`: let Linux drive the root ports (hot-plug) without ACPI _OSC.
+/// - `cryptomgr.notests`: skip crypto self-tests, a measurable part of boot under TCG.
+pub const BASE_CMDLINE: &[&str] = &[
+    "console=ttyS0",
+    "quiet",
+    "panic=-1",
+    "pcie_ports=native",
+    "cryptomgr.notests",
+];
+
+/// How QEMU runs guest code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualization through /dev/kvm.
+    Kvm,
+    /// QEMU's software emulation (works everywhere, slower).
+    Tcg,
+}
+
+impl Accel {
+    /// The name QEMU's `-accel` option and `IMGSAFE_ACCEL` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// The emulated machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Machine {
+    /// QEMU's minimal `microvm` with a PCIe host bridge: no firmware tables to build,
+    /// no legacy devices, fastest to boot.
+    #[default]
+    Microvm,
+    /// The standard `q35` PC, for QEMU builds or kernels where microvm does not work.
+    Q35,
+}
+
+/// Everything needed to start one appliance VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// The QEMU binary (a bare name is looked up on `PATH`).
+    pub qemu: PathBuf,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Machine type.
+    pub machine: Machine,
+    /// Kernel: an uncompressed ELF `vmlinux` (booted through PVH, fastest) or a bzImage.
+    pub kernel: PathBuf,
+    /// Initramfs (an uncompressed cpio loads fastest).
+    pub initrd: PathBuf,
+    /// Kernel arguments appended after [`BASE_CMDLINE`] and `tsc_early_khz`, one word each.
+    pub extra_cmdline: Vec<String>,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Number of vCPUs.
+    pub cpus: u32,
+    /// Host TSC frequency passed as `tsc_early_khz`. Under TCG the guest TSC runs at the
+    /// host's rate, and microvm has no other clock to calibrate it against early enough:
+    /// without it the kernel hangs at boot about one time in four.
+    pub tsc_khz: Option<u64>,
+    /// Where QEMU listens for QMP (a Unix socket it creates).
+    pub qmp_socket: PathBuf,
+    /// Where QEMU listens for the agent channel (a Unix socket it creates).
+    pub agent_socket: PathBuf,
+    /// File receiving the guest serial console; `None` discards it.
+    pub console_log: Option<PathBuf>,
+    /// Number of PCIe root ports (`rp0`, `rp1`, ...) to plug disks into, at least 1.
+    pub root_ports: u32,
+    /// Confine QEMU with its seccomp filter (`-sandbox on`, denying obsolete calls,
+    /// privilege changes, spawning processes and resource control).
+    pub sandbox: bool,
+}
+
+impl VmConfig {
+    /// A config with the defaults, keeping its sockets and console log in `run_dir`
+    /// (a private directory the caller owns). `tsc_khz` is taken from the host only
+    /// for TCG (under KVM the guest gets kvm-clock).
+    pub fn new(accel: Accel, kernel: &Path, initrd: &Path, run_dir: &Path) -> VmConfig {
+        let tsc_khz = match accel {
+            Accel::Tcg => super::tsc::host_tsc_khz(),
+            Accel::Kvm => None,
+        };
+        VmConfig {
+            qemu: PathBuf::from(DEFAULT_QEMU),
+            accel,
+            machine: Machine::default(),
+            kernel: kernel.to_path_buf(),
+            initrd: initrd.to_path_buf(),
+            extra_cmdline: Vec::new(),
+            memory_mib: DEFAULT_MEMORY_MIB,
+            cpus: DEFAULT_CPUS,
+            tsc_khz,
+            qmp_socket: run_dir.join("qmp.sock"),
+            agent_socket: run_dir.join("agent.sock"),
+            console_log: Some(run_dir.join("console.log")),
+            root_ports: 1,
+            sandbox: true,
+        }
+    }
+
+    /// The kernel command line given with `-append`.
+    pub fn cmdline(&self) -> String {
+        let mut words: Vec<String> = BASE_CMDLINE.iter().map(|w| w.to_string()).collect();
+        if let Some(khz) = self.tsc_khz {
+            words.push(format!("tsc_early_khz={khz}"));
+        }
+        words.extend(self.extra_cmdline.iter().cloned());
+        words.join(" ")
+    }
+
+    /// The QEMU arguments (without the program name). Pure.
+    pub fn argv(&self) -> Vec<OsString> {
+        let mut a = Argv::default();
+        // No default devices, no config files, no window: only what is listed here
+        // exists in the VM. With `-nodefaults` there is no network card either; `-nic
+        // none` says so explicitly.
+        a.words(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-display",
+            "none",
+        ]);
+        a.pair("-M", self.machine_arg());
+        match self.accel {
+            Accel::Tcg => a.words(&["-accel", "tcg", "-cpu", "max"]),
+            Accel::Kvm => a.words(&["-accel", "kvm", "-cpu", "host"]),
+        }
+        a.pair("-m", self.memory_mib.to_string());
+        a.pair("-smp", self.cpus.max(1).to_string());
+        a.pair("-kernel", self.kernel.as_os_str());
+        a.pair("-initrd", self.initrd.as_os_str());
+        a.pair("-append", self.cmdline());
+        match &self.console_log {
+            Some(log) => {
+                a.pair("-chardev", keyval("file,id=console,path=", log));
+                a.pair("-serial", "chardev:console");
+            }
+            None => a.pair("-serial", "null"),
+        }
+        // A guest reboot (and `panic=-1`) makes QEMU exit instead of booting again.
+        a.word("-no-reboot");
+        // Start paused: the disk is plugged over QMP before the guest looks for it.
+        a.word("-S");
+        a.pair(
+            "-chardev",
+            keyval("socket,id=qmp,server=on,wait=off,path=", &self.qmp_socket),
+        );
+        a.pair("-mon", "chardev=qmp,mode=control");
+        // The agent port sits on PCIe like the disks, so the guest needs one virtio
+        // transport driver (virtio_pci), not two. Port 0 is reserved for a console, so
+        // the agent is port 1; two ports means two virtqueue pairs for the guest to set
+        // up instead of the default 31.
+        a.pair(
+            "-device",
+            format!("virtio-serial-pci,id={SERIAL_CONTROLLER_ID},max_ports=2"),
+        );
+        a.pair(
+            "-chardev",
+            keyval(
+                &format!("socket,id={AGENT_CHARDEV_ID},server=on,wait=off,path="),
+                &self.agent_socket,
+            ),
+        );
+        a.pair(
+            "-device",
+            format!(
+                "virtserialport,bus={SERIAL_CONTROLLER_ID}.0,chardev={AGENT_CHARDEV_ID},name={}",
+                imgsafe_proto::PORT_NAME
+            ),
+        );
+        for i in 0..self.root_ports.max(1) {
+            a.pair(
+                "-device",
+                format!("pcie-root-port,id={},chassis={}", root_port_id(i), i + 1),
+            );
+        }
+        a.pair("-nic", "none");
+        if self.sandbox {
+            a.pair(
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            );
+        }
+        a.0
+    }
+
+    /// The `-M` value.
+    fn machine_arg(&self) -> &'static str {
+        match self.machine {
+            // No option ROMs to load (we boot the kernel directly), an ISA UART for the
+            // console, an RTC so the guest has wall-clock time; the virtio-mmio slots are
+            // unused, so keep them off the kernel command line.
+            Machine::Microvm => {
+                "microvm,pcie=on,x-option-roms=off,isa-serial=on,rtc=on,auto-kernel-cmdline=off"
+            }
+            Machine::Q35 => "q35",
+        }
+    }
+}
+
+/// The QEMU id of root port number `index`.
+pub fn root_port_id(index: u32) -> String {
+    format!("rp{index}")
+}
+
+/// `prefix` followed by `path`, with commas doubled: QEMU's option syntax
+/// (`key=value,key=value`) reads a single comma inside a value as a separator.
+fn keyval(prefix: &str, path: &Path) -> OsString {
+    let mut bytes = prefix.as_bytes().to_vec();
+    for &b in path.as_os_str().as_bytes() {
+        bytes.push(b);
+        if b == b',' {
+            bytes.push(b',');
+        }
+    }
+    OsString::from_vec(bytes)
+}
+
+/// Builder for an argument vector.
+#[derive(Default)]
+struct Argv(Vec<OsString>);
+
+impl Argv {
+    fn word(&mut self, w: impl AsRef<OsStr>) {
+        self.0.push(w.as_ref().to_os_string());
+    }
+    fn words(&mut self, ws: &[&str]) {
+        for w in ws {
+            self.word(w);
+        }
+    }
+    fn pair(&mut self, option: &str, value: impl AsRef<OsStr>) {
+        self.word(option);
+        self.word(value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(accel: Accel) -> VmConfig {
+        VmConfig {
+            qemu: PathBuf::from(DEFAULT_QEMU),
+            accel,
+            machine: Machine::Microvm,
+            kernel: PathBuf::from("/cache/vmlinux"),
+            initrd: PathBuf::from("/cache/initrd.cpio"),
+            extra_cmdline: vec!["rdinit=/init".to_string()],
+            memory_mib: 192,
+            cpus: 1,
+            tsc_khz: match accel {
+                Accel::Tcg => Some(2_095_078),
+                Accel::Kvm => None,
+            },
+            qmp_socket: PathBuf::from("/run/x/qmp.sock"),
+            agent_socket: PathBuf::from("/run/x/agent.sock"),
+            console_log: Some(PathBuf::from("/run/x/console.log")),
+            root_ports: 1,
+            sandbox: true,
+        }
+    }
+
+    fn strings(argv: Vec<OsString>) -> Vec<String> {
+        argv.into_iter().map(|a| a.into_string().unwrap()).collect()
+    }
+
+    const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+    const MICROVM: &str =
+        "microvm,pcie=on,x-option-roms=off,isa-serial=on,rtc=on,auto-kernel-cmdline=off";
+
+    #[test]
+    fn argv_microvm_tcg_is_exact() {
+        let cfg = sample(Accel::Tcg);
+
+        let argv = strings(cfg.argv());
+
+        let expected = [
+            "-nodefaults", "-no-user-config", "-nographic", "-display", "none",
+            "-M", MICROVM,
+            "-accel", "tcg", "-cpu", "max",
+            "-m", "192", "-smp", "1",
+            "-kernel", "/cache/vmlinux", "-initrd", "/cache/initrd.cpio",
+            "-append", "console=ttyS0 quiet panic=-1 pcie_ports=native cryptomgr.notests tsc_early_khz=2095078 rdinit=/init",
+            "-chardev", "file,id=console,path=/run/x/console.log", "-serial", "chardev:console",
+            "-no-reboot", "-S",
+            "-chardev", "socket,id=qmp,server=on,wait=off,path=/run/x/qmp.sock",
+            "-mon", "chardev=qmp,mode=control",
+            "-device", "virtio-serial-pci,id=vser0,max_ports=2",
+            "-chardev", "socket,id=agent,server=on,wait=off,path=/run/x/agent.sock",
+            "-device", "virtserialport,bus=vser0.0,chardev=agent,name=org.imgsafe.agent",
+            "-device", "pcie-root-port,id=rp0,chassis=1",
+            "-nic", "none",
+            "-sandbox", SANDBOX,
+        ];
+        assert_eq!(argv, expected);
+    }
+
+    #[test]
+    fn argv_microvm_kvm_is_exact() {
+        let mut cfg = sample(Accel::Kvm);
+        cfg.extra_cmdline.clear();
+        cfg.console_log = None;
+        cfg.root_ports = 2;
+        cfg.memory_mib = 256;
+        cfg.cpus = 2;
+
+        let argv = strings(cfg.argv());
+
+        let expected = [
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-display",
+            "none",
+            "-M",
+            MICROVM,
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "256",
+            "-smp",
+            "2",
+            "-kernel",
+            "/cache/vmlinux",
+            "-initrd",
+            "/cache/initrd.cpio",
+            "-append",
+            "console=ttyS0 quiet panic=-1 pcie_ports=native cryptomgr.notests",
+            "-serial",
+            "null",
+            "-no-reboot",
+            "-S",
+            "-chardev",
+            "socket,id=qmp,server=on,wait=off,path=/run/x/qmp.sock",
+            "-mon",
+            "chardev=qmp,mode=control",
+            "-device",
+            "virtio-serial-pci,id=vser0,max_ports=2",
+            "-chardev",
+            "socket,id=agent,server=on,wait=off,path=/run/x/agent.sock",
+            "-device",
+            "virtserialport,bus=vser0.0,chardev=agent,name=org.imgsafe.agent",
+            "-device",
+            "pcie-root-port,id=rp0,chassis=1",
+            "-device",
+            "pcie-root-port,id=rp1,chassis=2",
+            "-nic",
+            "none",
+            "-sandbox",
+            SANDBOX,
+        ];
+        assert_eq!(argv, expected);
+    }
+
+    #[test]
+    fn argv_q35_without_sandbox() {
+        let mut cfg = sample(Accel::Tcg);
+        cfg.machine = Machine::Q35;
+        cfg.sandbox = false;
+
+        let argv = strings(cfg.argv());
+
+        assert_eq!(argv[5..7], ["-M", "q35"]);
+        assert!(!argv.iter().any(|a| a == "-sandbox"));
+    }
+
+    #[test]
+    fn commas_in_socket_paths_are_doubled() {
+        let mut cfg = sample(Accel::Tcg);
+        cfg.qmp_socket = PathBuf::from("/tmp/a,b/qmp.sock");
+
+        let argv = strings(cfg.argv());
+
+        assert!(
+            argv.contains(&"socket,id=qmp,server=on,wait=off,path=/tmp/a,,b/qmp.sock".to_string())
+        );
+    }
+
+    #[test]
+    fn non_utf8_paths_pass_through_unchanged() {
+        let mut cfg = sample(Accel::Tcg);
+        cfg.kernel = PathBuf::from(OsString::from_vec(b"/k\xffernel".to_vec()));
+
+        let argv = cfg.argv();
+
+        assert!(argv.contains(&OsString::from_vec(b"/k\xffernel".to_vec())));
+    }
+
+    #[test]
+    fn zero_root_ports_still_gives_one() {
+        let mut cfg = sample(Accel::Tcg);
+        cfg.root_ports = 0;
+
+        let ports = strings(cfg.argv())
+            .iter()
+            .filter(|a| a.starts_with("pcie-root-port"))
+            .count();
+
+        assert_eq!(ports, 1);
+    }
+
+    #[test]
+    fn new_puts_sockets_in_run_dir() {
+        let cfg = VmConfig::new(
+            Accel::Kvm,
+            Path::new("/k"),
+            Path::new("/i"),
+            Path::new("/run/d"),
+        );
+
+        assert_eq!(
+            (
+                cfg.qmp_socket,
+                cfg.agent_socket,
+                cfg.console_log,
+                cfg.tsc_khz,
+                cfg.memory_mib
+            ),
+            (
+                PathBuf::from("/run/d/qmp.sock"),
+                PathBuf::from("/run/d/agent.sock"),
+                Some(PathBuf::from("/run/d/console.log")),
+                None,
+                DEFAULT_MEMORY_MIB
+            )
+        );
+    }
+}
