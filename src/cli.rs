@@ -52,6 +52,16 @@ pub enum Command {
     Info(InfoArgs),
     /// Serve the decoded image read-only over NBD on a Unix socket.
     Serve(ServeArgs),
+    /// Build (if needed) the appliance and show where it is cached.
+    Appliance(ApplianceArgs),
+}
+
+/// `imgsafe appliance`.
+#[derive(Debug, Args)]
+pub struct ApplianceArgs {
+    /// One JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `imgsafe ls`.

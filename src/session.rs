@@ -1,1 +1,345 @@
-//! A session: decoded image + NBD server + appliance VM + agent connection.
+//! A session: decoded image + NBD server + appliance VM + agent connection, torn down in
+//! reverse order (agent, VM, NBD server, temp dir) on every path.
+
+use crate::agent_client::{AgentClient, GuestFs};
+use crate::cli::{ImageArgs, MountArgs};
+use crate::format::BlockSource;
+use crate::vm::{self, Vm};
+use crate::{appliance, image, nbd, trace, Error, Result};
+use imgsafe_proto::FsInfo;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Default limit for the guest to boot and answer, and for each later answer
+/// (`IMGSAFE_TIMEOUT` seconds overrides).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a clean shutdown may take before QEMU is killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Filesystem types the agent can mount.
+const MOUNTABLE: &[&str] = &["ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "iso9660", "udf"];
+
+/// A running appliance with the image attached.
+pub struct Session {
+    image: PathBuf,
+    // Field order is teardown order: agent channel, VM, NBD server, temp dir.
+    agent: AgentClient,
+    vm: Vm,
+    nbd: Option<nbd::Server>,
+    _dir: tempfile::TempDir,
+    filesystems: Option<Vec<FsInfo>>,
+}
+
+/// The per-answer timeout in force.
+pub fn timeout() -> Result<Duration> {
+    match std::env::var("IMGSAFE_TIMEOUT") {
+        Err(_) => Ok(DEFAULT_TIMEOUT),
+        Ok(s) => s
+            .parse::<u64>()
+            .ok()
+            .filter(|&n| n > 0)
+            .map(Duration::from_secs)
+            .ok_or_else(|| Error::Other(format!("IMGSAFE_TIMEOUT={s:?}: expected a number of seconds"))),
+    }
+}
+
+impl Session {
+    /// Decode the image, serve it over NBD, boot the appliance with the disk attached
+    /// read-only, and handshake with the agent.
+    pub fn start(image_arg: &Path, image_args: &ImageArgs) -> Result<Session> {
+        vm::reaper::install_signal_handlers();
+        let source = image::open(image_arg, image_args)?;
+        Self::start_with_source(image_arg, source)
+    }
+
+    /// Like [`Session::start`] for an already decoded image.
+    pub fn start_with_source(image_arg: &Path, source: Arc<dyn BlockSource>) -> Result<Session> {
+        let timeout = timeout()?;
+        let dir = tempfile::Builder::new()
+            .prefix("imgsafe-")
+            .tempdir()
+            .map_err(|e| Error::Other(format!("creating a private temp dir: {e}")))?;
+        let nbd_sock = dir.path().join("nbd.sock");
+        let nbd = nbd::Server::start(source, &nbd_sock, "")
+            .map_err(|e| Error::Other(format!("starting the NBD server on {}: {e}", nbd_sock.display())))?;
+
+        let stage = trace::stage("appliance");
+        let app = appliance::ensure()?;
+        stage.done(&format!("{} (pvh={})", app.kernel_release, app.pvh));
+
+        let (accel, note) = vm::accel::choose().map_err(|e| Error::appliance(e.to_string()))?;
+        if let Some(note) = note {
+            eprintln!("{note}");
+        }
+        let mut cfg = vm::VmConfig::new(accel, &app.kernel, &app.initrd, dir.path());
+        if std::env::var_os("IMGSAFE_DEBUG").is_some() {
+            cfg.extra_cmdline.push("imgsafe.debug=1".into());
+        }
+        let stage = trace::stage("boot");
+        let mut vm = Vm::launch(&cfg).map_err(|e| Error::appliance(e.to_string()))?;
+        vm.attach_nbd_disk(&nbd_sock, "", true).map_err(|e| Error::appliance(e.to_string()))?;
+        vm.start().map_err(|e| Error::appliance(e.to_string()))?;
+        let agent = connect_agent(&mut vm, timeout)?;
+        stage.done(&format!("{accel:?}, guest kernel {}", agent.kernel));
+        Ok(Session { image: image_arg.to_path_buf(), agent, vm, nbd: Some(nbd), _dir: dir, filesystems: None })
+    }
+
+    /// Start, then choose and mount the filesystem (see [`choose`]).
+    pub fn open_mounted(image_arg: &Path, image_args: &ImageArgs, mount: &MountArgs) -> Result<Session> {
+        let mut s = Session::start(image_arg, image_args)?;
+        let r = s.mount_chosen(mount);
+        match r {
+            Ok(()) => Ok(s),
+            Err(e) => {
+                let e = s.annotate(e);
+                s.abort();
+                Err(e)
+            }
+        }
+    }
+
+    /// The image as the user named it.
+    pub fn image(&self) -> &Path {
+        &self.image
+    }
+
+    /// What the agent found on the disk (asked once, then remembered).
+    pub fn filesystems(&mut self) -> Result<Vec<FsInfo>> {
+        if self.filesystems.is_none() {
+            let stage = trace::stage("probe");
+            let list = self.agent.list_filesystems().map_err(|e| self.fail(e))?;
+            stage.done(&format!("{} devices", list.len()));
+            self.filesystems = Some(list);
+        }
+        Ok(self.filesystems.clone().unwrap_or_default())
+    }
+
+    /// Choose the filesystem per `-m` (or automatically) and mount it at `/`.
+    pub fn mount_chosen(&mut self, mount: &MountArgs) -> Result<()> {
+        let list = self.filesystems()?;
+        let fs = choose(&list, mount.mount.as_deref())
+            .map_err(|what| Error::Filesystem { image: self.image.clone(), what })?
+            .clone();
+        let stage = trace::stage("mount");
+        let fstype = self.agent.mount(&fs.device, "/", fs.fstype.as_deref()).map_err(|e| self.fail(e))?;
+        stage.done(&format!("{} ({fstype})", fs.device));
+        Ok(())
+    }
+
+    /// The mounted guest filesystem.
+    pub fn fs(&mut self) -> &mut dyn GuestFs {
+        &mut self.agent
+    }
+
+    /// Attach the image name to errors that came from the guest without one, and turn
+    /// any failure after a signal into [`Error::Interrupted`].
+    pub fn annotate(&mut self, e: Error) -> Error {
+        if vm::reaper::interrupted() {
+            return Error::Interrupted;
+        }
+        match e {
+            Error::NotFound { image, path, what } if image.as_os_str().is_empty() => {
+                Error::NotFound { image: self.image.clone(), path, what }
+            }
+            Error::Filesystem { image, what } if image.as_os_str().is_empty() => {
+                Error::Filesystem { image: self.image.clone(), what }
+            }
+            Error::Appliance { what } | Error::Guest { what } if self.vm.exit_status().is_some() => {
+                Error::appliance(format!("{what}{}", diagnostics(&mut self.vm)))
+            }
+            other => other,
+        }
+    }
+
+    fn fail(&mut self, e: Error) -> Error {
+        self.annotate(e)
+    }
+
+    /// Shut the appliance down cleanly (agent unmounts, QEMU quits), then stop the NBD
+    /// server.
+    pub fn finish(mut self) -> Result<()> {
+        let stage = trace::stage("shutdown");
+        let _ = self.agent.set_timeout(Some(SHUTDOWN_GRACE));
+        let bye = self.agent.shutdown();
+        let _ = self.vm.shutdown(SHUTDOWN_GRACE);
+        if let Some(n) = self.nbd.take() {
+            n.stop();
+        }
+        stage.done("");
+        if vm::reaper::interrupted() {
+            return Err(Error::Interrupted);
+        }
+        bye.map(|_| ()).or(Ok(()))
+    }
+
+    /// Tear down without asking the guest (after an error).
+    pub fn abort(mut self) {
+        let _ = self.vm.kill();
+        if let Some(n) = self.nbd.take() {
+            n.stop();
+        }
+    }
+}
+
+/// What QEMU and the guest console said, for an error message: the guest's panic line
+/// if there is one, else the last console lines.
+fn diagnostics(vm: &mut Vm) -> String {
+    let status = vm.exit_status().map(|s| format!(" (QEMU exited: {s})")).unwrap_or_default();
+    let said = vm.console_panic().or_else(|| vm.console_tail()).or_else(|| vm.messages_tail());
+    let said: String = said
+        .map(|t| t.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").to_string())
+        .filter(|t| !t.is_empty())
+        .map(|t| format!("; guest said: {t}"))
+        .unwrap_or_default();
+    format!("{status}{said}")
+}
+
+/// Connect to the agent's socket and handshake, failing early if QEMU dies.
+fn connect_agent(vm: &mut Vm, timeout: Duration) -> Result<AgentClient> {
+    let stream = vm.connect_agent().map_err(|e| Error::appliance(e.to_string()))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| Error::appliance(e.to_string()))?;
+    match AgentClient::connect(stream) {
+        Ok(c) => Ok(c),
+        Err(_) if vm::reaper::interrupted() => Err(Error::Interrupted),
+        Err(e) => Err(Error::appliance(format!("the appliance did not start: {e}{}", diagnostics(vm)))),
+    }
+}
+
+/// Pick the filesystem to mount at `/`.
+///
+/// With `choice` (`-m`): a guest device (`/dev/vda2`; `/dev/sdX` and `/dev/hdX` are
+/// accepted for the same disk) or a partition number. Without: the single mountable
+/// filesystem; with several, the first Linux-root-like one (ext*, xfs, btrfs), else an
+/// error that lists them and says how to pick one.
+pub fn choose<'a>(list: &'a [FsInfo], choice: Option<&str>) -> std::result::Result<&'a FsInfo, String> {
+    let mountable: Vec<&FsInfo> = list
+        .iter()
+        .filter(|f| !f.partitioned && f.fstype.as_deref().is_some_and(|t| MOUNTABLE.contains(&t)))
+        .collect();
+    if let Some(c) = choice {
+        let c = c.trim();
+        let found = if let Ok(n) = c.parse::<u32>() {
+            list.iter().find(|f| f.partition == Some(n))
+        } else {
+            let want = normalise_device(c);
+            list.iter().find(|f| f.device == want || f.device == c)
+        };
+        return match found {
+            Some(f) if f.fstype.as_deref().is_some_and(|t| MOUNTABLE.contains(&t)) => Ok(f),
+            Some(f) => Err(format!(
+                "{}: {} cannot be mounted; found: {}",
+                f.device,
+                f.fstype.as_deref().map_or("no filesystem".to_string(), |t| format!("{t}")),
+                describe(&mountable)
+            )),
+            None => Err(format!("no device {c} in the image; found: {}", describe(&mountable))),
+        };
+    }
+    match mountable.as_slice() {
+        [] => Err("no filesystem found in the image".into()),
+        [one] => Ok(one),
+        several => {
+            let linux: Vec<&&FsInfo> = several
+                .iter()
+                .filter(|f| matches!(f.fstype.as_deref(), Some("ext2" | "ext3" | "ext4" | "xfs" | "btrfs")))
+                .collect();
+            match linux.as_slice() {
+                [one] => Ok(one),
+                _ => Err(format!(
+                    "several filesystems found ({}); choose one with -m DEVICE or -m PARTITION-NUMBER",
+                    describe(&mountable)
+                )),
+            }
+        }
+    }
+}
+
+/// `/dev/sda2` → `/dev/vda2`: users name disks as their OS saw them; the appliance
+/// sees the image as the first virtio disk.
+fn normalise_device(d: &str) -> String {
+    for p in ["/dev/sd", "/dev/hd", "/dev/xvd"] {
+        if let Some(rest) = d.strip_prefix(p) {
+            return format!("/dev/vd{rest}");
+        }
+    }
+    if let Some(rest) = d.strip_prefix("sd").or_else(|| d.strip_prefix("vd")) {
+        return format!("/dev/vd{rest}");
+    }
+    d.to_string()
+}
+
+fn describe(list: &[&FsInfo]) -> String {
+    if list.is_empty() {
+        return "nothing mountable".into();
+    }
+    list.iter()
+        .map(|f| format!("{} ({})", f.device, f.fstype.as_deref().unwrap_or("?")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fs(device: &str, fstype: Option<&str>, partition: Option<u32>) -> FsInfo {
+        FsInfo {
+            device: device.into(),
+            size: 1 << 20,
+            fstype: fstype.map(Into::into),
+            label: None,
+            uuid: None,
+            partition,
+            partuuid: None,
+            partitioned: partition.is_none() && fstype.is_none(),
+        }
+    }
+
+    #[test]
+    fn single_filesystem_is_chosen() {
+        let list = vec![fs("/dev/vda", Some("ext4"), None)];
+
+        let f = choose(&list, None).unwrap();
+
+        assert_eq!(f.device, "/dev/vda");
+    }
+
+    #[test]
+    fn linux_root_wins_over_vfat() {
+        let list = vec![fs("/dev/vda", None, None), fs("/dev/vda1", Some("vfat"), Some(1)), fs("/dev/vda2", Some("ext4"), Some(2))];
+
+        let f = choose(&list, None).unwrap();
+
+        assert_eq!(f.device, "/dev/vda2");
+    }
+
+    #[test]
+    fn partition_number_and_sd_names_pick_a_device() {
+        let list = vec![fs("/dev/vda", None, None), fs("/dev/vda1", Some("vfat"), Some(1)), fs("/dev/vda2", Some("ext4"), Some(2))];
+
+        assert_eq!(choose(&list, Some("1")).unwrap().device, "/dev/vda1");
+        assert_eq!(choose(&list, Some("/dev/sda1")).unwrap().device, "/dev/vda1");
+        assert_eq!(choose(&list, Some("/dev/vda2")).unwrap().device, "/dev/vda2");
+    }
+
+    #[test]
+    fn ambiguous_disk_lists_the_choices() {
+        let list = vec![fs("/dev/vda1", Some("ext4"), Some(1)), fs("/dev/vda2", Some("xfs"), Some(2))];
+
+        let err = choose(&list, None).unwrap_err();
+
+        assert!(err.contains("/dev/vda1 (ext4)") && err.contains("/dev/vda2 (xfs)") && err.contains("-m"), "{err}");
+    }
+
+    #[test]
+    fn nothing_mountable_is_an_error() {
+        let list = vec![fs("/dev/vda", None, None), fs("/dev/vda1", Some("swap"), Some(1))];
+
+        assert_eq!(choose(&list, None).unwrap_err(), "no filesystem found in the image");
+        assert!(choose(&list, Some("1")).unwrap_err().contains("cannot be mounted"));
+        assert!(choose(&list, Some("/dev/vdb")).unwrap_err().contains("no device /dev/vdb"));
+    }
+}

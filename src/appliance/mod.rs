@@ -60,30 +60,20 @@ pub struct Appliance {
     pub kernel_release: String,
 }
 
-/// Modules the agent loads, by module name (dependencies are added from modules.dep).
-/// Virtio transports and devices, the filesystems imgsafe mounts and their helpers.
-pub const WANTED_MODULES: &[&str] = &[
-    "virtio_mmio",
-    "virtio_pci",
-    "virtio_blk",
-    "virtio_console",
-    "crc32c_intel",
-    "xfs",
-    "btrfs",
-    "blake2b_generic",
-    "xxhash_generic",
-    "vfat",
-    "nls_utf8",
-    "nls_cp437",
-    "nls_iso8859_1",
-    "isofs",
-    "udf",
-    "dm_mod",
-    "dm_snapshot",
-    "dm_mirror",
-    "dm_zero",
-    "dm_thin_pool",
-    "overlay",
+/// Modules the agent loads at boot, by module name (dependencies are added from
+/// modules.dep): the virtio transports and devices, and device-mapper for LVM.
+pub const BOOT_MODULES: &[&str] = &["virtio_mmio", "virtio_pci", "virtio_blk", "virtio_console", "crc32c_intel"];
+
+/// Modules loaded only when a filesystem of that type is mounted (see the agent's
+/// `load_fs_modules`): (mount type, modules). ext2/3/4 are built into Debian kernels.
+pub const FS_MODULES: &[(&str, &[&str])] = &[
+    ("xfs", &["xfs"]),
+    ("btrfs", &["crc32c_intel", "blake2b_generic", "xxhash_generic", "btrfs"]),
+    ("vfat", &["vfat", "nls_utf8", "nls_cp437", "nls_iso8859_1"]),
+    ("iso9660", &["isofs", "nls_utf8"]),
+    ("udf", &["udf", "nls_utf8"]),
+    ("overlay", &["overlay"]),
+    ("dm", &["dm_mod", "dm_snapshot", "dm_mirror", "dm_zero", "dm_thin_pool"]),
 ];
 
 /// Paths of the build inputs, before hashing.
@@ -139,16 +129,23 @@ pub fn find_inputs() -> Result<Inputs, ApplianceError> {
 
 /// Everything that goes into the initramfs, resolved but not yet written.
 struct Plan {
+    /// Loaded at boot, in order.
     modules: Vec<PathBuf>,
+    /// Per mount type, loaded before mounting, in order.
+    fs_modules: Vec<(&'static str, Vec<PathBuf>)>,
     libs: Vec<(PathBuf, PathBuf)>,
     applets: Vec<String>,
 }
 
 fn plan(inputs: &Inputs) -> Result<Plan, ApplianceError> {
-    let modules = modules::resolve(&inputs.modules_dir, WANTED_MODULES)?;
+    let modules = modules::resolve(&inputs.modules_dir, BOOT_MODULES)?;
+    let fs_modules = FS_MODULES
+        .iter()
+        .map(|(t, m)| Ok((*t, modules::resolve(&inputs.modules_dir, m)?)))
+        .collect::<Result<Vec<_>, ApplianceError>>()?;
     let libs = elf::closure(&inputs.agent).map_err(|e| ApplianceError::io(&inputs.agent, e))?;
     let applets = busybox_applets(&inputs.busybox)?;
-    Ok(Plan { modules, libs, applets })
+    Ok(Plan { modules, fs_modules, libs, applets })
 }
 
 /// The cache key: a hash of the format version and every input's identity.
@@ -158,6 +155,10 @@ fn cache_key(inputs: &Inputs, plan: &Plan) -> Result<String, ApplianceError> {
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
     let mut files: Vec<&Path> = vec![&inputs.kernel, &inputs.busybox, &inputs.agent];
     files.extend(plan.modules.iter().map(PathBuf::as_path));
+    for (t, m) in &plan.fs_modules {
+        h.update(t.as_bytes());
+        files.extend(m.iter().map(PathBuf::as_path));
+    }
     files.extend(plan.libs.iter().map(|(src, _)| src.as_path()));
     for f in files {
         let m = fs::metadata(f).map_err(|e| ApplianceError::io(f, e))?;
@@ -252,7 +253,8 @@ fn build_into(dir: &Path, inputs: &Inputs, plan: &Plan) -> Result<(), ApplianceE
     out.get_ref().sync_all().map_err(|e| ApplianceError::io(&initrd, e))?;
     let done = dir.join("complete");
     fs::write(&done, b"").map_err(|e| ApplianceError::io(&done, e))?;
-    stage.done(&format!("{} modules, {} libraries, pvh={pvh}", plan.modules.len(), plan.libs.len()));
+    let lazy: usize = plan.fs_modules.iter().map(|(_, m)| m.len()).sum();
+    stage.done(&format!("{} boot + {lazy} on-demand modules, {} libraries, pvh={pvh}", plan.modules.len(), plan.libs.len()));
     Ok(())
 }
 
@@ -277,16 +279,28 @@ fn write_tree<W: io::Write>(w: &mut cpio::Writer<W>, inputs: &Inputs, plan: &Pla
         w.parents(rel)?;
         w.file_from(&rel.to_string_lossy(), 0o755, src)?;
     }
-    let mut list = String::new();
-    for m in &plan.modules {
-        let rel = Path::new("lib/modules").join(&inputs.kernel_release).join(m.strip_prefix(&inputs.modules_dir).unwrap_or(m));
-        w.parents(&rel)?;
-        w.file_from(&rel.to_string_lossy(), 0o644, m)?;
-        list.push('/');
-        list.push_str(&rel.to_string_lossy());
-        list.push('\n');
+    let mut copied = std::collections::HashSet::new();
+    let mut module_list = |w: &mut cpio::Writer<W>, mods: &[PathBuf]| -> io::Result<String> {
+        let mut list = String::new();
+        for m in mods {
+            let rel = Path::new("lib/modules").join(&inputs.kernel_release).join(m.strip_prefix(&inputs.modules_dir).unwrap_or(m));
+            if copied.insert(rel.clone()) {
+                w.parents(&rel)?;
+                w.file_from(&rel.to_string_lossy(), 0o644, m)?;
+            }
+            list.push('/');
+            list.push_str(&rel.to_string_lossy());
+            list.push('\n');
+        }
+        Ok(list)
+    };
+    let boot = module_list(w, &plan.modules)?;
+    w.file("etc/imgsafe/modules", 0o644, boot.as_bytes())?;
+    w.dir("etc/imgsafe/fs", 0o755)?;
+    for (t, mods) in &plan.fs_modules {
+        let list = module_list(w, mods)?;
+        w.file(&format!("etc/imgsafe/fs/{t}"), 0o644, list.as_bytes())?;
     }
-    w.file("etc/imgsafe/modules", 0o644, list.as_bytes())?;
     w.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")?;
     w.file("etc/group", 0o644, b"root:x:0:\n")?;
     Ok(())

@@ -1,5 +1,6 @@
 //! One file per subcommand. Each takes its parsed arguments and returns `Result<()>`.
 
+pub mod appliance;
 pub mod cat;
 pub mod cp;
 pub mod filesystems;
@@ -19,5 +20,6 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Filesystems(a) => filesystems::run(a),
         Command::Info(a) => info::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Appliance(a) => appliance::run(a),
     }
 }

@@ -87,6 +87,7 @@ pub fn mount(
     )?;
     let mut last = io::Error::from_raw_os_error(libc::EINVAL);
     for (t, opts) in attempts(&fstype) {
+        crate::init::load_fs_modules(t);
         let ty = cstr(t.as_bytes(), "fstype")?;
         let data = cstr(opts.as_bytes(), "options")?;
         // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
