@@ -38,12 +38,22 @@ pub struct AgentClient {
 /// Map an agent-side error to the host error, naming `path`.
 fn agent_error(kind: ErrorKind, message: String, path: &[u8]) -> Error {
     let shown = String::from_utf8_lossy(path).into_owned();
+    // Fixed wording for the kinds users see most; the guest's own text is not needed.
+    let fixed = match kind {
+        ErrorKind::NotFound => Some("no such file or directory in the image"),
+        ErrorKind::IsDirectory => Some("is a directory"),
+        ErrorKind::NotDirectory => Some("not a directory"),
+        _ => None,
+    };
     match kind {
         ErrorKind::NotFound | ErrorKind::IsDirectory | ErrorKind::NotDirectory => {
-            Error::NotFound { image: Default::default(), path: shown, what: message }
+            Error::NotFound { image: Default::default(), path: shown, what: fixed.unwrap_or_default().to_string() }
         }
         ErrorKind::Mount => Error::Filesystem { image: Default::default(), what: message },
-        ErrorKind::BadRequest | ErrorKind::Other => Error::guest(format!("{shown}: {message}")),
+        ErrorKind::BadRequest | ErrorKind::Other => {
+            let message: String = message.chars().take(300).map(|c| if c.is_control() { '?' } else { c }).collect();
+            Error::guest(format!("{shown}: {message}"))
+        }
     }
 }
 

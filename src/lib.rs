@@ -35,6 +35,11 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
     trace::set_verbose(cli.verbose);
     match commands::run(cli.command) {
         Ok(()) => error::exit::OK,
+        // Whatever failed after SIGINT/SIGTERM failed because of it (QEMU was killed).
+        Err(_) if vm::reaper::interrupted() => {
+            eprintln!("imgsafe: {}", Error::Interrupted);
+            Error::Interrupted.exit_code()
+        }
         Err(e) => {
             eprintln!("imgsafe: {e}");
             e.exit_code()

@@ -77,9 +77,9 @@ impl Session {
             cfg.extra_cmdline.push("imgsafe.debug=1".into());
         }
         let stage = trace::stage("boot");
-        let mut vm = Vm::launch(&cfg).map_err(|e| Error::appliance(e.to_string()))?;
-        vm.attach_nbd_disk(&nbd_sock, "", true).map_err(|e| Error::appliance(e.to_string()))?;
-        vm.start().map_err(|e| Error::appliance(e.to_string()))?;
+        let mut vm = Vm::launch(&cfg)?;
+        vm.attach_nbd_disk(&nbd_sock, "", true)?;
+        vm.start()?;
         let agent = connect_agent(&mut vm, timeout)?;
         stage.done(&format!("{accel:?}, guest kernel {}", agent.kernel));
         Ok(Session { image: image_arg.to_path_buf(), agent, vm, nbd: Some(nbd), _dir: dir, filesystems: None })
@@ -197,7 +197,7 @@ fn diagnostics(vm: &mut Vm) -> String {
 
 /// Connect to the agent's socket and handshake, failing early if QEMU dies.
 fn connect_agent(vm: &mut Vm, timeout: Duration) -> Result<AgentClient> {
-    let stream = vm.connect_agent().map_err(|e| Error::appliance(e.to_string()))?;
+    let stream = vm.connect_agent()?;
     stream
         .set_read_timeout(Some(timeout))
         .map_err(|e| Error::appliance(e.to_string()))?;

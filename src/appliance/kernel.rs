@@ -24,7 +24,8 @@ const MAX_VMLINUX: usize = 512 << 20;
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
 /// The kernel to boot and its release: `IMGSAFE_KERNEL` if set, else the newest
-/// `/boot/vmlinuz-*` that has a matching `/lib/modules/<release>`.
+/// `/boot/vmlinuz-*` that has a matching `/lib/modules/<release>`, a Debian cloud
+/// kernel first (it is smaller and boots faster in a VM).
 pub fn find() -> Result<(PathBuf, String), ApplianceError> {
     if let Some(k) = std::env::var_os("IMGSAFE_KERNEL").filter(|v| !v.is_empty()) {
         let k = PathBuf::from(k);
@@ -39,7 +40,7 @@ pub fn find() -> Result<(PathBuf, String), ApplianceError> {
         check_readable(&k)?;
         return Ok((k, release));
     }
-    let mut candidates: Vec<(std::time::SystemTime, PathBuf, String)> = fs::read_dir("/boot")
+    let mut candidates: Vec<(bool, std::time::SystemTime, PathBuf, String)> = fs::read_dir("/boot")
         .into_iter()
         .flatten()
         .flatten()
@@ -47,11 +48,12 @@ pub fn find() -> Result<(PathBuf, String), ApplianceError> {
             let p = e.path();
             let rel = release_of(&p)?;
             let mtime = e.metadata().ok()?.modified().ok()?;
-            Path::new("/lib/modules").join(&rel).is_dir().then_some((mtime, p, rel))
+            let cloud = rel.contains("-cloud-");
+            Path::new("/lib/modules").join(&rel).is_dir().then_some((cloud, mtime, p, rel))
         })
         .collect();
     candidates.sort();
-    let (_, k, rel) = candidates.pop().ok_or(ApplianceError::Missing {
+    let (_, _, k, rel) = candidates.pop().ok_or(ApplianceError::Missing {
         what: "a Linux kernel",
         where_: "/boot/vmlinuz-*".into(),
         package: "linux-image-cloud-amd64",

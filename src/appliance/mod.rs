@@ -69,7 +69,7 @@ pub const BOOT_MODULES: &[&str] = &["virtio_mmio", "virtio_pci", "virtio_blk", "
 pub const FS_MODULES: &[(&str, &[&str])] = &[
     ("xfs", &["xfs"]),
     ("btrfs", &["crc32c_intel", "blake2b_generic", "xxhash_generic", "btrfs"]),
-    ("vfat", &["vfat", "nls_utf8", "nls_cp437", "nls_iso8859_1"]),
+    ("vfat", &["vfat", "nls_ascii", "nls_utf8", "nls_cp437", "nls_iso8859_1"]),
     ("iso9660", &["isofs", "nls_utf8"]),
     ("udf", &["udf", "nls_utf8"]),
     ("overlay", &["overlay"]),

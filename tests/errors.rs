@@ -1,0 +1,93 @@
+//! Bad input: every failure is one line on stderr naming the image and the problem,
+//! with its documented exit code, and the image is never changed.
+
+mod support;
+
+use std::fs;
+use support::*;
+
+/// Exit codes from README.md.
+const USAGE: i32 = 2;
+const IMAGE: i32 = 3;
+const NOT_FOUND: i32 = 4;
+const FILESYSTEM: i32 = 5;
+
+fn one_line(out: &std::process::Output) -> String {
+    let e = stderr(out);
+    let lines: Vec<&str> = e.lines().filter(|l| !l.contains("using TCG")).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got {e:?}");
+    assert!(lines[0].starts_with("imgsafe: "), "{e}");
+    lines[0].to_string()
+}
+
+#[test]
+fn missing_image_is_an_image_error_naming_the_file() {
+    let out = run(["ls", "/no/such/disk.img", "/"]);
+
+    assert_eq!(code(&out), IMAGE);
+    let line = one_line(&out);
+    assert!(line.contains("/no/such/disk.img") && line.contains("No such file"), "{line}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn directory_as_image_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let out = run(["cat", dir.path().to_str().unwrap(), "/etc/hostname"]);
+
+    assert_eq!(code(&out), IMAGE);
+    assert!(one_line(&out).contains("is a directory"));
+}
+
+#[test]
+fn empty_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("empty.img");
+    fs::write(&p, b"").unwrap();
+
+    let out = run(["ls", p.to_str().unwrap(), "/"]);
+
+    assert_eq!(code(&out), IMAGE);
+    let line = one_line(&out);
+    assert!(line.contains("empty.img") && line.contains("empty"), "{line}");
+}
+
+#[test]
+fn disk_without_filesystem_is_a_filesystem_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("zeros.img");
+    fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
+    let img = Image::new(dir, p);
+
+    let out = run(["ls", &img.arg(), "/"]);
+
+    assert_eq!(code(&out), FILESYSTEM);
+    let line = one_line(&out);
+    assert!(line.contains("zeros.img") && line.contains("no filesystem"), "{line}");
+    img.assert_unchanged();
+}
+
+#[test]
+fn path_not_found_and_directory_for_cat_are_not_found_errors() {
+    let src = tempfile::tempdir().unwrap();
+    sample_tree(src.path(), TreeOpts { odd_names: false, links: false, sparse: false });
+    let img = ext4_image(src.path(), "16M");
+
+    let missing = run(["ls", &img.arg(), "/no/such"]);
+    let dir = run(["cat", &img.arg(), "/etc"]);
+
+    assert_eq!(code(&missing), NOT_FOUND);
+    let line = one_line(&missing);
+    assert!(line.ends_with(&format!("{}: /no/such: no such file or directory in the image", img.arg())), "{line}");
+    assert_eq!(code(&dir), NOT_FOUND);
+    assert!(one_line(&dir).ends_with("/etc: is a directory"));
+    img.assert_unchanged();
+}
+
+#[test]
+fn bad_command_line_is_a_usage_error() {
+    let out = run(["ls"]);
+
+    assert_eq!(code(&out), USAGE);
+}

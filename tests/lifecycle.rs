@@ -1,0 +1,117 @@
+//! Rootless operation and QEMU lifetime: imgsafe runs as an ordinary user, and no QEMU
+//! process outlives it after success, an error, SIGINT or its own death.
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use support::*;
+
+fn small_image() -> Image {
+    let src = tempfile::tempdir().unwrap();
+    sample_tree(src.path(), TreeOpts { odd_names: false, links: false, sparse: false });
+    ext4_image(src.path(), "16M")
+}
+
+/// A private TMPDIR whose path appears in QEMU's command line (its sockets live there),
+/// so the test can find the QEMU processes of one imgsafe run.
+fn marked_tmp() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("imgsafe-life-").tempdir().unwrap()
+}
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn qemus(tmp: &tempfile::TempDir) -> Vec<u32> {
+    processes_mentioning(tmp.path().to_str().unwrap())
+        .into_iter()
+        .filter(|pid| fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("qemu")))
+        .collect()
+}
+
+#[test]
+fn runs_as_an_ordinary_user() {
+    let img = small_image();
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let out = if uid != 0 {
+        run(["cat", &img.arg(), "/etc/hostname"])
+    } else {
+        let user = std::env::var("IMGSAFE_TEST_USER").expect(
+            "running as root: set IMGSAFE_TEST_USER to an ordinary user (.ci/run creates one) so imgsafe is tested without root",
+        );
+        // Give the ordinary user a copy of the binary and the image it can reach.
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = dir.path().join("imgsafe");
+        fs::copy(env!("CARGO_BIN_EXE_imgsafe"), &bin).unwrap();
+        let disk = dir.path().join("disk.img");
+        fs::copy(&img.path, &disk).unwrap();
+        fs::set_permissions(&disk, fs::Permissions::from_mode(0o644)).unwrap();
+        let script = format!(
+            "set -e; test \"$(id -u)\" != 0; export XDG_CACHE_HOME=$(mktemp -d); IMGSAFE_ACCEL=tcg {} cat {} /etc/hostname; rm -rf \"$XDG_CACHE_HOME\"",
+            bin.display(),
+            disk.display()
+        );
+        tool("runuser", "util-linux").args(["-u", &user, "--", "sh", "-c", &script]).stdin(Stdio::null()).output().unwrap()
+    };
+
+    assert_eq!(ok_stdout(&out), "sample-host\n");
+    img.assert_unchanged();
+}
+
+#[test]
+fn no_qemu_left_after_success_or_error() {
+    let img = small_image();
+    let tmp = marked_tmp();
+
+    let ok = imgsafe().env("TMPDIR", tmp.path()).args(["ls", &img.arg(), "/"]).output().unwrap();
+    let left_after_ok = qemus(&tmp);
+    let err = imgsafe().env("TMPDIR", tmp.path()).args(["cat", &img.arg(), "/nope"]).output().unwrap();
+    let left_after_err = qemus(&tmp);
+
+    assert_eq!(code(&ok), 0, "{}", stderr(&ok));
+    assert_eq!(code(&err), 4, "{}", stderr(&err));
+    assert!(left_after_ok.is_empty() && left_after_err.is_empty(), "{left_after_ok:?} {left_after_err:?}");
+    assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 0, "temp files left behind");
+    img.assert_unchanged();
+}
+
+#[test]
+fn sigint_during_a_command_kills_qemu_and_exits_130() {
+    let img = small_image();
+    let tmp = marked_tmp();
+    let mut child = imgsafe().env("TMPDIR", tmp.path()).args(["ls", &img.arg(), "/"]).stderr(Stdio::piped()).spawn().unwrap();
+    assert!(wait_until(Duration::from_secs(60), || !qemus(&tmp).is_empty()), "QEMU never started");
+
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+
+    assert_eq!(status.code(), Some(130));
+    assert!(qemus(&tmp).is_empty(), "QEMU survived SIGINT");
+    img.assert_unchanged();
+}
+
+#[test]
+fn qemu_dies_with_imgsafe_even_on_sigkill() {
+    let img = small_image();
+    let tmp = marked_tmp();
+    let mut child = imgsafe().env("TMPDIR", tmp.path()).args(["ls", &img.arg(), "/"]).stderr(Stdio::null()).spawn().unwrap();
+    assert!(wait_until(Duration::from_secs(60), || !qemus(&tmp).is_empty()), "QEMU never started");
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    assert!(wait_until(Duration::from_secs(5), || qemus(&tmp).is_empty()), "QEMU outlived a killed imgsafe");
+}
