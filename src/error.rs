@@ -48,6 +48,9 @@ pub enum Error {
     /// Any other failure, already phrased as one sentence.
     #[error("{0}")]
     Other(String),
+    /// Arguments clap accepted but the command cannot use (e.g. a cp source without IMAGE:).
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl Error {
@@ -60,6 +63,7 @@ impl Error {
             Error::Appliance { .. } | Error::Guest { .. } => exit::APPLIANCE,
             Error::Interrupted => exit::INTERRUPTED,
             Error::Other(_) => exit::OTHER,
+            Error::Usage(_) => exit::USAGE,
         }
     }
 
