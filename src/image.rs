@@ -1,25 +1,121 @@
 //! From what the user typed to an opened, decoded image.
 
 use crate::cli::ImageArgs;
-use crate::format::{self, BlockSource, OpenOptions};
+use crate::format::{self, BlockSource, FormatError, OpenOptions};
 use crate::Result;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Resolve the image argument to the file to open. Plain paths are used as they are;
-/// ploop directories and bare container ids are resolved by the format layer.
-pub fn resolve(arg: &Path, args: &ImageArgs) -> PathBuf {
-    let _ = args;
-    arg.to_path_buf()
+/// Name of the ploop descriptor inside a ploop image directory.
+pub const DESCRIPTOR_NAME: &str = "DiskDescriptor.xml";
+
+/// Resolve the image argument to the file to open, as the ploop tools do:
+/// - a directory holding `DiskDescriptor.xml` → that descriptor;
+/// - a bare container id (`101`, or a UUID) that is not an existing path →
+///   `<vz_root>/<id>/root.hdd/DiskDescriptor.xml`, or an error when nothing is there;
+/// - anything else → the path as given (opening it reports what is wrong with it).
+pub fn resolve(arg: &Path, vz_root: &Path) -> Result<PathBuf, FormatError> {
+    if arg.is_dir() {
+        let xml = arg.join(DESCRIPTOR_NAME);
+        return Ok(if xml.is_file() { xml } else { arg.to_path_buf() });
+    }
+    if arg.symlink_metadata().is_ok() {
+        return Ok(arg.to_path_buf());
+    }
+    let Some(id) = arg.to_str().filter(|s| is_container_id(s)) else {
+        return Ok(arg.to_path_buf());
+    };
+    let xml = vz_root.join(id).join("root.hdd").join(DESCRIPTOR_NAME);
+    if xml.is_file() {
+        return Ok(xml);
+    }
+    let why = format!(
+        "no such file, and no container {id} under {} ({} does not exist; set --vz-root or IMGSAFE_VZ_ROOT)",
+        vz_root.display(),
+        xml.display()
+    );
+    Err(FormatError::io(arg, io::Error::new(io::ErrorKind::NotFound, why)))
+}
+
+/// A container id as OpenVZ / Virtuozzo name them: a number, or a UUID.
+fn is_container_id(s: &str) -> bool {
+    let numeric = !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
+    let uuid = s.len() == 36
+        && s.bytes().enumerate().all(|(i, b)| {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                b == b'-'
+            } else {
+                b.is_ascii_hexdigit()
+            }
+        });
+    numeric || uuid
 }
 
 /// Open and decode the image named on the command line.
 pub fn open(arg: &Path, args: &ImageArgs) -> Result<Arc<dyn BlockSource>> {
     let stage = crate::trace::stage("decode");
-    let path = resolve(arg, args);
-    let opts = OpenOptions { format: args.format, ignore_parent_id: args.ignore_parent_id };
+    let path = resolve(arg, &args.vz_root)?;
+    let opts = OpenOptions {
+        format: args.format,
+        ignore_parent_id: args.ignore_parent_id,
+    };
     let src: Arc<dyn BlockSource> = Arc::from(format::open(&path, &opts)?);
     let top = src.layers().first().map(|l| l.format.clone()).unwrap_or_default();
     stage.done(&format!("{top}, {} bytes", src.size()));
     Ok(src)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_with_descriptor_resolves_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(DESCRIPTOR_NAME), "<x/>").unwrap();
+
+        let got = resolve(dir.path(), Path::new("/nonexistent")).unwrap();
+
+        assert_eq!(got, dir.path().join(DESCRIPTOR_NAME));
+    }
+
+    #[test]
+    fn container_id_resolves_under_vz_root() {
+        let root = tempfile::tempdir().unwrap();
+        let hdd = root.path().join("101/root.hdd");
+        std::fs::create_dir_all(&hdd).unwrap();
+        std::fs::write(hdd.join(DESCRIPTOR_NAME), "<x/>").unwrap();
+
+        let got = resolve(Path::new("101"), root.path()).unwrap();
+
+        assert_eq!(got, hdd.join(DESCRIPTOR_NAME));
+    }
+
+    #[test]
+    fn missing_container_is_a_clear_error() {
+        let root = tempfile::tempdir().unwrap();
+
+        let err = resolve(Path::new("4242"), root.path()).unwrap_err().to_string();
+
+        assert!(
+            err.starts_with("4242: no such file, and no container 4242 under"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn other_missing_paths_pass_through() {
+        let got = resolve(Path::new("no-such-disk.img"), Path::new("/vz/private")).unwrap();
+
+        assert_eq!(got, Path::new("no-such-disk.img"));
+    }
+
+    #[test]
+    fn recognises_container_ids() {
+        assert!(is_container_id("101"));
+        assert!(is_container_id("1b2e3c4d-0000-4000-8000-00000000abcd"));
+        assert!(!is_container_id("disk.img"));
+        assert!(!is_container_id(""));
+    }
 }

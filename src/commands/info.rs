@@ -1,10 +1,262 @@
-//! `imgsafe info`.
+//! `imgsafe info`: container format, sizes and the chain of files, without starting a VM.
 
 use crate::cli::InfoArgs;
+use crate::format::{BlockSource, LayerInfo};
 use crate::Result;
+use std::io::Write;
+use std::path::Path;
+
+/// What `info` reports, gathered from a decoded image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Info {
+    /// Format of the top file (`raw`, `ploop`, `vhd`, ...).
+    pub format: String,
+    /// Its version or subformat.
+    pub version: Option<String>,
+    /// The descriptor the chain was read through, if any.
+    pub descriptor: Option<String>,
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// Cluster or block size of the top file.
+    pub cluster_size: Option<u64>,
+    /// Bytes of the virtual disk some file of the image stores data for.
+    pub allocated_bytes: u64,
+    /// Every file, top first.
+    pub chain: Vec<LayerInfo>,
+}
+
+impl Info {
+    /// Gather the report; `descriptor` is the resolved path when it is a DiskDescriptor.xml.
+    pub fn gather(src: &dyn BlockSource, descriptor: Option<&Path>) -> std::io::Result<Info> {
+        let mut chain = src.layers();
+        let allocated_bytes = src
+            .extents(0, src.size())?
+            .iter()
+            .filter(|e| e.allocated)
+            .map(|e| e.length)
+            .sum();
+        // A lone file that cannot count its own data (raw) stores everything allocated.
+        if let [only] = chain.as_mut_slice() {
+            only.allocated_bytes.get_or_insert(allocated_bytes);
+        }
+        let top = chain.first();
+        Ok(Info {
+            format: top.map_or_else(|| "unknown".into(), |l| l.format.clone()),
+            version: top.and_then(|l| l.version.clone()),
+            descriptor: descriptor.map(|p| p.display().to_string()),
+            virtual_size: src.size(),
+            cluster_size: top.and_then(|l| l.cluster_size),
+            allocated_bytes,
+            chain,
+        })
+    }
+
+    /// The `--json` document, keys in a stable, readable order. Paths are written lossily so
+    /// non-UTF-8 names still print.
+    pub fn to_json(&self) -> String {
+        #[derive(serde::Serialize)]
+        struct Layer<'a> {
+            path: String,
+            format: &'a str,
+            version: &'a Option<String>,
+            role: &'a str,
+            cluster_size: Option<u64>,
+            allocated_bytes: Option<u64>,
+        }
+        #[derive(serde::Serialize)]
+        struct Doc<'a> {
+            format: &'a str,
+            version: &'a Option<String>,
+            descriptor: &'a Option<String>,
+            virtual_size: u64,
+            cluster_size: Option<u64>,
+            allocated_bytes: u64,
+            chain: Vec<Layer<'a>>,
+        }
+        let chain = self
+            .chain
+            .iter()
+            .map(|l| Layer {
+                path: l.path.to_string_lossy().into_owned(),
+                format: &l.format,
+                version: &l.version,
+                role: &l.role,
+                cluster_size: l.cluster_size,
+                allocated_bytes: l.allocated_bytes,
+            })
+            .collect();
+        let doc = Doc {
+            format: &self.format,
+            version: &self.version,
+            descriptor: &self.descriptor,
+            virtual_size: self.virtual_size,
+            cluster_size: self.cluster_size,
+            allocated_bytes: self.allocated_bytes,
+            chain,
+        };
+        // Serialising plain strings and numbers cannot fail.
+        serde_json::to_string(&doc).unwrap_or_default()
+    }
+
+    /// Human-readable report: aligned `key: value` lines, then one line per chain file.
+    pub fn to_text(&self) -> String {
+        let mut lines: Vec<(String, String)> = Vec::new();
+        let format = match &self.version {
+            Some(v) => format!("{} ({v})", self.format),
+            None => self.format.clone(),
+        };
+        lines.push(("format".into(), format));
+        if let Some(d) = &self.descriptor {
+            lines.push(("descriptor".into(), d.clone()));
+        }
+        lines.push(("virtual size".into(), bytes(self.virtual_size)));
+        if let Some(cs) = self.cluster_size {
+            lines.push(("cluster size".into(), bytes(cs)));
+        }
+        lines.push(("allocated".into(), bytes(self.allocated_bytes)));
+        let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+        let mut out: String = lines
+            .iter()
+            .map(|(k, v)| format!("{:<width$} {v}\n", format!("{k}:")))
+            .collect();
+        out.push_str("chain:\n");
+        let rows: Vec<[String; 5]> = self
+            .chain
+            .iter()
+            .map(|l| {
+                [
+                    l.role.clone(),
+                    format!(
+                        "{}{}",
+                        l.format,
+                        l.version.as_deref().map(|v| format!(" {v}")).unwrap_or_default()
+                    ),
+                    l.cluster_size
+                        .map_or_else(|| "-".into(), |c| format!("cluster {}", human(c))),
+                    l.allocated_bytes
+                        .map_or_else(|| "-".into(), |a| format!("allocated {}", human(a))),
+                    l.path.display().to_string(),
+                ]
+            })
+            .collect();
+        let widths: Vec<usize> = (0..4)
+            .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+            .collect();
+        for r in &rows {
+            out.push_str(&format!(
+                "  {:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}\n",
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                w0 = widths[0],
+                w1 = widths[1],
+                w2 = widths[2],
+                w3 = widths[3]
+            ));
+        }
+        out
+    }
+}
+
+/// `N bytes (1.5 MiB)`.
+fn bytes(n: u64) -> String {
+    if n < 1024 {
+        format!("{n} bytes")
+    } else {
+        format!("{n} bytes ({})", human(n))
+    }
+}
+
+/// Binary units with at most one decimal, exact values without one: `1 MiB`, `1.5 GiB`.
+fn human(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut unit = 0;
+    let mut div = 1u64;
+    while unit + 1 < UNITS.len() && n / div >= 1024 {
+        div *= 1024;
+        unit += 1;
+    }
+    if n.is_multiple_of(div) {
+        format!("{} {}", n / div, UNITS[unit])
+    } else {
+        format!("{:.1} {}", n as f64 / div as f64, UNITS[unit])
+    }
+}
 
 /// Run `imgsafe info`.
 pub fn run(args: InfoArgs) -> Result<()> {
-    let _ = args;
-    Err(crate::Error::Other("not written yet".into()))
+    let path = crate::image::resolve(&args.image, &args.image_args.vz_root)?;
+    let src = crate::image::open(&path, &args.image_args)?;
+    let format = match args.image_args.format {
+        Some(f) => f,
+        None => crate::format::detect(&path, &crate::format::open_image_file(&path)?)?,
+    };
+    let is_descriptor = format == crate::format::Format::Descriptor;
+    let info = Info::gather(&*src, is_descriptor.then_some(path.as_path()))
+        .map_err(|e| crate::format::FormatError::io(&path, e))?;
+    let text = if args.json {
+        format!("{}\n", info.to_json())
+    } else {
+        info.to_text()
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| crate::Error::Other(format!("stdout: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn sample() -> Info {
+        Info {
+            format: "ploop".into(),
+            version: Some("v2".into()),
+            descriptor: None,
+            virtual_size: 1 << 30,
+            cluster_size: Some(1 << 20),
+            allocated_bytes: 3 << 20,
+            chain: vec![LayerInfo {
+                path: PathBuf::from("/x/root.hds"),
+                format: "ploop".into(),
+                version: Some("v2".into()),
+                role: "image".into(),
+                cluster_size: Some(1 << 20),
+                allocated_bytes: Some(3 << 20),
+            }],
+        }
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human(1 << 20), "1 MiB");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(100), "100 B");
+    }
+
+    #[test]
+    fn text_lines_are_aligned() {
+        let text = sample().to_text();
+
+        assert!(text.contains("format:       ploop (v2)\n"), "{text}");
+        assert!(text.contains("virtual size: 1073741824 bytes (1 GiB)\n"), "{text}");
+        assert!(
+            text.contains("  image  ploop v2  cluster 1 MiB  allocated 3 MiB  /x/root.hds\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn json_has_chain() {
+        let v: serde_json::Value = serde_json::from_str(&sample().to_json()).unwrap();
+
+        assert_eq!(v["format"], "ploop");
+        assert_eq!(v["virtual_size"], 1u64 << 30);
+        assert_eq!(v["chain"][0]["path"], "/x/root.hds");
+        assert_eq!(v["chain"][0]["role"], "image");
+    }
 }

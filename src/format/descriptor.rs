@@ -1,16 +1,510 @@
 //! ploop DiskDescriptor.xml: a chain of ploop deltas.
+//!
+//! Schema: QEMU docs/interop/prl-xml.rst and OpenVZ ploop lib/xml.c. `StorageData/Storage`
+//! lists the files (`Image`: GUID, Type, File relative to the XML's folder);
+//! `Snapshots/Shot` links each GUID to its ParentGUID; the top is `Snapshots/TopGUID`, or
+//! the predefined top GUID when that element is absent. The chain is walked from the top to
+//! the root (ParentGUID all zeros) and opened as one [`ploop::Chain`].
+//!
+//! "Plain" images: ploop writes `Type` Plain on *every* image of a disk whose base is raw,
+//! while the deltas above it are still ploop files. So the type is decided per file from its
+//! magic: a ploop header makes it a ploop delta; a Plain file without one is a raw base and
+//! is accepted only at the bottom of the chain; a Compressed file without one is refused.
+//!
+//! Image files must resolve (after symlinks) inside the descriptor's folder: a hostile
+//! descriptor cannot make imgsafe read some other file of the user's into the appliance.
 
+mod xml;
+
+pub use xml::{parse as parse_xml, Element};
+
+use super::ploop::{self, Chain, Delta, SECTOR_SIZE};
 use super::{BlockSource, FormatError, OpenOptions};
-use std::path::Path;
+use std::collections::HashSet;
+use std::path::{Component, Path, PathBuf};
+
+/// The top GUID used when `Snapshots/TopGUID` is absent (prl-xml.rst "Snapshots").
+pub const DEFAULT_TOP_GUID: &str = "{5fbaabe3-6958-40ff-92a7-860e329aab41}";
+/// ParentGUID of the root snapshot.
+pub const NONE_GUID: &str = "{00000000-0000-0000-0000-000000000000}";
+/// Deepest chain imgsafe opens (each delta is an open file and a lookup per cluster).
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// `Image/Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageType {
+    /// An expanding (ploop) image.
+    Compressed,
+    /// A raw image.
+    Plain,
+}
+
+/// One `StorageData/Storage/Image` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageEntry {
+    /// Normalised (lowercase) GUID.
+    pub guid: String,
+    /// Declared type.
+    pub kind: ImageType,
+    /// File name as written, relative to the descriptor's folder.
+    pub file: String,
+}
+
+/// The parts of a DiskDescriptor.xml imgsafe uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Descriptor {
+    /// `Disk_Parameters/Disk_size`, in sectors.
+    pub disk_sectors: u64,
+    /// `Storage/Blocksize`, in sectors, when present.
+    pub block_sectors: Option<u64>,
+    /// The image files.
+    pub images: Vec<ImageEntry>,
+    /// Normalised top GUID.
+    pub top_guid: String,
+    /// `(GUID, ParentGUID)` of each `Shot`, normalised.
+    pub shots: Vec<(String, String)>,
+}
+
+fn norm_guid(g: &str) -> String {
+    g.trim().to_ascii_lowercase()
+}
+
+fn number(parent: &Element, name: &str, ctx: &str) -> Result<Option<u64>, String> {
+    match parent.child_text(name) {
+        None => Ok(None),
+        Some(t) => t
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| format!("{ctx}/{name} is not a number: {t:?}")),
+    }
+}
+
+impl Descriptor {
+    /// Interpret a parsed document. The error is the message after the file name.
+    pub fn from_xml(root: &Element) -> Result<Descriptor, String> {
+        if root.name != "Parallels_disk_image" {
+            return Err(format!("root element is <{}>, not <Parallels_disk_image>", root.name));
+        }
+        let params = root.child("Disk_Parameters").ok_or("no <Disk_Parameters> element")?;
+        let disk_sectors =
+            number(params, "Disk_size", "Disk_Parameters")?.ok_or("no <Disk_Parameters/Disk_size> element")?;
+        if disk_sectors.checked_mul(SECTOR_SIZE).is_none() {
+            return Err(format!("Disk_size {disk_sectors} overflows"));
+        }
+        check_encryption(root)?;
+        if number(params, "Padding", "Disk_Parameters")?.unwrap_or(0) != 0 {
+            return Err("unsupported: Disk_Parameters/Padding is not 0".into());
+        }
+        let storage_data = root.child("StorageData").ok_or("no <StorageData> element")?;
+        let mut storages = storage_data.children_named("Storage");
+        let storage = storages.next().ok_or("no <StorageData/Storage> element")?;
+        if storages.next().is_some() {
+            return Err("unsupported: more than one <Storage> (split image)".into());
+        }
+        if number(storage, "Start", "Storage")?.unwrap_or(0) != 0 {
+            return Err("unsupported: Storage/Start is not 0 (split image)".into());
+        }
+        let block_sectors = number(storage, "Blocksize", "Storage")?;
+        let images = storage
+            .children_named("Image")
+            .map(image_entry)
+            .collect::<Result<Vec<_>, _>>()?;
+        if images.is_empty() {
+            return Err("no <Image> in <StorageData/Storage>".into());
+        }
+        let snapshots = root.child("Snapshots");
+        let top_guid = snapshots
+            .and_then(|s| s.child_text("TopGUID"))
+            .map_or(DEFAULT_TOP_GUID.to_string(), norm_guid);
+        let shots = snapshots
+            .into_iter()
+            .flat_map(|s| s.children_named("Shot"))
+            .map(|shot| {
+                let guid = shot.child_text("GUID").ok_or("a <Shot> has no <GUID>")?;
+                let parent = shot
+                    .child_text("ParentGUID")
+                    .ok_or_else(|| format!("Shot {guid} has no <ParentGUID>"))?;
+                Ok((norm_guid(guid), norm_guid(parent)))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Descriptor {
+            disk_sectors,
+            block_sectors,
+            images,
+            top_guid,
+            shots,
+        })
+    }
+
+    /// Indexes into `images` from the top delta down to the root. Refuses GUIDs that are
+    /// referenced but not listed, cycles, and chains deeper than [`MAX_CHAIN_DEPTH`].
+    pub fn chain(&self) -> Result<Vec<usize>, String> {
+        let mut order = Vec::new();
+        let mut seen = HashSet::new();
+        let mut guid = self.top_guid.clone();
+        loop {
+            if !seen.insert(guid.clone()) {
+                return Err(format!("cycle in the snapshot chain at GUID {guid}"));
+            }
+            if order.len() >= MAX_CHAIN_DEPTH {
+                return Err(format!("snapshot chain is deeper than {MAX_CHAIN_DEPTH} deltas"));
+            }
+            let index = self
+                .images
+                .iter()
+                .position(|i| i.guid == guid)
+                .ok_or_else(|| format!("GUID {guid} is referenced but not listed in StorageData"))?;
+            order.push(index);
+            let parent = match self.shots.iter().find(|(g, _)| *g == guid) {
+                Some((_, p)) => p.clone(),
+                // ploop itself treats a lone image without a Shot as the root.
+                None if self.images.len() == 1 => NONE_GUID.to_string(),
+                None => return Err(format!("GUID {guid} has no <Shot> entry")),
+            };
+            if parent == NONE_GUID {
+                return Ok(order);
+            }
+            guid = parent;
+        }
+    }
+}
+
+fn image_entry(el: &Element) -> Result<ImageEntry, String> {
+    let guid = el
+        .child_text("GUID")
+        .filter(|g| !g.is_empty())
+        .ok_or("an <Image> has no <GUID>")?;
+    let file = el
+        .child_text("File")
+        .filter(|f| !f.is_empty())
+        .ok_or_else(|| format!("Image {guid} has no <File>"))?;
+    let kind = match el.child_text("Type") {
+        Some("Plain") => ImageType::Plain,
+        Some("Compressed") | None => ImageType::Compressed,
+        Some(other) => return Err(format!("Image {guid} has unknown Type {other:?}")),
+    };
+    Ok(ImageEntry {
+        guid: norm_guid(guid),
+        kind,
+        file: file.to_string(),
+    })
+}
+
+/// Refuse encrypted disks: the data would read as noise.
+fn check_encryption(root: &Element) -> Result<(), String> {
+    let params = root.child("Disk_Parameters");
+    for enc in params
+        .into_iter()
+        .chain(Some(root))
+        .flat_map(|p| p.children_named("Encryption"))
+    {
+        let engine = enc.child_text("Engine").unwrap_or("");
+        if !engine.is_empty() && engine != "0" {
+            return Err(format!(
+                "unsupported: the disk is encrypted (Encryption/Engine {engine:?})"
+            ));
+        }
+        if enc.child_text("KeyId").is_some_and(|k| !k.is_empty()) {
+            return Err("unsupported: the disk is encrypted (Encryption/KeyId is set)".into());
+        }
+    }
+    Ok(())
+}
 
 /// True if `head` is an XML document whose root element is `<Parallels_disk_image`.
 pub fn probe(head: &[u8]) -> bool {
     let s = String::from_utf8_lossy(head);
-    s.trim_start_matches('\u{feff}').trim_start().starts_with("<?xml") && s.contains("<Parallels_disk_image")
+    s.trim_start_matches('\u{feff}').trim_start().starts_with('<') && s.contains("<Parallels_disk_image")
+}
+
+/// Read and interpret a descriptor file, with the size cap applied before reading.
+pub fn read_descriptor(path: &Path) -> Result<Descriptor, FormatError> {
+    let file = super::open_image_file(path)?;
+    let len = super::file_len(path, &file)?;
+    if len > xml::MAX_BYTES as u64 {
+        return Err(FormatError::corrupt(
+            path,
+            format!("descriptor is {len} bytes, larger than the 1 MiB limit"),
+        ));
+    }
+    let mut bytes = vec![0u8; len as usize];
+    super::read_exact_at(&file, &mut bytes, 0).map_err(|e| FormatError::io(path, e))?;
+    let root = xml::parse(&bytes).map_err(|w| FormatError::corrupt(path, w))?;
+    Descriptor::from_xml(&root).map_err(|w| FormatError::corrupt(path, w))
+}
+
+/// Resolve an `Image/File` against the descriptor's folder, refusing anything outside it.
+fn image_path(xml_path: &Path, file: &str) -> Result<PathBuf, FormatError> {
+    let dir = xml_path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let rel = Path::new(file);
+    let joined = dir.join(rel);
+    let outside = || {
+        FormatError::corrupt(
+            xml_path,
+            format!("Image File {file:?} is outside the descriptor's folder"),
+        )
+    };
+    if rel.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(outside());
+    }
+    let canon_dir = dir.canonicalize().map_err(|e| FormatError::io(dir, e))?;
+    match joined.canonicalize() {
+        Ok(real) if real.starts_with(&canon_dir) => Ok(joined),
+        Ok(_) => Err(outside()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(FormatError::corrupt(
+            &joined,
+            format!("delta file listed in {} does not exist", xml_path.display()),
+        )),
+        Err(e) => Err(FormatError::io(&joined, e)),
+    }
+}
+
+/// Open one delta: ploop by magic, raw only when declared Plain.
+fn open_delta(xml_path: &Path, entry: &ImageEntry) -> Result<Delta, FormatError> {
+    let path = image_path(xml_path, &entry.file)?;
+    let file = super::open_image_file(&path)?;
+    let head = super::read_head(&path, &file)?;
+    if ploop::probe(&head) {
+        return Delta::open_ploop(&path, file);
+    }
+    match entry.kind {
+        ImageType::Plain => Delta::open_plain(&path, file),
+        ImageType::Compressed => Err(FormatError::corrupt(
+            &path,
+            "declared Compressed but is not a ploop image (bad header magic)",
+        )),
+    }
+}
+
+/// Check one delta against the descriptor and the chain's cluster size.
+fn check_delta(
+    delta: &Delta,
+    disk_size: u64,
+    cluster_size: &mut Option<u64>,
+    is_base: bool,
+) -> Result<(), FormatError> {
+    let path = delta.path();
+    if let Some(len) = delta.plain_len() {
+        if !is_base {
+            return Err(FormatError::corrupt(
+                path,
+                "a raw (Plain) image can only be the base of the chain",
+            ));
+        }
+        if len < disk_size {
+            let what = format!("raw base is {len} bytes, smaller than the disk ({disk_size} bytes)");
+            return Err(FormatError::corrupt(path, what));
+        }
+        return Ok(());
+    }
+    let header = delta.header().expect("not plain, so ploop");
+    if header.disk_size() != disk_size {
+        let what = format!(
+            "disk size {} bytes disagrees with DiskDescriptor.xml Disk_size ({disk_size} bytes)",
+            header.disk_size()
+        );
+        return Err(FormatError::corrupt(path, what));
+    }
+    match *cluster_size {
+        Some(cs) if cs != header.cluster_size() => {
+            let what = format!(
+                "cluster size {} bytes disagrees with the chain's {cs} bytes",
+                header.cluster_size()
+            );
+            Err(FormatError::corrupt(path, what))
+        }
+        _ => {
+            *cluster_size = Some(header.cluster_size());
+            Ok(())
+        }
+    }
 }
 
 /// Open the chain a DiskDescriptor.xml describes.
 pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>, FormatError> {
     let _ = opts;
-    Err(FormatError::Unsupported { path: path.to_path_buf(), what: "DiskDescriptor.xml not written yet".into() })
+    let desc = read_descriptor(path)?;
+    let order = desc.chain().map_err(|w| FormatError::corrupt(path, w))?;
+    let disk_size = desc.disk_sectors * SECTOR_SIZE;
+    let mut cluster_size = desc.block_sectors.map(|b| b.saturating_mul(SECTOR_SIZE));
+    let mut deltas = Vec::with_capacity(order.len());
+    let mut roles = Vec::with_capacity(order.len());
+    for (depth, &index) in order.iter().enumerate() {
+        let is_base = depth + 1 == order.len();
+        let delta = open_delta(path, &desc.images[index])?;
+        check_delta(&delta, disk_size, &mut cluster_size, is_base)?;
+        deltas.push(delta);
+        roles.push(
+            match (depth, is_base) {
+                (_, true) => "base",
+                (0, false) => "top",
+                _ => "delta",
+            }
+            .to_string(),
+        );
+    }
+    // A chain of raw base only: any cluster size maps it; use the descriptor's or 1 MiB.
+    let cluster_size = cluster_size.filter(|&c| c > 0).unwrap_or(1 << 20);
+    if cluster_size > u64::from(ploop::MAX_CLUSTER_SECTORS) * SECTOR_SIZE {
+        return Err(FormatError::corrupt(
+            path,
+            format!("Blocksize of {cluster_size} bytes is out of range"),
+        ));
+    }
+    Ok(Box::new(Chain::new(deltas, roles, cluster_size, disk_size)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(images: &str, snapshots: &str) -> String {
+        format!(
+            r#"<?xml version="1.0"?>
+<Parallels_disk_image Version="1.0">
+  <Disk_Parameters><Disk_size>2048</Disk_size><Cylinders>2</Cylinders><Heads>16</Heads><Sectors>64</Sectors><Padding>0</Padding></Disk_Parameters>
+  <StorageData><Storage><Start>0</Start><End>2048</End><Blocksize>2048</Blocksize>{images}</Storage></StorageData>
+  <Snapshots>{snapshots}</Snapshots>
+</Parallels_disk_image>"#
+        )
+    }
+
+    fn image(guid: &str, file: &str) -> String {
+        format!("<Image><GUID>{guid}</GUID><Type>Compressed</Type><File>{file}</File></Image>")
+    }
+
+    fn shot(guid: &str, parent: &str) -> String {
+        format!("<Shot><GUID>{guid}</GUID><ParentGUID>{parent}</ParentGUID></Shot>")
+    }
+
+    fn descriptor(text: &str) -> Result<Descriptor, String> {
+        Descriptor::from_xml(&xml::parse(text.as_bytes())?)
+    }
+
+    const A: &str = "{aaaaaaaa-0000-0000-0000-000000000001}";
+    const B: &str = "{bbbbbbbb-0000-0000-0000-000000000002}";
+
+    #[test]
+    fn walks_chain_from_default_top_guid() {
+        let text = doc(
+            &(image(A, "root.hds") + &image(DEFAULT_TOP_GUID, "root.hds.top")),
+            &(shot(A, NONE_GUID) + &shot(DEFAULT_TOP_GUID, A)),
+        );
+
+        let d = descriptor(&text).unwrap();
+
+        assert_eq!(d.disk_sectors, 2048);
+        assert_eq!(d.block_sectors, Some(2048));
+        assert_eq!(d.chain().unwrap(), vec![1, 0]);
+    }
+
+    #[test]
+    fn explicit_top_guid_wins() {
+        let text = doc(
+            &(image(A, "a") + &image(B, "b")),
+            &(format!("<TopGUID>{}</TopGUID>", A.to_uppercase()) + &shot(A, B) + &shot(B, NONE_GUID)),
+        );
+
+        let d = descriptor(&text).unwrap();
+
+        assert_eq!(d.chain().unwrap(), vec![0, 1]);
+    }
+
+    #[test]
+    fn refuses_cycle() {
+        let text = doc(
+            &(image(A, "a") + &image(B, "b")),
+            &(format!("<TopGUID>{A}</TopGUID>") + &shot(A, B) + &shot(B, A)),
+        );
+
+        let err = descriptor(&text).unwrap().chain().unwrap_err();
+
+        assert!(err.contains("cycle in the snapshot chain"), "{err}");
+    }
+
+    #[test]
+    fn refuses_unlisted_guid() {
+        let text = doc(&image(A, "a"), &(format!("<TopGUID>{A}</TopGUID>") + &shot(A, B)));
+
+        let err = descriptor(&text).unwrap().chain().unwrap_err();
+
+        assert!(err.contains(&format!("GUID {B} is referenced but not listed")), "{err}");
+    }
+
+    #[test]
+    fn refuses_deep_chain() {
+        let guid = |i: usize| format!("{{00000000-0000-0000-0000-{:012}}}", i + 1);
+        let images: String = (0..70).map(|i| image(&guid(i), "f")).collect();
+        let shots: String = (0..70)
+            .map(|i| shot(&guid(i), &if i == 69 { NONE_GUID.to_string() } else { guid(i + 1) }))
+            .collect();
+        let text = doc(&images, &(format!("<TopGUID>{}</TopGUID>", guid(0)) + &shots));
+
+        let err = descriptor(&text).unwrap().chain().unwrap_err();
+
+        assert!(err.contains("deeper than 64"), "{err}");
+    }
+
+    #[test]
+    fn refuses_encryption_engine() {
+        let text = doc(&image(A, "a"), &shot(A, NONE_GUID)).replace(
+            "<Padding>0</Padding>",
+            "<Padding>0</Padding><Encryption><Engine>1</Engine></Encryption>",
+        );
+
+        let err = descriptor(&text).unwrap_err();
+
+        assert!(err.contains("encrypted"), "{err}");
+    }
+
+    #[test]
+    fn accepts_zero_encryption_engine() {
+        let text = doc(&image(A, "a"), &format!("<TopGUID>{A}</TopGUID>{}", shot(A, NONE_GUID))).replace(
+            "<Padding>0</Padding>",
+            "<Padding>0</Padding><Encryption><Engine>0</Engine></Encryption>",
+        );
+
+        let d = descriptor(&text).unwrap();
+
+        assert_eq!(d.chain().unwrap(), vec![0]);
+    }
+
+    #[test]
+    fn refuses_wrong_root_and_missing_disk_size() {
+        assert!(descriptor("<x/>").unwrap_err().contains("not <Parallels_disk_image>"));
+        let text = doc(&image(A, "a"), "").replace("<Disk_size>2048</Disk_size>", "");
+        assert!(descriptor(&text).unwrap_err().contains("Disk_size"));
+    }
+
+    #[test]
+    fn reads_plain_type() {
+        let text = doc(&image(A, "a").replace("Compressed", "Plain"), &shot(A, NONE_GUID));
+
+        let d = descriptor(&text).unwrap();
+
+        assert_eq!(d.images[0].kind, ImageType::Plain);
+    }
+
+    #[test]
+    fn image_path_refuses_parent_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let xml = dir.path().join("DiskDescriptor.xml");
+
+        let err = image_path(&xml, "../etc/passwd").unwrap_err().to_string();
+
+        assert!(err.contains("outside the descriptor's folder"), "{err}");
+    }
+
+    #[test]
+    fn image_path_refuses_absolute_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        let xml = dir.path().join("DiskDescriptor.xml");
+
+        let err = image_path(&xml, "/etc/passwd").unwrap_err().to_string();
+
+        assert!(err.contains("outside the descriptor's folder"), "{err}");
+    }
 }
