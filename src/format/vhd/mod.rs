@@ -1,0 +1,404 @@
+//! Microsoft VHD: fixed, dynamic and differencing disks (Virtual Hard Disk Image Format
+//! Specification 1.0).
+//!
+//! Layout: a 512-byte big-endian footer at the end of the file ([`footer`]); dynamic and
+//! differencing disks add a copy of it at offset 0, a 1024-byte dynamic header
+//! ([`header`]) and a block allocation table whose allocated blocks are a sector bitmap
+//! followed by the block's data ([`dynamic`]).
+//!
+//! # Virtual size and the CHS quirk
+//!
+//! The footer stores the disk size twice: `current_size` in bytes and a CHS geometry.
+//! Virtual PC (and qemu before 2.6, creator `qemu`) computed the geometry from the
+//! requested size and then set `current_size` to cylinders × heads × sectors × 512, so
+//! such a disk can be slightly *smaller* than what was asked for; some old Virtual PC
+//! files even store a `current_size` larger than their geometry, and Virtual PC shows
+//! the geometry size. Hyper-V, Disk2vhd, XenServer and qemu with `force_size=on`
+//! (creator `qem2`) use `current_size` and leave the geometry as a hint. qemu's `vpc`
+//! driver picks by creator: geometry for anything but `win `, `qem2`, `d2v `, `CTXS`
+//! and `tap\0`, unless the geometry is the maximum (65535/16/255).
+//!
+//! imgsafe always uses `current_size` as stored (rounded down to whole 512-byte sectors,
+//! as qemu does), like Hyper-V and qemu with `force_size`. For every image qemu writes
+//! this is byte for byte what `qemu-img convert -f vpc` produces: without `force_size`
+//! qemu sets `current_size` to exactly the geometry size, with it the geometry is
+//! ignored. Only a Virtual PC file whose `current_size` exceeds its geometry differs:
+//! imgsafe shows the extra tail sectors, qemu hides them.
+
+mod cache;
+pub mod dynamic;
+pub mod footer;
+pub mod header;
+mod io;
+
+use super::{BlockSource, FormatError, LayerInfo, OpenOptions};
+use dynamic::{load_layout, Dynamic};
+use footer::{Footer, FooterProblem, FOOTER_COOKIE, FOOTER_LEN, OLD_FOOTER_LEN};
+use header::{locator_path, PLATFORM_MACX, PLATFORM_W2KU, PLATFORM_W2RU};
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Most files in one differencing chain (the top included); deeper chains are refused.
+pub const MAX_CHAIN_DEPTH: usize = 32;
+
+/// True if the file has a VHD footer cookie (`conectix`) at offset 0 (the copy dynamic
+/// disks keep) or in its last 512 (or, for old Virtual PC files, 511) bytes.
+///
+/// Only the cookie is checked: a file that looks like a VHD but has a bad checksum is
+/// reported as a damaged VHD by [`open`], not silently served as raw.
+pub fn probe(path: &Path, file: &File, head: &[u8]) -> Result<bool, FormatError> {
+    if head.starts_with(FOOTER_COOKIE) {
+        return Ok(true);
+    }
+    let len = super::file_len(path, file)?;
+    for tail in [FOOTER_LEN, OLD_FOOTER_LEN] {
+        if len >= tail as u64 {
+            let mut cookie = [0u8; 8];
+            super::read_exact_at(file, &mut cookie, len - tail as u64)
+                .map_err(|e| FormatError::io(path, e))?;
+            if &cookie == FOOTER_COOKIE {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Open a VHD file (and, for differencing disks, its parent chain).
+pub fn open(
+    path: &Path,
+    file: File,
+    opts: &OpenOptions,
+) -> Result<Box<dyn BlockSource>, FormatError> {
+    let mut chain = Vec::new();
+    open_layer(path, file, opts, &mut chain).map(|(src, _)| src)
+}
+
+/// A footer and where it was found.
+struct FooterFound {
+    footer: Footer,
+    /// Where block data must end: the start of a valid footer at the end of the file, or
+    /// the file length when only the copy at offset 0 was usable.
+    data_limit: u64,
+}
+
+/// Find a valid footer: the one at the end, else (with a warning) the copy at offset 0
+/// that dynamic and differencing disks keep.
+fn read_footer(path: &Path, file: &File) -> Result<FooterFound, FormatError> {
+    let len = super::file_len(path, file)?;
+    let read = |off: u64, n: usize| -> Result<[u8; FOOTER_LEN], FormatError> {
+        let mut raw = [0u8; FOOTER_LEN];
+        super::read_exact_at(file, &mut raw[..n], off).map_err(|e| FormatError::io(path, e))?;
+        Ok(raw)
+    };
+    if len < OLD_FOOTER_LEN as u64 {
+        return Err(FormatError::corrupt(
+            path,
+            format!("file of {len} bytes is too short for a VHD footer"),
+        ));
+    }
+    let mut tail_off = len - FOOTER_LEN.min(len as usize) as u64;
+    let mut tail = if len >= FOOTER_LEN as u64 {
+        Footer::parse(&read(tail_off, FOOTER_LEN)?)
+    } else {
+        Err(FooterProblem::NoCookie)
+    };
+    if tail == Err(FooterProblem::NoCookie) {
+        // Old Virtual PC: a 511-byte footer; the missing byte is reserved (zero).
+        let old = Footer::parse(&read(len - OLD_FOOTER_LEN as u64, OLD_FOOTER_LEN)?);
+        if old != Err(FooterProblem::NoCookie) {
+            tail_off = len - OLD_FOOTER_LEN as u64;
+            tail = old;
+        }
+    }
+    let tail_problem = match tail {
+        Ok(footer) => {
+            return Ok(FooterFound {
+                footer,
+                data_limit: tail_off,
+            })
+        }
+        Err(p) => p,
+    };
+    let head = if len >= FOOTER_LEN as u64 {
+        Footer::parse(&read(0, FOOTER_LEN)?)
+    } else {
+        Err(FooterProblem::NoCookie)
+    };
+    match (head, tail_problem) {
+        (Ok(footer), tail_problem) if footer.disk_type != footer::TYPE_FIXED => {
+            eprintln!(
+                "imgsafe: warning: {}: footer at the end of the file is damaged ({tail_problem}); using the copy at offset 0",
+                path.display()
+            );
+            Ok(FooterFound {
+                footer,
+                data_limit: len,
+            })
+        }
+        (_, p @ FooterProblem::BadChecksum { .. }) => Err(FormatError::corrupt(
+            path,
+            format!("VHD footer at the end of the file: {p}"),
+        )),
+        (Err(p @ FooterProblem::BadChecksum { .. }), _) => Err(FormatError::corrupt(
+            path,
+            format!("VHD footer copy at offset 0: {p}"),
+        )),
+        _ => Err(FormatError::corrupt(
+            path,
+            "not a VHD file: no valid \"conectix\" footer at the end of the file or at offset 0",
+        )),
+    }
+}
+
+/// Open one file of a chain; `chain` holds the (device, inode) of the files above it.
+/// Returns the decoder and the file's footer (for the child's parent-id check).
+fn open_layer(
+    path: &Path,
+    file: File,
+    opts: &OpenOptions,
+    chain: &mut Vec<(u64, u64)>,
+) -> Result<(Box<dyn BlockSource>, Footer), FormatError> {
+    let meta = file.metadata().map_err(|e| FormatError::io(path, e))?;
+    if chain.contains(&(meta.dev(), meta.ino())) {
+        return Err(FormatError::corrupt(
+            path,
+            "parent loop: this file is already in the differencing chain",
+        ));
+    }
+    if chain.len() >= MAX_CHAIN_DEPTH {
+        return Err(FormatError::Unsupported {
+            path: path.to_path_buf(),
+            what: format!("differencing chain deeper than {MAX_CHAIN_DEPTH} files"),
+        });
+    }
+    chain.push((meta.dev(), meta.ino()));
+    let is_parent = chain.len() > 1;
+
+    let found = read_footer(path, &file)?;
+    let footer = found.footer;
+    // Whole sectors only, like qemu (total_sectors = current_size / 512).
+    let size = footer.current_size / 512 * 512;
+    if size > footer::MAX_DISK_SIZE {
+        return Err(FormatError::corrupt(
+            path,
+            format!(
+                "footer current_size {} exceeds the VHD maximum of 2040 GiB",
+                footer.current_size
+            ),
+        ));
+    }
+    match footer.disk_type {
+        footer::TYPE_FIXED => {
+            if size > found.data_limit {
+                return Err(FormatError::corrupt(
+                    path,
+                    format!("footer current_size {size} is larger than the {} data bytes before the footer", found.data_limit),
+                ));
+            }
+            let role = if is_parent { "parent" } else { "image" };
+            Ok((Box::new(Fixed::new(path, file, size, role)), footer))
+        }
+        footer::TYPE_DYNAMIC | footer::TYPE_DIFFERENCING => {
+            let layout = load_layout(path, &file, &footer, size, found.data_limit)?;
+            let (parent, role) = if footer.disk_type == footer::TYPE_DIFFERENCING {
+                let parent = open_parent(path, &file, &layout.header, opts, chain)?;
+                (Some(parent), if is_parent { "parent" } else { "top" })
+            } else {
+                (None, if is_parent { "parent" } else { "image" })
+            };
+            let src = Dynamic::new(path, file, &footer, size, layout, parent, role);
+            Ok((Box::new(src), footer))
+        }
+        other => Err(FormatError::Unsupported {
+            path: path.to_path_buf(),
+            what: format!("VHD disk type {other}"),
+        }),
+    }
+}
+
+/// Find, open and check the parent of a differencing disk.
+fn open_parent(
+    path: &Path,
+    file: &File,
+    header: &header::DynHeader,
+    opts: &OpenOptions,
+    chain: &mut Vec<(u64, u64)>,
+) -> Result<Box<dyn BlockSource>, FormatError> {
+    let candidates = parent_candidates(path, file, header)?;
+    if candidates.is_empty() {
+        return Err(FormatError::corrupt(
+            path,
+            "differencing disk names no parent usable on this machine (no W2ru/W2ku/MacX locator or parent name)",
+        ));
+    }
+    let Some(parent_path) = candidates
+        .iter()
+        .find(|p| std::fs::symlink_metadata(p).is_ok())
+    else {
+        let list: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+        return Err(FormatError::corrupt(
+            path,
+            format!("parent image not found (looked for {})", list.join(", ")),
+        ));
+    };
+    // A FIFO or device named by a hostile locator could block or be huge: only files.
+    let meta = std::fs::metadata(parent_path).map_err(|e| FormatError::io(parent_path, e))?;
+    if !meta.is_file() {
+        return Err(FormatError::corrupt(
+            path,
+            format!("parent {} is not a regular file", parent_path.display()),
+        ));
+    }
+    let parent_file = super::open_image_file(parent_path)?;
+    let (parent, parent_footer) =
+        open_layer(parent_path, parent_file, opts, chain).map_err(|e| match e {
+            FormatError::Corrupt { path: p, what } if what.starts_with("not a VHD file") => {
+                FormatError::corrupt(
+                    &p,
+                    format!(
+                        "{what} (it is the parent of differencing disk {}, and must be a VHD)",
+                        path.display()
+                    ),
+                )
+            }
+            other => other,
+        })?;
+    if parent_footer.unique_id != header.parent_unique_id && !opts.ignore_parent_id {
+        return Err(FormatError::corrupt(
+            path,
+            format!(
+                "parent {} has unique id {} but this disk expects {} (the parent was replaced or modified; --ignore-parent-id opens it anyway)",
+                parent_path.display(),
+                hex(&parent_footer.unique_id),
+                hex(&header.parent_unique_id)
+            ),
+        ));
+    }
+    if parent_footer.timestamp != header.parent_timestamp {
+        eprintln!(
+            "imgsafe: warning: {}: parent {} time stamp {} differs from the recorded {}",
+            path.display(),
+            parent_path.display(),
+            parent_footer.timestamp,
+            header.parent_timestamp
+        );
+    }
+    Ok(parent)
+}
+
+/// Paths where the parent may be, in the order to try: relative locators first (they
+/// survive moving the whole folder), then absolute ones, then the header's parent name
+/// next to the child.
+fn parent_candidates(
+    path: &Path,
+    file: &File,
+    header: &header::DynHeader,
+) -> Result<Vec<PathBuf>, FormatError> {
+    let child_dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_len = super::file_len(path, file)?;
+    let mut out: Vec<PathBuf> = Vec::new();
+    for code in [PLATFORM_W2RU, PLATFORM_W2KU, PLATFORM_MACX] {
+        for loc in header
+            .locators
+            .iter()
+            .filter(|l| l.code == code && l.data_len > 0)
+        {
+            if loc.data_len > header::MAX_LOCATOR_LEN {
+                return Err(FormatError::corrupt(
+                    path,
+                    format!(
+                        "parent locator {} is {} bytes long (limit {})",
+                        loc.index,
+                        loc.data_len,
+                        header::MAX_LOCATOR_LEN
+                    ),
+                ));
+            }
+            if loc
+                .data_offset
+                .checked_add(u64::from(loc.data_len))
+                .is_none_or(|e| e > file_len)
+            {
+                return Err(FormatError::corrupt(
+                    path,
+                    format!(
+                        "parent locator {} data points past the end of the file",
+                        loc.index
+                    ),
+                ));
+            }
+            let mut data = vec![0u8; loc.data_len as usize];
+            super::read_exact_at(file, &mut data, loc.data_offset)
+                .map_err(|e| FormatError::io(path, e))?;
+            if let Some(p) = locator_path(code, &data, &child_dir) {
+                if !out.contains(&p) {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    // Last resort: the bare file name from the header, next to the child.
+    let name = header.parent_name.rsplit(['\\', '/']).next().unwrap_or("");
+    if !name.is_empty() && name != "." && name != ".." {
+        let p = child_dir.join(name);
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// Lower-case hex of an id, for messages.
+fn hex(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A fixed VHD: the disk is the file's first `size` bytes, the footer follows.
+pub struct Fixed {
+    file: File,
+    size: u64,
+    layer: LayerInfo,
+}
+
+impl Fixed {
+    /// Wrap a file whose footer was checked to follow `size` data bytes.
+    fn new(path: &Path, file: File, size: u64, role: &str) -> Self {
+        let layer = LayerInfo {
+            path: path.to_path_buf(),
+            format: "vhd".into(),
+            version: Some("fixed".into()),
+            role: role.into(),
+            cluster_size: None,
+            allocated_bytes: Some(size),
+        };
+        Fixed { file, size, layer }
+    }
+}
+
+impl BlockSource for Fixed {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        match offset.checked_add(buf.len() as u64) {
+            Some(end) if end <= self.size => super::read_exact_at(&self.file, buf, offset),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "read past the end of the disk",
+            )),
+        }
+    }
+
+    fn layers(&self) -> Vec<LayerInfo> {
+        vec![self.layer.clone()]
+    }
+}
+
+#[cfg(test)]
+mod tests;
