@@ -1,0 +1,147 @@
+//! ls, cat and cp through the appliance on every container format: ploop (qemu-made
+//! and a two-delta DiskDescriptor.xml chain) and VHD (qemu-made dynamic, and a
+//! differencing disk over it). The chains hold a change the base does not have, so a
+//! reader that ignores the top layer fails.
+
+mod support;
+#[path = "common/ploopwriter.rs"]
+mod ploopwriter;
+#[path = "common/vhdwriter.rs"]
+mod vhdwriter;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use support::*;
+
+/// A raw ext4 disk `a.img` with the sample tree, and `b.img`: the same disk after
+/// `debugfs` wrote /etc/added-later into it (no mount, no root).
+struct Pair {
+    dir: tempfile::TempDir,
+    src: tempfile::TempDir,
+    a: PathBuf,
+    b: PathBuf,
+}
+
+fn pair() -> Pair {
+    let src = tempfile::tempdir().unwrap();
+    sample_tree(src.path(), TreeOpts { odd_names: false, links: true, sparse: false });
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.img");
+    fs_image("ext4", src.path(), 24, &a);
+    let b = dir.path().join("b.img");
+    fs::copy(&a, &b).unwrap();
+    let note = dir.path().join("note");
+    fs::write(&note, b"written after the snapshot\n").unwrap();
+    must(tool("debugfs", "e2fsprogs").args(["-w", "-R", &format!("write {} /etc/added-later", note.display())]).arg(&b));
+    Pair { dir, src, a, b }
+}
+
+fn check_reads(image: &str, p: &Pair, with_change: bool) {
+    let ls = run(["ls", image, "/etc"]);
+    let cat = run(["cat", image, "/home/me/big.bin"]);
+    let out = tempfile::tempdir().unwrap();
+    let cp = run(["cp", &format!("{image}:/home/me/letter"), out.path().to_str().unwrap()]);
+
+    let names = ok_stdout(&ls);
+    assert_eq!(names.contains("added-later\n"), with_change, "{names}");
+    assert!(names.contains("hostname\n"));
+    assert!(cat.stdout == fs::read(p.src.path().join("home/me/big.bin")).unwrap(), "{}", stderr(&cat));
+    assert_eq!(code(&cp), 0, "{}", stderr(&cp));
+    assert_eq!(fs::read(out.path().join("letter")).unwrap(), b"Dear imgsafe,\nplease copy me.\n");
+}
+
+fn sha_all(paths: &[&Path]) -> Vec<String> {
+    paths.iter().map(|p| sha256(p)).collect()
+}
+
+#[test]
+fn ploop_made_by_qemu_img() {
+    let p = pair();
+    let hds = p.dir.path().join("root.hds");
+    must(tool("qemu-img", "qemu-utils").args(["convert", "-f", "raw", "-O", "parallels"]).arg(&p.b).arg(&hds));
+    let before = sha_all(&[&hds]);
+
+    check_reads(hds.to_str().unwrap(), &p, true);
+
+    assert_eq!(sha_all(&[&hds]), before);
+}
+
+#[test]
+fn ploop_snapshot_chain_through_disk_descriptor() {
+    let p = pair();
+    let a = fs::read(&p.a).unwrap();
+    let b = fs::read(&p.b).unwrap();
+    let spec = ploopwriter::Spec::v2(a.len() as u64);
+    let cs = spec.cluster_size() as usize;
+    let clusters = spec.clusters() as usize;
+    let base_alloc: Vec<bool> = (0..clusters).map(|i| a[i * cs..((i + 1) * cs).min(a.len())].iter().any(|&x| x != 0)).collect();
+    let changed: Vec<bool> = (0..clusters).map(|i| a[i * cs..((i + 1) * cs).min(a.len())] != b[i * cs..((i + 1) * cs).min(b.len())]).collect();
+    assert!(changed.iter().any(|&c| c), "debugfs changed nothing");
+    let hdd = p.dir.path().join("root.hdd");
+    fs::create_dir(&hdd).unwrap();
+    ploopwriter::write_ploop(&hdd.join("root.hds"), &spec, &a, &base_alloc, 1);
+    ploopwriter::write_ploop(&hdd.join("root.hds.top"), &spec, &b, &changed, 2);
+    let base = ploopwriter::guid(1);
+    let images = [
+        ploopwriter::DescImage { guid: &base, file: "root.hds", kind: "Compressed" },
+        ploopwriter::DescImage { guid: ploopwriter::TOP_GUID, file: "root.hds.top", kind: "Compressed" },
+    ];
+    let shots = [(base.as_str(), ploopwriter::NONE_GUID), (ploopwriter::TOP_GUID, base.as_str())];
+    ploopwriter::write_descriptor(&hdd.join("DiskDescriptor.xml"), a.len() as u64 / 512, 2048, &images, &shots, None);
+    let files: Vec<PathBuf> = ["root.hds", "root.hds.top", "DiskDescriptor.xml"].iter().map(|f| hdd.join(f)).collect();
+    let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let before = sha_all(&refs);
+
+    check_reads(hdd.to_str().unwrap(), &p, true);
+
+    assert_eq!(sha_all(&refs), before);
+}
+
+#[test]
+fn vhd_dynamic_made_by_qemu_img() {
+    let p = pair();
+    let vhd = p.dir.path().join("disk.vhd");
+    must(tool("qemu-img", "qemu-utils").args(["convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic"]).arg(&p.a).arg(&vhd));
+    let before = sha_all(&[&vhd]);
+
+    check_reads(vhd.to_str().unwrap(), &p, false);
+
+    assert_eq!(sha_all(&[&vhd]), before);
+}
+
+#[test]
+fn vhd_differencing_over_a_dynamic_parent() {
+    let p = pair();
+    let parent = p.dir.path().join("parent.vhd");
+    // force_size keeps the virtual size exact, so the child's sectors line up with b.img.
+    must(
+        tool("qemu-img", "qemu-utils")
+            .args(["convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic,force_size=on"])
+            .arg(&p.a)
+            .arg(&parent),
+    );
+    let a = fs::read(&p.a).unwrap();
+    let b = fs::read(&p.b).unwrap();
+    let info = vhdwriter::parent_info(&parent).unwrap();
+    assert_eq!(info.current_size, a.len() as u64);
+    let mut child = vhdwriter::VhdImage::differencing(info, 2 << 20);
+    child.parent_name = "parent.vhd".into();
+    child.locators = vec![vhdwriter::w2ru(".\\parent.vhd"), vhdwriter::w2ku(parent.to_str().unwrap())];
+    for (i, (sa, sb)) in a.chunks(512).zip(b.chunks(512)).enumerate() {
+        if sa != sb {
+            child.write_sectors(i as u64 * 512, sb);
+        }
+    }
+    let vhd = p.dir.path().join("child.vhd");
+    child.write(&vhd).unwrap();
+    let before = sha_all(&[&vhd, &parent]);
+
+    check_reads(vhd.to_str().unwrap(), &p, true);
+    let info = run(["info", "--json", vhd.to_str().unwrap()]);
+
+    let doc: serde_json::Value = serde_json::from_str(&ok_stdout(&info)).unwrap();
+    let chain = doc["chain"].as_array().unwrap();
+    assert_eq!(chain.len(), 2, "{doc}");
+    assert_eq!(chain[0]["version"], "differencing");
+    assert_eq!(sha_all(&[&vhd, &parent]), before);
+}
