@@ -76,6 +76,55 @@ pub const FS_MODULES: &[(&str, &[&str])] = &[
     ("dm", &["dm_mod", "dm_snapshot", "dm_mirror", "dm_zero", "dm_thin_pool"]),
 ];
 
+/// A host program copied into the appliance, with the shared libraries it loads.
+#[derive(Debug, Clone, Copy)]
+pub struct HostProgram {
+    /// Where hosts install it, tried in order.
+    pub candidates: &'static [&'static str],
+    /// Its path inside the appliance (absolute).
+    pub guest: &'static str,
+    /// The Debian package that provides it.
+    pub package: &'static str,
+}
+
+/// Host programs the agent runs in the guest: lvm2's `lvm` activates volume groups.
+pub const HOST_PROGRAMS: &[HostProgram] =
+    &[HostProgram { candidates: &["/sbin/lvm", "/usr/sbin/lvm"], guest: "/sbin/lvm", package: "lvm2" }];
+
+/// The appliance's `/etc/lvm/lvm.conf`: no udev (libdevmapper makes the /dev/mapper
+/// nodes itself), no daemons, no metadata backups (the image is read-only), only the
+/// virtio disks scanned, and no device cache or hints files.
+pub const LVM_CONF: &str = r#"# Written by imgsafe for its appliance.
+devices {
+    dir = "/dev"
+    scan = [ "/dev" ]
+    obtain_device_list_from_udev = 0
+    external_device_info_source = "none"
+    use_devicesfile = 0
+    hints = "none"
+    filter = [ "a|^/dev/vd|", "r|.*|" ]
+    multipath_component_detection = 0
+    md_component_detection = 0
+    fw_raid_component_detection = 0
+}
+activation {
+    udev_sync = 0
+    udev_rules = 0
+    verify_udev_operations = 0
+    monitoring = 0
+}
+global {
+    use_lvmlockd = 0
+    use_lvmpolld = 0
+    event_activation = 0
+    notify_dbus = 0
+}
+backup {
+    backup = 0
+    archive = 0
+}
+"#;
+
 /// Paths of the build inputs, before hashing.
 #[derive(Debug, Clone)]
 pub struct Inputs {
@@ -85,6 +134,8 @@ pub struct Inputs {
     pub busybox: PathBuf,
     /// This executable (becomes `/init`).
     pub agent: PathBuf,
+    /// Each of [`HOST_PROGRAMS`] as found on this host.
+    pub programs: Vec<(HostProgram, PathBuf)>,
 }
 
 /// Where the per-user cache lives: `$XDG_CACHE_HOME/imgsafe`, else `~/.cache/imgsafe`.
@@ -124,7 +175,17 @@ pub fn find_inputs() -> Result<Inputs, ApplianceError> {
         });
     }
     let agent = std::env::current_exe().map_err(|e| ApplianceError::io(Path::new("/proc/self/exe"), e))?;
-    Ok(Inputs { kernel, kernel_release, modules_dir, busybox, agent })
+    let programs = HOST_PROGRAMS.iter().map(|p| Ok((*p, find_program(p)?))).collect::<Result<_, ApplianceError>>()?;
+    Ok(Inputs { kernel, kernel_release, modules_dir, busybox, agent, programs })
+}
+
+/// The host file of one [`HostProgram`].
+fn find_program(p: &HostProgram) -> Result<PathBuf, ApplianceError> {
+    p.candidates.iter().map(PathBuf::from).find(|c| c.is_file()).ok_or(ApplianceError::Missing {
+        what: p.guest.rsplit('/').next().unwrap_or(p.guest),
+        where_: p.candidates.join(" or "),
+        package: p.package,
+    })
 }
 
 /// Everything that goes into the initramfs, resolved but not yet written.
@@ -143,7 +204,13 @@ fn plan(inputs: &Inputs) -> Result<Plan, ApplianceError> {
         .iter()
         .map(|(t, m)| Ok((*t, modules::resolve(&inputs.modules_dir, m)?)))
         .collect::<Result<Vec<_>, ApplianceError>>()?;
-    let libs = elf::closure(&inputs.agent).map_err(|e| ApplianceError::io(&inputs.agent, e))?;
+    let mut libs = elf::closure(&inputs.agent).map_err(|e| ApplianceError::io(&inputs.agent, e))?;
+    for (_, path) in &inputs.programs {
+        libs.extend(elf::closure(path).map_err(|e| ApplianceError::io(path, e))?);
+    }
+    // One copy per guest path: the programs share most libraries with the agent.
+    libs.sort_by(|a, b| a.1.cmp(&b.1));
+    libs.dedup_by(|a, b| a.1 == b.1);
     let applets = busybox_applets(&inputs.busybox)?;
     Ok(Plan { modules, fs_modules, libs, applets })
 }
@@ -160,6 +227,11 @@ fn cache_key(inputs: &Inputs, plan: &Plan) -> Result<String, ApplianceError> {
         files.extend(m.iter().map(PathBuf::as_path));
     }
     files.extend(plan.libs.iter().map(|(src, _)| src.as_path()));
+    for (p, path) in &inputs.programs {
+        h.update(p.guest.as_bytes());
+        files.push(path);
+    }
+    h.update(LVM_CONF.as_bytes());
     for f in files {
         let m = fs::metadata(f).map_err(|e| ApplianceError::io(f, e))?;
         h.update(f.as_os_str().as_encoded_bytes());
@@ -207,27 +279,54 @@ pub fn ensure() -> Result<Appliance, ApplianceError> {
     load(&dir, &inputs).ok_or_else(|| ApplianceError::Invalid(format!("{} is incomplete after building", dir.display())))
 }
 
-/// Read a finished cache entry; `None` if it is missing or incomplete.
+/// Read a finished cache entry; `None` if it is missing or incomplete. Marks it used.
 fn load(dir: &Path, inputs: &Inputs) -> Option<Appliance> {
     let initrd = dir.join("initrd.cpio");
-    if !dir.join("complete").is_file() || !initrd.is_file() {
+    let complete = dir.join("complete");
+    if !complete.is_file() || !initrd.is_file() {
         return None;
     }
+    mark_used(&complete);
     let vmlinux = dir.join("vmlinux");
     let (kernel, pvh) = if vmlinux.is_file() { (vmlinux, true) } else { (inputs.kernel.clone(), false) };
     Some(Appliance { kernel, pvh, initrd, kernel_release: inputs.kernel_release.clone() })
 }
 
-/// Remove other finished appliances (older inputs) and stale build dirs, best effort.
+/// An entry unused for this long may be removed by another imgsafe build.
+const PRUNE_AFTER: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+/// The "used" mark is refreshed at most this often (it is a metadata write).
+const MARK_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn age(p: &Path) -> Option<std::time::Duration> {
+    fs::metadata(p).ok()?.modified().ok()?.elapsed().ok()
+}
+
+/// Record that the entry is in use (mtime of its `complete` marker), so a different
+/// imgsafe binary building its own appliance does not prune it from under us.
+fn mark_used(complete: &Path) {
+    if age(complete).is_some_and(|a| a > MARK_EVERY) {
+        if let Ok(f) = fs::File::options().append(true).open(complete) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+    }
+}
+
+/// Remove appliances unused for [`PRUNE_AFTER`] (a debug and a release build, or two
+/// versions, may be in use side by side) and stale build dirs, best effort.
 fn prune(root: &Path, keep: &Path) {
     let Ok(rd) = fs::read_dir(root) else { return };
     for e in rd.flatten() {
         let p = e.path();
         let name = e.file_name();
         let name = name.to_string_lossy();
-        let old_build = name.starts_with(".building-")
-            && e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok()).is_some_and(|age| age.as_secs() > 3600);
-        if (name.starts_with("appliance-") && p != keep) || old_build {
+        let stale = if name.starts_with(".building-") {
+            age(&p).is_some_and(|a| a.as_secs() > 3600)
+        } else if name.starts_with("appliance-") && p != keep {
+            age(&p.join("complete")).is_none_or(|a| a > PRUNE_AFTER)
+        } else {
+            false
+        };
+        if stale {
             let _ = fs::remove_dir_all(&p);
         }
     }
@@ -274,6 +373,13 @@ fn write_tree<W: io::Write>(w: &mut cpio::Writer<W>, inputs: &Inputs, plan: &Pla
             w.symlink(&format!("bin/{a}"), "busybox")?;
         }
     }
+    for (p, path) in &inputs.programs {
+        let rel = p.guest.trim_start_matches('/');
+        w.parents(Path::new(rel))?;
+        w.file_from(rel, 0o755, path)?;
+    }
+    w.parents(Path::new("etc/lvm/lvm.conf"))?;
+    w.file("etc/lvm/lvm.conf", 0o644, LVM_CONF.as_bytes())?;
     for (src, dst) in &plan.libs {
         let rel = dst.strip_prefix("/").unwrap_or(dst);
         w.parents(rel)?;
@@ -323,4 +429,31 @@ fn busybox_applets(busybox: &Path) -> Result<Vec<String>, ApplianceError> {
         .filter(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' || b == b'['))
         .map(String::from)
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(root: &Path, name: &str, age: std::time::Duration) -> PathBuf {
+        let d = root.join(name);
+        fs::create_dir_all(&d).unwrap();
+        let f = fs::File::create(d.join("complete")).unwrap();
+        f.set_modified(std::time::SystemTime::now() - age).unwrap();
+        d
+    }
+
+    #[test]
+    fn prune_keeps_recently_used_appliances_and_removes_old_ones() {
+        let root = tempfile::tempdir().unwrap();
+        let current = entry(root.path(), "appliance-current", std::time::Duration::ZERO);
+        let other = entry(root.path(), "appliance-other-build", std::time::Duration::from_secs(60));
+        let old = entry(root.path(), "appliance-old", PRUNE_AFTER * 2);
+
+        prune(root.path(), &current);
+
+        assert!(current.exists());
+        assert!(other.exists(), "an appliance another build is using was pruned");
+        assert!(!old.exists());
+    }
 }
