@@ -22,6 +22,19 @@ pub trait GuestFs {
     fn read_file(&mut self, path: &[u8], out: &mut dyn Write) -> Result<u64>;
     /// Every entry below a directory, depth first, pre-order, symlinks not followed.
     fn walk(&mut self, path: &[u8], each: &mut dyn FnMut(WalkEntry) -> Result<()>) -> Result<()>;
+    /// The raw channel, for a `Shell` session that takes it over (None: no agent behind).
+    fn shell_channel(&mut self) -> Option<ShellChannel<'_>> {
+        None
+    }
+}
+
+/// Both halves of the agent channel, lent to a shell session (see
+/// `commands::shell`), which speaks the session part of the protocol itself.
+pub struct ShellChannel<'a> {
+    /// Frames from the guest.
+    pub reader: &'a mut BufReader<UnixStream>,
+    /// Frames to the guest.
+    pub writer: &'a mut BufWriter<UnixStream>,
 }
 
 /// Most entries a single directory listing may have before imgsafe gives up (bounds memory).
@@ -138,6 +151,17 @@ impl AgentClient {
         }
     }
 
+    /// Unmount whatever is mounted at (and below) `mountpoint`; returns how many mounts.
+    pub fn unmount(&mut self, mountpoint: &str) -> Result<u32> {
+        match self.call(&Request::Unmount { mountpoint: mountpoint.into() })? {
+            Response::Unmounted { count } => Ok(count),
+            Response::Error { message, .. } => {
+                Err(Error::Filesystem { image: Default::default(), what: format!("unmounting {mountpoint}: {message}") })
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Ask the agent to unmount and power off; waits for its answer.
     pub fn shutdown(&mut self) -> Result<()> {
         match self.call(&Request::Shutdown)? {
@@ -172,6 +196,10 @@ fn unexpected(r: &Response) -> Error {
 }
 
 impl GuestFs for AgentClient {
+    fn shell_channel(&mut self) -> Option<ShellChannel<'_>> {
+        Some(ShellChannel { reader: &mut self.reader, writer: &mut self.writer })
+    }
+
     fn stat(&mut self, path: &[u8]) -> Result<Entry> {
         check_path(path)?;
         match self.call(&Request::Stat { path: path.to_vec() })? {

@@ -30,11 +30,16 @@ pub struct ImageArgs {
 }
 
 /// Which filesystem(s) of the image to mount.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Default, Args)]
 pub struct MountArgs {
-    /// Filesystem to mount: a guest device (/dev/sda2) or a partition number (2).
-    #[arg(short = 'm', long = "mount", value_name = "DEVICE")]
-    pub mount: Option<String>,
+    /// Mount DEVICE (/dev/sda2, a partition number, /dev/VG/LV) at MOUNTPOINT, or at /
+    /// without one; repeat to assemble the tree by hand.
+    #[arg(short = 'm', long = "mount", value_name = "DEVICE[:MOUNTPOINT]")]
+    pub mount: Vec<String>,
+    /// Find the root filesystem and mount what its /etc/fstab lists (the default when
+    /// the disk has several filesystems and no -m is given).
+    #[arg(short = 'i', long = "inspect", conflicts_with = "mount")]
+    pub inspect: bool,
 }
 
 /// The subcommands.
@@ -54,6 +59,31 @@ pub enum Command {
     Serve(ServeArgs),
     /// Build (if needed) the appliance and show where it is cached.
     Appliance(ApplianceArgs),
+    /// Open a shell (busybox sh) inside the appliance with the image mounted read-only
+    /// at /sysroot; or run one command (-c) or a script from stdin.
+    Shell(ShellArgs),
+}
+
+/// `imgsafe shell`.
+#[derive(Debug, Args)]
+#[command(after_help = "The shell runs inside the throwaway VM, never on the host. The image is \
+mounted read-only at /sysroot; /tmp is a RAM disk for scratch files. With --overlay, /sysroot \
+is writable through an overlay held in guest memory: writes are discarded when the shell \
+ends and never reach the image file. Exit status: the shell's (128+N if killed by signal N).")]
+pub struct ShellArgs {
+    /// The disk image.
+    pub image: PathBuf,
+    /// Run this command (sh -c) instead of an interactive shell; stdout and stderr stay apart.
+    #[arg(short = 'c', value_name = "COMMAND")]
+    pub command: Option<std::ffi::OsString>,
+    /// Make /sysroot writable: an overlay whose changes live in guest memory only and
+    /// vanish when the shell ends (the image is never written).
+    #[arg(long)]
+    pub overlay: bool,
+    #[command(flatten)]
+    pub image_args: ImageArgs,
+    #[command(flatten)]
+    pub mount: MountArgs,
 }
 
 /// `imgsafe appliance`.

@@ -7,6 +7,7 @@ pub mod filesystems;
 pub mod info;
 pub mod ls;
 pub mod serve;
+pub mod shell;
 
 use crate::cli::Command;
 use crate::Result;
@@ -21,5 +22,6 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Appliance(a) => appliance::run(a),
+        Command::Shell(a) => shell::run(a),
     }
 }

@@ -30,6 +30,7 @@ pub fn run() -> ! {
             dev: "/dev".into(),
         },
         debug: init::debug_requested(),
+        lvm: Some(PathBuf::from(lvm::LVM_BINARY)),
     };
     loop {
         let reader = port.try_clone().map(BufReader::new);
@@ -50,10 +51,12 @@ pub mod devices;
 pub mod entry;
 pub mod error;
 pub mod init;
+pub mod lvm;
 pub mod mount;
 pub mod probe;
 pub mod readdir;
 pub mod readfile;
 pub mod resolve;
 pub mod serve;
+pub mod shell;
 pub mod walk;

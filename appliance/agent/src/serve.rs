@@ -5,7 +5,7 @@
 //! channel itself failed. A later `Shell` request fits here as one more arm that takes
 //! over the reader and writer for its duration.
 
-use crate::devices::{list_filesystems, DeviceRoots};
+use crate::devices::DeviceRoots;
 use crate::entry;
 use crate::error::OpError;
 use crate::mount::mount;
@@ -28,6 +28,8 @@ pub struct Agent {
     pub devices: DeviceRoots,
     /// Log each request to stderr (the console).
     pub debug: bool,
+    /// The lvm tool that activates volume groups found on the disks (None: never run it).
+    pub lvm: Option<PathBuf>,
 }
 
 /// Why [`Agent::serve`] returned.
@@ -61,9 +63,13 @@ fn answer<W: Write>(w: &mut W, r: Result<Response, OpError>) -> io::Result<()> {
 
 impl Agent {
     /// Serve requests from `r`, answering on `w`, until shutdown or disconnection.
-    pub fn serve<R: Read, W: Write>(&self, r: &mut R, w: &mut W) -> Outcome {
+    pub fn serve<R: Read + Send, W: Write>(&self, r: &mut R, w: &mut W) -> Outcome {
         loop {
             let step = match read_frame::<_, Request>(r) {
+                // A shell session takes over the channel (reader too) until it ends.
+                Ok(Frame::Msg(Request::Shell(start))) => {
+                    crate::shell::run(&self.sysroot, start, r, w).map(|()| None)
+                }
                 Ok(Frame::Msg(req)) => self.handle(req, w),
                 // In these cases the whole frame was consumed, so the stream is still in
                 // step: refuse the frame and carry on.
@@ -128,12 +134,12 @@ impl Agent {
                     }),
                 )?
             }
-            Request::ListFilesystems => answer(
-                w,
-                Ok(Response::Filesystems {
-                    list: list_filesystems(&self.devices),
-                }),
-            )?,
+            Request::ListFilesystems => {
+                let list = crate::lvm::list_with_volumes(&self.devices, self.lvm.as_deref(), &|m| {
+                    crate::init::log(m)
+                });
+                answer(w, Ok(Response::Filesystems { list }))?
+            }
             Request::Mount {
                 device,
                 mountpoint,
@@ -155,6 +161,16 @@ impl Agent {
             Request::ReadLink { path } => answer(
                 w,
                 entry::read_link(root, &path).map(|target| Response::Link { target }),
+            )?,
+            Request::Unmount { mountpoint } => answer(
+                w,
+                crate::mount::unmount(root, &mountpoint).map(|count| Response::Unmounted { count }),
+            )?,
+            // `Shell` is taken over by `serve` (it needs the reader); the others only
+            // mean something inside a shell session.
+            Request::Shell(_) | Request::ShellResize { .. } | Request::ShellEof | Request::ShellDone => answer(
+                w,
+                Err(OpError::new(ErrorKind::BadRequest, "no shell session is running")),
             )?,
             Request::Shutdown => {
                 write_msg(w, &Response::Bye)?;
@@ -190,6 +206,7 @@ mod tests {
                 dev: root.join("no-dev"),
             },
             debug: false,
+            lvm: None,
         };
         let handle = std::thread::spawn(move || {
             let mut r = io::BufReader::new(guest.try_clone().unwrap());

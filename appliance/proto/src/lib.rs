@@ -33,6 +33,9 @@ pub const MAX_DIR_ENTRIES_PER_FRAME: usize = 2048;
 pub const KIND_MSG: u8 = 1;
 /// Frame kind: raw file bytes (a chunk of a file being read).
 pub const KIND_DATA: u8 = 2;
+/// Frame kind: raw bytes a guest shell wrote to its stderr (only during a `Shell`
+/// session, read with [`read_shell_frame`]; [`read_frame`] refuses it).
+pub const KIND_STDERR: u8 = 3;
 /// Name of the virtio-serial port the agent opens (`/dev/virtio-ports/<name>`).
 pub const PORT_NAME: &str = "org.imgsafe.agent";
 
@@ -59,8 +62,65 @@ pub enum Request {
     Walk { path: Vec<u8> },
     /// Read a symlink's target. Answered by `Link`.
     ReadLink { path: Vec<u8> },
+    /// Unmount whatever is mounted at (and below) sysroot + `mountpoint`. Answered by
+    /// `Unmounted`.
+    Unmount { mountpoint: String },
     /// Unmount everything, sync and power the guest off. Answered by `Bye` first.
     Shutdown,
+    /// Run busybox sh in the guest with cwd `/sysroot`. Answered by `ShellStarted` (or
+    /// `Error`); then the session owns the channel: the host sends DATA frames (stdin),
+    /// `ShellResize` and `ShellEof`; the guest sends DATA (stdout, or the pty's output)
+    /// and STDERR frames, then `ShellExit` once the shell has exited and its output is
+    /// drained. The host answers `ShellDone`; the guest discards everything before it
+    /// and then goes back to answering requests.
+    Shell(ShellStart),
+    /// New terminal size for the shell's pty (ignored in pipe mode).
+    ShellResize { rows: u16, cols: u16 },
+    /// The host's stdin ended: close the shell's stdin (pipe mode).
+    ShellEof,
+    /// The host saw `ShellExit`; the session is over.
+    ShellDone,
+}
+
+/// How to start a guest shell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShellStart {
+    /// `sh -c COMMAND`; None = read commands from stdin (or interactive with `tty`).
+    pub command: Option<Vec<u8>>,
+    /// Some(size) = run on a pty of that size (interactive); None = stdin, stdout and
+    /// stderr are three pipes.
+    pub tty: Option<WinSize>,
+    /// TERM for the shell (interactive only).
+    pub term: Option<String>,
+    /// Put a writable overlayfs (upper layer in guest RAM) over every mount below the
+    /// sysroot for the session's duration.
+    pub overlay: bool,
+}
+
+/// A terminal size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WinSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// One filesystem mounted below the guest sysroot, as the guest's mount table says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShellMount {
+    /// Device (or `overlay`).
+    pub device: String,
+    /// Mount point in the guest (`/sysroot`, `/sysroot/boot`).
+    pub path: String,
+    pub fstype: String,
+}
+
+/// How a guest shell ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShellStatus {
+    /// exit(code).
+    Exited(i32),
+    /// Killed by this signal.
+    Signaled(i32),
 }
 
 /// Kind of a directory entry, from lstat.
@@ -151,7 +211,13 @@ pub enum Response {
     FileEnd,
     WalkEntries { entries: Vec<WalkEntry>, done: bool },
     Link { target: Vec<u8> },
+    /// Answer to `Unmount`: how many mounts were removed (0 = nothing was mounted there).
+    Unmounted { count: u32 },
     Bye,
+    /// The shell runs; what is mounted where.
+    ShellStarted { mounts: Vec<ShellMount> },
+    /// The shell exited and all its output was sent.
+    ShellExit { status: ShellStatus },
     Error { kind: ErrorKind, message: String },
 }
 
@@ -218,6 +284,41 @@ pub fn read_frame<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> Result<Fr
             .map(Frame::Msg)
             .map_err(|e| FrameError::Malformed(e.to_string())),
         KIND_DATA => Ok(Frame::Data(payload)),
+        k => Err(FrameError::UnknownKind(k)),
+    }
+}
+
+/// A frame of a shell session.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ShellFrame<T> {
+    Msg(T),
+    /// stdin (host to guest), stdout or pty output (guest to host).
+    Data(Vec<u8>),
+    /// The shell's stderr (guest to host).
+    Stderr(Vec<u8>),
+}
+
+/// Write one stderr frame (`data.len()` must be below [`MAX_FRAME`]).
+pub fn write_stderr<W: Write>(w: &mut W, data: &[u8]) -> io::Result<()> {
+    write_frame(w, KIND_STDERR, data)
+}
+
+/// Like [`read_frame`], also accepting [`KIND_STDERR`] frames (shell sessions only).
+pub fn read_shell_frame<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> Result<ShellFrame<T>, FrameError> {
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head)?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut payload = vec![0u8; len - 1];
+    r.read_exact(&mut payload)?;
+    match head[4] {
+        KIND_MSG => serde_json::from_slice(&payload)
+            .map(ShellFrame::Msg)
+            .map_err(|e| FrameError::Malformed(e.to_string())),
+        KIND_DATA => Ok(ShellFrame::Data(payload)),
+        KIND_STDERR => Ok(ShellFrame::Stderr(payload)),
         k => Err(FrameError::UnknownKind(k)),
     }
 }
@@ -309,6 +410,36 @@ mod tests {
         let err = read_frame::<_, Response>(&mut head.as_slice()).unwrap_err();
 
         assert!(matches!(err, FrameError::UnknownKind(9)));
+    }
+
+    #[test]
+    fn shell_frames_keep_stdout_and_stderr_apart() {
+        let mut buf = Vec::new();
+        write_data(&mut buf, b"out\xff").unwrap();
+        write_stderr(&mut buf, b"err\0").unwrap();
+        write_msg(&mut buf, &Response::ShellExit { status: ShellStatus::Exited(3) }).unwrap();
+        let mut r = buf.as_slice();
+
+        let frames: Vec<ShellFrame<Response>> = (0..3).map(|_| read_shell_frame(&mut r).unwrap()).collect();
+
+        assert_eq!(
+            frames,
+            vec![
+                ShellFrame::Data(b"out\xff".to_vec()),
+                ShellFrame::Stderr(b"err\0".to_vec()),
+                ShellFrame::Msg(Response::ShellExit { status: ShellStatus::Exited(3) })
+            ]
+        );
+    }
+
+    #[test]
+    fn stderr_frames_are_refused_outside_a_shell() {
+        let mut buf = Vec::new();
+        write_stderr(&mut buf, b"x").unwrap();
+
+        let err = read_frame::<_, Response>(&mut buf.as_slice()).unwrap_err();
+
+        assert!(matches!(err, FrameError::UnknownKind(KIND_STDERR)));
     }
 
     #[test]

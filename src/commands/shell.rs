@@ -1,0 +1,387 @@
+//! `imgsafe shell IMAGE [-c COMMAND] [--overlay]`: busybox sh inside the appliance.
+//!
+//! Interactive (stdin is a terminal, no `-c`): the guest runs the shell on a pty; the
+//! host terminal goes raw and bytes flow both ways unchanged, so Ctrl-C, line editing
+//! and job control are the guest pty's business. Otherwise the guest uses three pipes:
+//! stdin is forwarded with its EOF, stdout and stderr come back as separate streams.
+//! The host never parses what the shell prints; the banner is built from what the host
+//! knows and the guest's typed mount list.
+
+mod term;
+
+use crate::agent_client::ShellChannel;
+use crate::cli::ShellArgs;
+use crate::session::{self, Session};
+use crate::{vm, Error, Result};
+use imgsafe_proto::{
+    read_shell_frame, write_data, write_msg, ErrorKind, FrameError, Request, Response, ShellFrame, ShellMount,
+    ShellStart, ShellStatus, WinSize,
+};
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Largest stdin chunk sent in one frame.
+const INPUT_CHUNK: usize = 64 * 1024;
+/// Most mounts shown in the banner.
+const MAX_BANNER_MOUNTS: usize = 16;
+/// Longest guest-supplied text shown in the banner, per field.
+const MAX_BANNER_FIELD: usize = 200;
+/// Status when the guest reports one that cannot be an exit status.
+const BAD_STATUS: i32 = 255;
+
+/// How the shell is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A pty in the guest, the host terminal raw.
+    Interactive,
+    /// Pipes; host stdin forwarded.
+    Pipes,
+}
+
+/// Run the shell; exits the process with the shell's status when it is not 0.
+pub fn run(args: ShellArgs) -> Result<()> {
+    let mode = if args.command.is_none() && term::is_tty(libc::STDIN_FILENO) {
+        Mode::Interactive
+    } else {
+        Mode::Pipes
+    };
+    let mut s = Session::open_mounted(&args.image, &args.image_args, &args.mount)?;
+    let status = match drive(&mut s, &args, mode) {
+        Ok(st) => st,
+        Err(e) => {
+            let e = s.annotate(e);
+            s.abort();
+            return Err(e);
+        }
+    };
+    s.finish()?;
+    let code = exit_code(status);
+    if code != 0 {
+        let _ = io::stdout().flush();
+        // The session is torn down and nothing else is pending: the shell's status is
+        // imgsafe's, as with `ssh host cmd`.
+        std::process::exit(code);
+    }
+    Ok(())
+}
+
+/// The exit code for a shell status: its own, or 128+N for a signal.
+fn exit_code(st: ShellStatus) -> i32 {
+    match st {
+        ShellStatus::Exited(n) if (0..=255).contains(&n) => n,
+        ShellStatus::Signaled(n) if (1..=64).contains(&n) => 128 + n,
+        _ => BAD_STATUS,
+    }
+}
+
+/// Start the shell on the session's channel and run it to the end.
+fn drive(s: &mut Session, args: &ShellArgs, mode: Mode) -> Result<ShellStatus> {
+    let image = s.image().to_path_buf();
+    let ch = s
+        .fs()
+        .shell_channel()
+        .ok_or_else(|| Error::appliance("no guest agent to run a shell"))?;
+    let tty = match mode {
+        Mode::Interactive => {
+            let (rows, cols) = term::window_size(libc::STDIN_FILENO).unwrap_or((24, 80));
+            Some(WinSize { rows, cols })
+        }
+        Mode::Pipes => None,
+    };
+    let start = ShellStart {
+        command: args.command.as_ref().map(|c| c.as_bytes().to_vec()),
+        tty,
+        term: std::env::var("TERM").ok(),
+        overlay: args.overlay,
+    };
+    // An interactive session may sit idle for hours: no answer timeout while it runs.
+    set_timeout(&ch, None)?;
+    let mounts = start_shell(ch.reader, ch.writer, start)?;
+    let status = match mode {
+        Mode::Interactive => {
+            eprint!("{}", banner(&image, &mounts, args.overlay));
+            let _sigint = term::SignalGuard::ignore_sigint();
+            let winch = term::Winch::install().map_err(|e| Error::Other(format!("watching terminal resizes: {e}")))?;
+            let raw = term::RawMode::enable(libc::STDIN_FILENO)
+                .map_err(|e| Error::Other(format!("setting the terminal to raw mode: {e}")))?;
+            let st = pump(ch.reader, ch.writer, Some(&winch));
+            drop(raw);
+            st
+        }
+        Mode::Pipes => pump(ch.reader, ch.writer, None),
+    }?;
+    set_timeout(&ch, Some(session::timeout()?))?;
+    Ok(status)
+}
+
+fn set_timeout(ch: &ShellChannel, t: Option<std::time::Duration>) -> Result<()> {
+    ch.reader
+        .get_ref()
+        .set_read_timeout(t)
+        .map_err(|e| Error::guest(e.to_string()))
+}
+
+fn channel_error(e: FrameError) -> Error {
+    match e {
+        FrameError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof => {
+            Error::appliance("the appliance closed the agent channel (guest crashed or was killed)")
+        }
+        other => Error::guest(other.to_string()),
+    }
+}
+
+fn send_error(e: io::Error) -> Error {
+    Error::appliance(format!("sending to the guest agent: {e}"))
+}
+
+/// Send `Shell` and read its answer: the guest's mount list.
+fn start_shell<R: io::Read, W: Write>(r: &mut R, w: &mut W, start: ShellStart) -> Result<Vec<ShellMount>> {
+    write_msg(w, &Request::Shell(start))
+        .and_then(|()| w.flush())
+        .map_err(send_error)?;
+    match read_shell_frame::<_, Response>(r).map_err(channel_error)? {
+        ShellFrame::Msg(Response::ShellStarted { mounts }) => Ok(mounts),
+        ShellFrame::Msg(Response::Error {
+            kind: ErrorKind::Mount,
+            message,
+        }) => Err(Error::Filesystem {
+            image: Default::default(),
+            what: clean(&message),
+        }),
+        ShellFrame::Msg(Response::Error { message, .. }) => {
+            Err(Error::guest(format!("starting the shell: {}", clean(&message))))
+        }
+        _ => Err(Error::guest("unexpected answer to Shell")),
+    }
+}
+
+/// Guest text made safe to print: control characters replaced, length bounded.
+fn clean(s: &str) -> String {
+    s.chars()
+        .take(MAX_BANNER_FIELD)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// The banner printed on stderr before an interactive session.
+fn banner(image: &Path, mounts: &[ShellMount], overlay: bool) -> String {
+    let shown: Vec<String> = mounts
+        .iter()
+        .take(MAX_BANNER_MOUNTS)
+        .map(|m| format!("{} ({}) at {}", clean(&m.device), clean(&m.fstype), clean(&m.path)))
+        .collect();
+    let what = if shown.is_empty() {
+        "nothing mounted".to_string()
+    } else {
+        shown.join(", ")
+    };
+    let writes = if overlay {
+        "/sysroot is writable through an overlay held in guest memory: changes vanish when the shell ends"
+    } else {
+        "read-only; /tmp is a RAM disk for scratch files"
+    };
+    // Raw mode is not on yet, but the guest's output will be: end lines with CR LF.
+    format!(
+        "imgsafe: shell inside the appliance for {}\r\nimgsafe: {what}, {writes}\r\nimgsafe: the image file is never written. Leave with `exit` or Ctrl-D.\r\n",
+        image.display()
+    )
+}
+
+/// Move bytes until the shell exits: guest output to stdout/stderr on a thread, host
+/// stdin and resizes to the guest here. Returns the shell's status after `ShellDone`.
+fn pump<R: io::Read + Send, W: Write>(r: &mut R, w: &mut W, winch: Option<&term::Winch>) -> Result<ShellStatus> {
+    let (wake_r, wake_w) = pipe().map_err(|e| Error::Other(format!("creating a pipe: {e}")))?;
+    std::thread::scope(|scope| {
+        let output = scope.spawn(move || {
+            let r = copy_output(r);
+            // Wake the input loop; the write end closes with this thread.
+            drop(wake_w);
+            r
+        });
+        let input = copy_input(w, winch, wake_r.as_raw_fd());
+        let status = output
+            .join()
+            .unwrap_or_else(|_| Err(Error::Other("shell output thread panicked".into())));
+        let status = status?;
+        input?;
+        write_msg(w, &Request::ShellDone)
+            .and_then(|()| w.flush())
+            .map_err(send_error)?;
+        Ok(status)
+    })
+}
+
+/// Guest frames to stdout and stderr until `ShellExit`.
+fn copy_output<R: io::Read>(r: &mut R) -> Result<ShellStatus> {
+    let (mut out, mut err) = (io::stdout().lock(), io::stderr().lock());
+    let mut out_failed: Option<io::Error> = None;
+    loop {
+        match read_shell_frame::<_, Response>(r).map_err(channel_error)? {
+            // After a local write error keep reading, so the channel stays in step and
+            // the shell's status still arrives.
+            ShellFrame::Data(d) if out_failed.is_none() => {
+                if let Err(e) = out.write_all(&d).and_then(|()| out.flush()) {
+                    out_failed = Some(e);
+                }
+            }
+            ShellFrame::Data(_) => {}
+            ShellFrame::Stderr(d) => {
+                let _ = err.write_all(&d).and_then(|()| err.flush());
+            }
+            ShellFrame::Msg(Response::ShellExit { status }) => {
+                return match out_failed {
+                    Some(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+                        Err(Error::Other(format!("writing output: {e}")))
+                    }
+                    _ => Ok(status),
+                };
+            }
+            ShellFrame::Msg(_) => return Err(Error::guest("unexpected message during the shell session")),
+        }
+    }
+}
+
+/// Host stdin (and resizes) to the guest until `wake` says the output side ended.
+fn copy_input<W: Write>(w: &mut W, winch: Option<&term::Winch>, wake: RawFd) -> Result<()> {
+    let mut stdin_open = true;
+    let mut buf = vec![0u8; INPUT_CHUNK];
+    loop {
+        let mut fds = vec![pollfd(wake)];
+        if let Some(wn) = winch {
+            fds.push(pollfd(wn.fd()));
+        }
+        if stdin_open {
+            fds.push(pollfd(libc::STDIN_FILENO));
+        }
+        // SAFETY: fds is a valid array of pollfd.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            // A signal: SIGTERM/SIGHUP killed QEMU and the output side will end.
+            if vm::reaper::interrupted() {
+                return Ok(());
+            }
+            continue;
+        }
+        if fds[0].revents != 0 {
+            return Ok(());
+        }
+        if let Some(wn) = winch {
+            if fds[1].revents != 0 {
+                wn.drain();
+                if let Some((rows, cols)) = term::window_size(libc::STDIN_FILENO) {
+                    write_msg(w, &Request::ShellResize { rows, cols })
+                        .and_then(|()| w.flush())
+                        .map_err(send_error)?;
+                }
+            }
+        }
+        if stdin_open && fds.last().is_some_and(|p| p.revents != 0) {
+            // SAFETY: reading into our buffer from stdin.
+            let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if n <= 0 {
+                stdin_open = false;
+                write_msg(w, &Request::ShellEof)
+                    .and_then(|()| w.flush())
+                    .map_err(send_error)?;
+            } else {
+                write_data(w, &buf[..n as usize])
+                    .and_then(|()| w.flush())
+                    .map_err(send_error)?;
+            }
+        }
+    }
+}
+
+fn pollfd(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds are new and ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_shell_convention() {
+        assert_eq!(exit_code(ShellStatus::Exited(0)), 0);
+        assert_eq!(exit_code(ShellStatus::Exited(3)), 3);
+        assert_eq!(exit_code(ShellStatus::Signaled(9)), 137);
+        assert_eq!(exit_code(ShellStatus::Exited(-1)), BAD_STATUS);
+        assert_eq!(exit_code(ShellStatus::Signaled(1000)), BAD_STATUS);
+    }
+
+    #[test]
+    fn banner_names_the_mounts_and_neutralises_guest_text() {
+        let mounts = vec![ShellMount {
+            device: "/dev/vda\x1b[2J".into(),
+            path: "/sysroot".into(),
+            fstype: "ext4".into(),
+        }];
+
+        let b = banner(Path::new("disk.img"), &mounts, false);
+
+        assert!(
+            b.contains("disk.img") && b.contains("/dev/vda?[2J (ext4) at /sysroot"),
+            "{b}"
+        );
+        assert!(b.contains("read-only") && b.contains("Ctrl-D"), "{b}");
+        assert!(!b.contains('\x1b'));
+    }
+
+    #[test]
+    fn output_frames_go_to_their_streams_until_exit() {
+        let mut buf = Vec::new();
+        write_data(&mut buf, b"x").unwrap();
+        write_msg(
+            &mut buf,
+            &Response::ShellExit {
+                status: ShellStatus::Exited(5),
+            },
+        )
+        .unwrap();
+
+        let st = copy_output(&mut buf.as_slice()).unwrap();
+
+        assert_eq!(st, ShellStatus::Exited(5));
+    }
+
+    #[test]
+    fn a_refused_start_is_a_filesystem_error() {
+        let mut answer = Vec::new();
+        let refusal = Response::Error {
+            kind: ErrorKind::Mount,
+            message: "overlay: no".into(),
+        };
+        write_msg(&mut answer, &refusal).unwrap();
+        let mut sent = Vec::new();
+        let start = ShellStart {
+            command: None,
+            tty: None,
+            term: None,
+            overlay: true,
+        };
+
+        let err = start_shell(&mut answer.as_slice(), &mut sent, start).unwrap_err();
+
+        assert_eq!(err.exit_code(), crate::error::exit::FILESYSTEM);
+        assert!(!sent.is_empty());
+    }
+}

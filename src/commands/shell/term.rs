@@ -1,0 +1,184 @@
+//! The host terminal during an interactive shell: raw mode, SIGINT left to the guest,
+//! SIGWINCH turned into readable bytes on a pipe. Each is a guard restored on drop, so
+//! every way out of the session (return, error, panic unwinding) restores the terminal.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// The write end of the SIGWINCH pipe (-1 = none); read by the signal handler.
+static WINCH_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+/// True if `fd` is a terminal.
+pub fn is_tty(fd: RawFd) -> bool {
+    // SAFETY: isatty takes no pointers.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+/// The size of the terminal on `fd`, if it is one and reports a non-zero size.
+pub fn window_size(fd: RawFd) -> Option<(u16, u16)> {
+    // SAFETY: TIOCGWINSZ fills one winsize.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// The terminal on `fd` in raw mode until dropped.
+pub struct RawMode {
+    fd: RawFd,
+    saved: libc::termios,
+}
+
+impl RawMode {
+    /// Switch `fd` to raw mode (no echo, no line editing, no signals from keys, no
+    /// output processing): every byte goes to the guest's pty, whose line discipline
+    /// does all of that instead.
+    pub fn enable(fd: RawFd) -> io::Result<RawMode> {
+        // SAFETY: termios is plain data that tcgetattr fills.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw edits the struct in place.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(RawMode { fd, saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        // SAFETY: restoring the settings read in `enable`; TCSADRAIN lets pending
+        // output be written with the raw settings it was meant for.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSADRAIN, &self.saved) };
+    }
+}
+
+/// A signal's disposition replaced until dropped.
+pub struct SignalGuard {
+    sig: libc::c_int,
+    old: libc::sigaction,
+}
+
+impl SignalGuard {
+    fn set(sig: libc::c_int, handler: libc::sighandler_t) -> SignalGuard {
+        // SAFETY: zeroed sigaction structs are valid; the handler (if any) is
+        // async-signal-safe.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = handler;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, &action, &mut old);
+            SignalGuard { sig, old }
+        }
+    }
+
+    /// Ignore SIGINT: in raw mode Ctrl-C is a byte for the guest, so a SIGINT can only
+    /// come from elsewhere, and must not kill the VM under an interactive session.
+    pub fn ignore_sigint() -> SignalGuard {
+        SignalGuard::set(libc::SIGINT, libc::SIG_IGN)
+    }
+}
+
+impl Drop for SignalGuard {
+    fn drop(&mut self) {
+        // SAFETY: restoring the disposition saved in `set`.
+        unsafe { libc::sigaction(self.sig, &self.old, std::ptr::null_mut()) };
+    }
+}
+
+/// SIGWINCH delivered as a byte on a pipe, until dropped.
+pub struct Winch {
+    read: OwnedFd,
+    write: OwnedFd,
+    _guard: SignalGuard,
+}
+
+extern "C" fn on_winch(_: libc::c_int) {
+    let fd = WINCH_PIPE.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; a full pipe just drops the byte (one
+        // pending byte is enough to trigger a size check).
+        unsafe { libc::write(fd, b"w".as_ptr().cast(), 1) };
+    }
+}
+
+impl Winch {
+    /// Install the handler.
+    pub fn install() -> io::Result<Winch> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two fds.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds are new and ours.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        WINCH_PIPE.store(write.as_raw_fd(), Ordering::SeqCst);
+        let guard = SignalGuard::set(
+            libc::SIGWINCH,
+            on_winch as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+        Ok(Winch {
+            read,
+            write,
+            _guard: guard,
+        })
+    }
+
+    /// The fd that becomes readable on a resize.
+    pub fn fd(&self) -> RawFd {
+        self.read.as_raw_fd()
+    }
+
+    /// Empty the pipe after a wake-up.
+    pub fn drain(&self) {
+        let mut buf = [0u8; 64];
+        // SAFETY: reading into a local buffer from our non-blocking pipe.
+        while unsafe { libc::read(self.read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    }
+}
+
+impl Drop for Winch {
+    fn drop(&mut self) {
+        let _ = WINCH_PIPE.compare_exchange(self.write.as_raw_fd(), -1, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn winch_signal_makes_the_pipe_readable() {
+        let w = Winch::install().unwrap();
+
+        // SAFETY: raising a signal whose handler is installed.
+        unsafe { libc::raise(libc::SIGWINCH) };
+
+        let mut p = [libc::pollfd {
+            fd: w.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        assert_eq!(unsafe { libc::poll(p.as_mut_ptr(), 1, 1000) }, 1);
+        w.drain();
+        assert_eq!(unsafe { libc::poll(p.as_mut_ptr(), 1, 0) }, 0);
+    }
+
+    #[test]
+    fn a_pipe_is_not_a_terminal() {
+        let mut fds = [0; 2];
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+
+        let (tty, size) = (is_tty(fds[0]), window_size(fds[0]));
+
+        assert!(!tty && size.is_none());
+        unsafe { libc::close(fds[0]) };
+        unsafe { libc::close(fds[1]) };
+    }
+}

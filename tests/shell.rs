@@ -1,0 +1,189 @@
+//! End to end: `imgsafe shell` through the real appliance, in -c, stdin-script,
+//! --overlay and interactive (a real pty driven by tmux) modes. The image file's sha256
+//! is checked after each.
+
+mod support;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+fn sample() -> (tempfile::TempDir, Image) {
+    let src = tempfile::tempdir().unwrap();
+    sample_tree(
+        src.path(),
+        TreeOpts {
+            odd_names: false,
+            links: false,
+            sparse: false,
+        },
+    );
+    let img = ext4_image(src.path(), "24M");
+    (src, img)
+}
+
+#[test]
+fn command_keeps_stdout_and_stderr_apart_binary_safe_with_its_exit_status() {
+    let (_src, img) = sample();
+
+    let out = run([
+        "shell",
+        &img.arg(),
+        "-c",
+        r#"cat etc/hostname; printf '\377\000'; echo to-stderr >&2; find /sysroot/etc -name "*e*" | wc -l; exit 3"#,
+    ]);
+
+    assert_eq!(out.stdout, b"sample-host\n\xff\x003\n", "stderr: {}", stderr(&out));
+    assert!(stderr(&out).contains("to-stderr\n"), "{}", stderr(&out));
+    assert_eq!(code(&out), 3);
+    img.assert_unchanged();
+}
+
+#[test]
+fn script_on_stdin_runs_read_only_and_a_signal_gives_128_plus_n() {
+    let (_src, img) = sample();
+    let mut child = imgsafe()
+        .args(["shell", &img.arg()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = "cat /sysroot/etc/hostname\necho x > /sysroot/newfile || echo refused\necho scratch > /tmp/f && cat /tmp/f\nkill -TERM $$\necho not reached\n";
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+
+    let out = child.wait_with_output().unwrap();
+
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "sample-host\nrefused\nscratch\n",
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("Read-only file system"), "{}", stderr(&out));
+    assert_eq!(code(&out), 128 + 15);
+    img.assert_unchanged();
+}
+
+#[test]
+fn overlay_makes_sysroot_writable_in_guest_memory_only() {
+    let (_src, img) = sample();
+
+    let out = run([
+        "shell",
+        "--overlay",
+        &img.arg(),
+        "-c",
+        "echo x > /sysroot/newfile && cat /sysroot/newfile && rm /sysroot/etc/hostname && ls /sysroot/etc",
+    ]);
+
+    assert_eq!(ok_stdout(&out), "x\nfstab\nos-release\n");
+    img.assert_unchanged();
+}
+
+/// A tmux server of its own, running one command in a window of a fixed size.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn start(cmd: &str, cols: u16, rows: u16) -> Tmux {
+        let socket = format!("imgsafe-test-{}", std::process::id());
+        let t = Tmux { socket };
+        must(t.cmd().args([
+            "new-session",
+            "-d",
+            "-x",
+            &cols.to_string(),
+            "-y",
+            &rows.to_string(),
+            cmd,
+        ]));
+        t
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = tool("tmux", "tmux");
+        c.args(["-L", &self.socket]);
+        c
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        must(self.cmd().arg("send-keys").args(keys));
+    }
+
+    fn screen(&self) -> String {
+        let out = self.cmd().args(["capture-pane", "-p", "-S", "-200"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Wait until the screen satisfies `ok`, or panic showing it.
+    fn wait_for(&self, what: &str, within: Duration, ok: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let s = self.screen();
+            if ok(&s) {
+                return s;
+            }
+            assert!(start.elapsed() < within, "waiting for {what}; screen:\n{s}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd().arg("kill-server").output();
+    }
+}
+
+fn wait_for_file(p: &Path, within: Duration) -> String {
+    let start = Instant::now();
+    while !p.exists() || std::fs::read_to_string(p).unwrap().is_empty() {
+        assert!(start.elapsed() < within, "{} never appeared", p.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    std::fs::read_to_string(p).unwrap()
+}
+
+#[test]
+fn interactive_shell_on_a_real_terminal() {
+    let (_src, img) = sample();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    // stty -g before and after: the terminal settings imgsafe must restore.
+    let cmd = format!(
+        "stty -g > {d}/before; env XDG_CACHE_HOME={} IMGSAFE_ACCEL=tcg TERM=xterm {} shell {}; echo $? > {d}/rc; stty -g > {d}/after; sleep 600",
+        test_cache().display(),
+        env!("CARGO_BIN_EXE_imgsafe"),
+        img.arg()
+    );
+    let t = Tmux::start(&cmd, 100, 30);
+    let boot = Duration::from_secs(90);
+    let step = Duration::from_secs(20);
+
+    let banner = t.wait_for("the prompt", boot, |s| s.contains("imgsafe:/sysroot#"));
+    t.keys(&["cat /sysroot/etc/hostname", "Enter"]);
+    t.wait_for("the file's text", step, |s| s.contains("\nsample-host"));
+    t.keys(&["sleep 100", "Enter"]);
+    std::thread::sleep(Duration::from_millis(700));
+    t.keys(&["C-c"]);
+    t.keys(&["echo after-$((6*7))", "Enter"]);
+    t.wait_for("a command after Ctrl-C", step, |s| s.contains("after-42"));
+    must(t.cmd().args(["resize-window", "-x", "120", "-y", "40"]));
+    std::thread::sleep(Duration::from_millis(300));
+    t.keys(&["stty size", "Enter"]);
+    t.wait_for("the new size", step, |s| s.contains("\n40 120"));
+    t.keys(&["exit 3", "Enter"]);
+    let rc = wait_for_file(&dir.path().join("rc"), step);
+    let after = wait_for_file(&dir.path().join("after"), step);
+
+    assert!(banner.contains("/dev/vda (ext4) at /sysroot, read-only"), "{banner}");
+    assert!(banner.contains("Ctrl-D"), "{banner}");
+    assert_eq!(rc.trim(), "3");
+    assert_eq!(after, std::fs::read_to_string(dir.path().join("before")).unwrap());
+    img.assert_unchanged();
+}
