@@ -12,6 +12,7 @@ pub mod commands;
 pub mod error;
 pub mod format;
 pub mod image;
+pub mod inspect;
 pub mod nbd;
 pub mod session;
 pub mod trace;

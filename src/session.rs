@@ -5,6 +5,7 @@ use crate::agent_client::{AgentClient, GuestFs};
 use crate::cli::{ImageArgs, MountArgs};
 use crate::format::BlockSource;
 use crate::vm::{self, Vm};
+use crate::inspect::{self, Planned};
 use crate::{appliance, image, nbd, trace, Error, Result};
 use imgsafe_proto::FsInfo;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Filesystem types the agent can mount.
-const MOUNTABLE: &[&str] = &["ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "iso9660", "udf"];
+const MOUNTABLE: &[&str] = inspect::MOUNTABLE;
+/// Files whose presence marks a filesystem as an operating system's root.
+const ROOT_MARKERS: [&[u8]; 2] = [b"/etc/fstab", b"/etc/os-release"];
 
 /// A running appliance with the image attached.
 pub struct Session {
@@ -115,16 +118,130 @@ impl Session {
         Ok(self.filesystems.clone().unwrap_or_default())
     }
 
-    /// Choose the filesystem per `-m` (or automatically) and mount it at `/`.
+    /// Mount the tree the commands work on: the `-m` list (manual assembly); else, with
+    /// `-i` or when the disk has several filesystems, the root found by inspection plus
+    /// what its /etc/fstab lists; else the single filesystem (see [`choose`]).
     pub fn mount_chosen(&mut self, mount: &MountArgs) -> Result<()> {
         let list = self.filesystems()?;
-        let fs = choose(&list, mount.mount.as_deref())
-            .map_err(|what| Error::Filesystem { image: self.image.clone(), what })?
-            .clone();
-        let stage = trace::stage("mount");
-        let fstype = self.agent.mount(&fs.device, "/", fs.fstype.as_deref()).map_err(|e| self.fail(e))?;
-        stage.done(&format!("{} ({fstype})", fs.device));
+        if !mount.mount.is_empty() {
+            let plan = inspect::plan_manual(&mount.mount, &list).map_err(|what| self.fs_error(what))?;
+            for p in &plan {
+                self.mount_one(p)?;
+            }
+            return Ok(());
+        }
+        if mount.inspect || inspect::root_candidates(&list).len() > 1 {
+            if let Some(root) = self.find_root(&list)? {
+                return self.mount_fstab(&root, &list);
+            }
+            if mount.inspect {
+                return Err(self.fs_error(format!(
+                    "no root filesystem (one with /etc/fstab or /etc/os-release) among {}",
+                    inspect::describe(&list)
+                )));
+            }
+        }
+        let fs = choose(&list, None).map_err(|what| self.fs_error(what))?.clone();
+        self.mount_one(&Planned { device: fs.device, fstype: fs.fstype, mountpoint: "/".into() })
+    }
+
+    /// The guest's root filesystem, if one of the candidates has /etc/fstab or
+    /// /etc/os-release; nothing stays mounted.
+    pub fn detect_root(&mut self) -> Result<Option<FsInfo>> {
+        let list = self.filesystems()?;
+        let root = self.find_root(&list)?;
+        if root.is_some() {
+            self.agent.unmount("/").map_err(|e| self.fail(e))?;
+        }
+        Ok(root)
+    }
+
+    /// Mount each root candidate at / in turn until one looks like a root; that one
+    /// stays mounted.
+    fn find_root(&mut self, list: &[FsInfo]) -> Result<Option<FsInfo>> {
+        let stage = trace::stage("inspect");
+        for f in inspect::root_candidates(list) {
+            match self.agent.mount(&f.device, "/", f.fstype.as_deref()) {
+                Ok(_) => {}
+                // A candidate the kernel refuses is simply not the root.
+                Err(Error::Filesystem { .. }) => continue,
+                Err(e) => return Err(self.fail(e)),
+            }
+            let mut is_root = false;
+            for marker in ROOT_MARKERS {
+                match self.agent.stat(marker) {
+                    Ok(_) => is_root = true,
+                    Err(Error::NotFound { .. }) => {}
+                    Err(e) => return Err(self.fail(e)),
+                }
+                if is_root {
+                    break;
+                }
+            }
+            if is_root {
+                stage.done(&format!("root is {}", f.device));
+                return Ok(Some(f.clone()));
+            }
+            self.agent.unmount("/").map_err(|e| self.fail(e))?;
+        }
+        stage.done("no root found");
+        Ok(None)
+    }
+
+    /// With `root` mounted at /, mount what its /etc/fstab lists; entries that cannot be
+    /// resolved or mounted are skipped with a one-line warning.
+    fn mount_fstab(&mut self, root: &FsInfo, list: &[FsInfo]) -> Result<()> {
+        let text = match self.read_fstab() {
+            Ok(t) => t,
+            Err(what) => {
+                eprintln!("imgsafe: warning: /etc/fstab: {what}; only {} is mounted", root.device);
+                Vec::new()
+            }
+        };
+        let (plan, warnings) = inspect::plan_fstab(&inspect::parse_fstab(&text), list, root);
+        for w in warnings {
+            eprintln!("imgsafe: warning: {w}");
+        }
+        for p in &plan {
+            if let Err(e) = self.mount_one(p) {
+                if vm::reaper::interrupted() || !matches!(e, Error::Filesystem { .. }) {
+                    return Err(e);
+                }
+                let why = match e {
+                    Error::Filesystem { what, .. } => what,
+                    other => other.to_string(),
+                };
+                eprintln!("imgsafe: warning: /etc/fstab: {}: {}; skipped", p.mountpoint, inspect::shown(&why));
+            }
+        }
         Ok(())
+    }
+
+    /// The root's /etc/fstab, bounded by [`inspect::MAX_FSTAB`]; empty when it has none.
+    fn read_fstab(&mut self) -> std::result::Result<Vec<u8>, String> {
+        match self.agent.stat(b"/etc/fstab") {
+            Err(Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e.to_string()),
+            Ok(st) if st.size > inspect::MAX_FSTAB => return Err(format!("{} bytes, more than imgsafe reads", st.size)),
+            Ok(_) => {}
+        }
+        let mut out = Bounded { data: Vec::new(), limit: inspect::MAX_FSTAB };
+        match self.agent.read_file(b"/etc/fstab", &mut out) {
+            Ok(_) => Ok(out.data),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Mount one filesystem of the tree.
+    fn mount_one(&mut self, p: &Planned) -> Result<()> {
+        let stage = trace::stage("mount");
+        let fstype = self.agent.mount(&p.device, &p.mountpoint, p.fstype.as_deref()).map_err(|e| self.fail(e))?;
+        stage.done(&format!("{} on {} ({fstype})", p.device, p.mountpoint));
+        Ok(())
+    }
+
+    fn fs_error(&self, what: String) -> Error {
+        Error::Filesystem { image: self.image.clone(), what }
     }
 
     /// The mounted guest filesystem.
@@ -188,7 +305,7 @@ fn diagnostics(vm: &mut Vm) -> String {
     let status = vm.exit_status().map(|s| format!(" (QEMU exited: {s})")).unwrap_or_default();
     let said = vm.console_panic().or_else(|| vm.console_tail()).or_else(|| vm.messages_tail());
     let said: String = said
-        .map(|t| t.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").to_string())
+        .map(|t| t.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").to_string())
         .filter(|t| !t.is_empty())
         .map(|t| format!("; guest said: {t}"))
         .unwrap_or_default();
@@ -232,7 +349,7 @@ pub fn choose<'a>(list: &'a [FsInfo], choice: Option<&str>) -> std::result::Resu
             Some(f) => Err(format!(
                 "{}: {} cannot be mounted; found: {}",
                 f.device,
-                f.fstype.as_deref().map_or("no filesystem".to_string(), |t| format!("{t}")),
+                f.fstype.as_deref().map_or("no filesystem".to_string(), String::from),
                 describe(&mountable)
             )),
             None => Err(format!("no device {c} in the image; found: {}", describe(&mountable))),
@@ -269,6 +386,25 @@ fn normalise_device(d: &str) -> String {
         return format!("/dev/vd{rest}");
     }
     d.to_string()
+}
+
+/// A writer that refuses to grow past `limit` bytes (hostile files are read bounded).
+struct Bounded {
+    data: Vec<u8>,
+    limit: u64,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if (self.data.len() as u64).saturating_add(buf.len() as u64) > self.limit {
+            return Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, "file larger than the limit"));
+        }
+        self.data.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn describe(list: &[&FsInfo]) -> String {

@@ -9,8 +9,9 @@ use std::io::Write;
 /// Run `imgsafe filesystems`.
 pub fn run(args: FilesystemsArgs) -> Result<()> {
     let mut s = Session::start(&args.image, &args.image_args)?;
-    let list = match s.filesystems() {
-        Ok(l) => l,
+    let found = s.filesystems().and_then(|l| Ok((s.detect_root()?, l)));
+    let (detected, list) = match found {
+        Ok(r) => r,
         Err(e) => {
             let e = s.annotate(e);
             s.abort();
@@ -18,8 +19,14 @@ pub fn run(args: FilesystemsArgs) -> Result<()> {
         }
     };
     s.finish()?;
-    let root = session::choose(&list, None).ok().map(|f| f.device.clone());
-    let out = if args.json { json(&list, root.as_deref()) } else { table(&list, root.as_deref()) };
+    // What ls/cat mount at / without -m: the detected root, else the one choose() picks.
+    let detected = detected.map(|f| f.device);
+    let root = detected.clone().or_else(|| session::choose(&list, None).ok().map(|f| f.device.clone()));
+    let out = if args.json {
+        json(&list, root.as_deref(), detected.as_deref())
+    } else {
+        table(&list, root.as_deref(), detected.is_some())
+    };
     std::io::stdout()
         .write_all(out.as_bytes())
         .or_else(|e| if e.kind() == std::io::ErrorKind::BrokenPipe { Ok(()) } else { Err(e) })
@@ -47,7 +54,7 @@ fn clean(s: &str) -> String {
     s.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
-fn table(list: &[FsInfo], root: Option<&str>) -> String {
+fn table(list: &[FsInfo], root: Option<&str>, detected: bool) -> String {
     let rows: Vec<[String; 6]> = list
         .iter()
         .map(|f| {
@@ -78,13 +85,15 @@ fn table(list: &[FsInfo], root: Option<&str>) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
-    if root.is_some() {
+    if detected {
+        out.push_str("* the guest's root filesystem (mounted at / by default, with what its /etc/fstab lists)\n");
+    } else if root.is_some() {
         out.push_str("* mounted by default\n");
     }
     out
 }
 
-fn json(list: &[FsInfo], root: Option<&str>) -> String {
+fn json(list: &[FsInfo], root: Option<&str>, detected: Option<&str>) -> String {
     let v: Vec<serde_json::Value> = list
         .iter()
         .map(|f| {
@@ -98,6 +107,7 @@ fn json(list: &[FsInfo], root: Option<&str>) -> String {
                 "partuuid": f.partuuid,
                 "partitioned": f.partitioned,
                 "default": root == Some(f.device.as_str()),
+                "root": detected == Some(f.device.as_str()),
             })
         })
         .collect();

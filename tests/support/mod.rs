@@ -2,6 +2,8 @@
 //! real tools at test time, and prove the image file is never written.
 #![allow(dead_code)]
 
+pub mod lvm;
+
 use sha2::{Digest, Sha256};
 use std::ffi::OsStr;
 use std::fs;
@@ -24,7 +26,9 @@ pub fn test_cache() -> PathBuf {
 /// The imgsafe binary under test, with the shared appliance cache.
 pub fn imgsafe() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_imgsafe"));
-    c.env("XDG_CACHE_HOME", test_cache()).env("IMGSAFE_ACCEL", "tcg").stdin(Stdio::null());
+    c.env("XDG_CACHE_HOME", test_cache())
+        .env("IMGSAFE_ACCEL", "tcg")
+        .stdin(Stdio::null());
     c
 }
 
@@ -50,7 +54,11 @@ pub fn tool(name: &str, package: &str) -> Command {
 /// Run a tool and insist that it succeeds.
 pub fn must(c: &mut Command) {
     let out = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
-    assert!(out.status.success(), "{c:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{c:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// sha256 of a file, hex.
@@ -119,7 +127,10 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 
 fn set_mtime(p: &Path) {
     let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
-    let ts = [libc::timespec { tv_sec: MTIME, tv_nsec: 0 }; 2];
+    let ts = [libc::timespec {
+        tv_sec: MTIME,
+        tv_nsec: 0,
+    }; 2];
     // SAFETY: valid NUL-terminated path and a two-element timespec array.
     let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
     assert_eq!(r, 0, "utimensat {}", p.display());
@@ -215,7 +226,13 @@ pub fn walk(root: &Path) -> Vec<PathBuf> {
 pub fn ext4_image(tree: &Path, size: &str) -> Image {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
-    must(tool("mke2fs", "e2fsprogs").args(["-q", "-F", "-t", "ext4", "-L", "rootfs", "-d"]).arg(tree).arg(&img).arg(size));
+    must(
+        tool("mke2fs", "e2fsprogs")
+            .args(["-q", "-F", "-t", "ext4", "-L", "rootfs", "-d"])
+            .arg(tree)
+            .arg(&img)
+            .arg(size),
+    );
     Image::new(dir, img)
 }
 
@@ -224,10 +241,19 @@ pub fn fs_image(fstype: &str, tree: &Path, mib: u64, out: &Path) {
     let size = format!("{mib}M");
     match fstype {
         "ext4" | "ext3" | "ext2" => must(
-            tool("mke2fs", "e2fsprogs").args(["-q", "-F", "-t", fstype, "-L", &format!("{fstype}fs"), "-d"]).arg(tree).arg(out).arg(&size),
+            tool("mke2fs", "e2fsprogs")
+                .args(["-q", "-F", "-t", fstype, "-L", &format!("{fstype}fs"), "-d"])
+                .arg(tree)
+                .arg(out)
+                .arg(&size),
         ),
         "vfat" => {
-            must(tool("mkfs.vfat", "dosfstools").args(["-C", "-n", "EFI"]).arg(out).arg((mib * 1024).to_string()));
+            must(
+                tool("mkfs.vfat", "dosfstools")
+                    .args(["-C", "-n", "EFI"])
+                    .arg(out)
+                    .arg((mib * 1024).to_string()),
+            );
             let mut c = tool("mcopy", "mtools");
             c.args(["-s", "-p", "-m", "-i"]).arg(out);
             for e in fs::read_dir(tree).unwrap() {
@@ -238,13 +264,23 @@ pub fn fs_image(fstype: &str, tree: &Path, mib: u64, out: &Path) {
         }
         "btrfs" => {
             fs::File::create(out).unwrap().set_len(mib << 20).unwrap();
-            must(tool("mkfs.btrfs", "btrfs-progs").args(["-q", "-f", "-L", "btrfsroot", "-r"]).arg(tree).arg(out));
+            must(
+                tool("mkfs.btrfs", "btrfs-progs")
+                    .args(["-q", "-f", "-L", "btrfsroot", "-r"])
+                    .arg(tree)
+                    .arg(out),
+            );
         }
         "xfs" => {
             fs::File::create(out).unwrap().set_len(mib << 20).unwrap();
             let proto = out.with_extension("proto");
             fs::write(&proto, xfs_protofile(tree)).unwrap();
-            must(tool("mkfs.xfs", "xfsprogs").args(["-q", "-f", "-L", "xfsroot", "-p"]).arg(&proto).arg(out));
+            must(
+                tool("mkfs.xfs", "xfsprogs")
+                    .args(["-q", "-f", "-L", "xfsroot", "-p"])
+                    .arg(&proto)
+                    .arg(out),
+            );
         }
         other => panic!("no builder for {other}"),
     }
@@ -295,7 +331,12 @@ pub fn partitioned_disk(label: &str, parts: &[Part], out: &Path) {
     for p in parts {
         let len = fs::metadata(p.image).unwrap().len();
         let mib = len.div_ceil(1 << 20);
-        script.push_str(&format!("start={}, size={}, type={}\n", start_mib * 2048, mib * 2048, p.kind));
+        script.push_str(&format!(
+            "start={}, size={}, type={}\n",
+            start_mib * 2048,
+            mib * 2048,
+            p.kind
+        ));
         places.push((p.image, start_mib << 20));
         start_mib += mib;
     }
@@ -344,8 +385,12 @@ pub fn stderr(out: &Output) -> String {
 pub fn processes_mentioning(needle: &str) -> Vec<u32> {
     let mut v = Vec::new();
     for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmd) = fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         if String::from_utf8_lossy(&cmd).contains(needle) {
             v.push(pid);
         }

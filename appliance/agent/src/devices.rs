@@ -54,6 +54,11 @@ fn probe_path(path: &Path, size: u64) -> (Probe, Option<Vec<PartEntry>>) {
 /// Guest path (as reported) and local path (as opened) of a sysfs block device.
 fn device_paths(roots: &DeviceRoots, name: &str, sysdir: &Path) -> (String, PathBuf) {
     if name.starts_with("dm-") {
+        // An LVM logical volume goes by /dev/VG/LV, the name fstab and users use; it is
+        // opened through its kernel node, which exists whatever links were made.
+        if let Some((vg, lv)) = crate::lvm::lv_of(sysdir) {
+            return (format!("/dev/{vg}/{lv}"), roots.dev.join(name));
+        }
         if let Some(dm) =
             read_trimmed(&sysdir.join("dm/name")).filter(|n| !n.is_empty() && !n.contains('/'))
         {
@@ -82,7 +87,10 @@ fn info(device: String, size: u64, p: Probe) -> FsInfo {
 /// Every disk, partition and device-mapper volume, disks each followed by their partitions.
 pub fn list_filesystems(roots: &DeviceRoots) -> Vec<FsInfo> {
     let mut out = Vec::new();
-    for (name, sysdir) in sorted_dir(&roots.sys.join("block")) {
+    let mut block = sorted_dir(&roots.sys.join("block"));
+    // Disks and their partitions first, then the volumes built on them.
+    block.sort_by_key(|(name, _)| name.starts_with("dm-"));
+    for (name, sysdir) in block {
         if SKIPPED.iter().any(|p| name.starts_with(p)) {
             continue;
         }
@@ -225,14 +233,6 @@ mod tests {
         assert_eq!(
             summary,
             vec![
-                (
-                    "/dev/mapper/vg-data",
-                    Some("vfat"),
-                    Some("DATA"),
-                    None,
-                    None,
-                    false
-                ),
                 ("/dev/vda", None, None, None, None, true),
                 (
                     "/dev/vda1",
@@ -242,8 +242,16 @@ mod tests {
                     Some("0a0b0c0d-1111-2222-3333-444455556666"),
                     false
                 ),
+                (
+                    "/dev/mapper/vg-data",
+                    Some("vfat"),
+                    Some("DATA"),
+                    None,
+                    None,
+                    false
+                ),
             ]
         );
-        assert_eq!(list[2].size, 8 << 20);
+        assert_eq!(list[1].size, 8 << 20);
     }
 }

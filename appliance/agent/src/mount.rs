@@ -117,8 +117,27 @@ pub fn mount(
     ))
 }
 
+/// `Unmount`: remove every mount at or below sysroot + `mountpoint`, deepest first;
+/// returns how many there were. The path is resolved like any request path, so an
+/// image symlink cannot point the unmount outside the sysroot.
+pub fn unmount(sysroot: &Path, mountpoint: &str) -> Result<u32, OpError> {
+    let target = crate::resolve::resolve(
+        sysroot,
+        mountpoint.as_bytes(),
+        crate::resolve::Final::Follow,
+    )?;
+    let n = unmount_below(&target.host);
+    u32::try_from(n).map_err(|_| OpError::new(ErrorKind::Other, "too many mounts"))
+}
+
 /// Unmount everything at or below `sysroot`, deepest first (lazily if busy).
 pub fn unmount_all(sysroot: &Path) {
+    unmount_below(sysroot);
+}
+
+/// Unmount everything at or below `top`, deepest first (lazily if busy); returns the
+/// number of mounts found.
+fn unmount_below(sysroot: &Path) -> usize {
     let mounts = std::fs::read("/proc/self/mounts").unwrap_or_default();
     let root = std::os::unix::ffi::OsStrExt::as_bytes(sysroot.as_os_str());
     let mut targets: Vec<Vec<u8>> = mounts
@@ -129,6 +148,7 @@ pub fn unmount_all(sysroot: &Path) {
         .collect();
     // /proc/self/mounts lists in mount order, so a child always follows its parent.
     targets.reverse();
+    let count = targets.len();
     for t in targets {
         let Ok(c) = CString::new(t) else { continue };
         // SAFETY: c is a valid NUL-terminated path.
@@ -138,6 +158,7 @@ pub fn unmount_all(sysroot: &Path) {
             }
         }
     }
+    count
 }
 
 /// Undo the kernel's octal escapes (`\040` for space, ...) in a /proc/mounts field.
