@@ -79,6 +79,10 @@ impl Session {
         if std::env::var_os("IMGSAFE_DEBUG").is_some() {
             cfg.extra_cmdline.push("imgsafe.debug=1".into());
         }
+        if trace::verbose() {
+            let argv: Vec<String> = cfg.argv().iter().map(|a| a.to_string_lossy().into_owned()).collect();
+            trace::note(&format!("qemu: {} {}", cfg.qemu.display(), argv.join(" ")));
+        }
         let stage = trace::stage("boot");
         let mut vm = Vm::launch(&cfg)?;
         vm.attach_nbd_disk(&nbd_sock, "", true)?;

@@ -37,6 +37,12 @@ pub const BASE_CMDLINE: &[&str] = &[
     "cryptomgr.notests",
 ];
 
+/// CPU model under TCG. A plain x86-64 CPU with SSE4.2 (for crc32c) boots the
+/// appliance about 0.4 s faster than `-cpu max`, measured to the start of /init on
+/// these machines (0.96 s against 1.35-1.45 s): every extra feature `max` offers is
+/// emulated, and the kernel spends boot time setting them up.
+pub const TCG_CPU: &str = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt";
+
 /// How QEMU runs guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -155,7 +161,7 @@ impl VmConfig {
         ]);
         a.pair("-M", self.machine_arg());
         match self.accel {
-            Accel::Tcg => a.words(&["-accel", "tcg", "-cpu", "max"]),
+            Accel::Tcg => a.words(&["-accel", "tcg", "-cpu", TCG_CPU]),
             Accel::Kvm => a.words(&["-accel", "kvm", "-cpu", "host"]),
         }
         a.pair("-m", self.memory_mib.to_string());
@@ -311,7 +317,7 @@ mod tests {
         let expected = [
             "-nodefaults", "-no-user-config", "-nographic", "-display", "none",
             "-M", MICROVM,
-            "-accel", "tcg", "-cpu", "max",
+            "-accel", "tcg", "-cpu", "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt",
             "-m", "192", "-smp", "1",
             "-kernel", "/cache/vmlinux", "-initrd", "/cache/initrd.cpio",
             "-append", "console=ttyS0 quiet panic=-1 pcie_ports=native cryptomgr.notests tsc_early_khz=2095078 rdinit=/init",
