@@ -7,7 +7,7 @@
 //! parsed here on the host as bytes, and every text taken from it is cleaned before it
 //! reaches a terminal.
 
-use imgsafe_proto::FsInfo;
+use imgsafe_proto::{unescape_octal, FsInfo};
 
 /// Largest `/etc/fstab` read (a real one is a few hundred bytes).
 pub const MAX_FSTAB: u64 = 1 << 20;
@@ -95,29 +95,6 @@ pub struct Planned {
     pub mountpoint: String,
 }
 
-/// Undo fstab's octal escapes (`\040` space, `\011` tab, `\134` backslash, `\012`).
-fn unescape(field: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        let digits = field
-            .get(i + 1..i + 4)
-            .filter(|d| field[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match digits {
-            // Three octal digits can exceed 255 (\777): keep such text as written.
-            Some(d) if d[0] <= b'3' => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            _ => {
-                out.push(field[i]);
-                i += 1;
-            }
-        }
-    }
-    out
-}
-
 /// Parse fstab text: comment and blank lines skipped, fields split at blanks, at most
 /// [`MAX_ENTRIES`] entries. Lines with fewer than two fields are ignored (as mount does).
 pub fn parse_fstab(text: &[u8]) -> Vec<FstabEntry> {
@@ -135,7 +112,7 @@ pub fn parse_fstab(text: &[u8]) -> Vec<FstabEntry> {
         if spec.starts_with(b"#") {
             continue;
         }
-        let text = |f: &[u8]| String::from_utf8_lossy(&unescape(f)).into_owned();
+        let text = |f: &[u8]| String::from_utf8_lossy(&unescape_octal(f)).into_owned();
         let fstype = fields.next().map_or_else(|| "auto".to_string(), text);
         let options = fields.next().map_or_else(|| "defaults".to_string(), text);
         out.push(FstabEntry {

@@ -81,13 +81,7 @@ fn ploop_snapshot_chain_through_disk_descriptor() {
     fs::create_dir(&hdd).unwrap();
     ploopwriter::write_ploop(&hdd.join("root.hds"), &spec, &a, &base_alloc, 1);
     ploopwriter::write_ploop(&hdd.join("root.hds.top"), &spec, &b, &changed, 2);
-    let base = ploopwriter::guid(1);
-    let images = [
-        ploopwriter::DescImage { guid: &base, file: "root.hds", kind: "Compressed" },
-        ploopwriter::DescImage { guid: ploopwriter::TOP_GUID, file: "root.hds.top", kind: "Compressed" },
-    ];
-    let shots = [(base.as_str(), ploopwriter::NONE_GUID), (ploopwriter::TOP_GUID, base.as_str())];
-    ploopwriter::write_descriptor(&hdd.join("DiskDescriptor.xml"), a.len() as u64 / 512, 2048, &images, &shots, None);
+    ploopwriter::write_two_delta_descriptor(&hdd.join("DiskDescriptor.xml"), a.len() as u64 / 512, 2048, ("root.hds", "root.hds.top"), "Compressed");
     let files: Vec<PathBuf> = ["root.hds", "root.hds.top", "DiskDescriptor.xml"].iter().map(|f| hdd.join(f)).collect();
     let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
     let before = sha_all(&refs);

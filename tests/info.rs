@@ -3,7 +3,7 @@
 #[path = "common/ploopwriter.rs"]
 mod ploopwriter;
 
-use ploopwriter::{guid, write_descriptor, write_ploop, DescImage, Spec, NONE_GUID, TOP_GUID};
+use ploopwriter::{write_ploop, write_two_delta_descriptor, Spec};
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -48,26 +48,12 @@ fn container(root: &Path) -> std::path::PathBuf {
         &[false, true, true, false],
         2,
     );
-    let g = guid(1);
-    let images = [
-        DescImage {
-            guid: &g,
-            file: "root.hds",
-            kind: "Compressed",
-        },
-        DescImage {
-            guid: TOP_GUID,
-            file: "root.hds.top",
-            kind: "Compressed",
-        },
-    ];
-    write_descriptor(
+    write_two_delta_descriptor(
         &hdd.join("DiskDescriptor.xml"),
         8192,
         2048,
-        &images,
-        &[(&g, NONE_GUID), (TOP_GUID, &g)],
-        None,
+        ("root.hds", "root.hds.top"),
+        "Compressed",
     );
     hdd
 }

@@ -5,7 +5,10 @@
 mod ploopwriter;
 
 use imgsafe::format::{self, BlockSource, Extent, OpenOptions};
-use ploopwriter::{guid, write_descriptor, write_ploop, DescImage, Rng, Spec, NONE_GUID, TOP_GUID};
+use ploopwriter::{
+    guid, write_descriptor, write_ploop, write_two_delta_descriptor, DescImage, Rng, Spec,
+    NONE_GUID, TOP_GUID,
+};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -302,27 +305,8 @@ fn plain_base_under_ploop_delta() {
         1,
     );
     let xml = dir.path().join("DiskDescriptor.xml");
-    let g1 = guid(1);
-    let images = [
-        DescImage {
-            guid: &g1,
-            file: "root.hds",
-            kind: "Plain",
-        },
-        DescImage {
-            guid: TOP_GUID,
-            file: "root.hds.top",
-            kind: "Plain",
-        },
-    ];
-    write_descriptor(
-        &xml,
-        spec.size / 512,
-        2048,
-        &images,
-        &[(&g1, NONE_GUID), (TOP_GUID, &g1)],
-        None,
-    );
+    let files = ("root.hds", "root.hds.top");
+    write_two_delta_descriptor(&xml, spec.size / 512, 2048, files, "Plain");
 
     let src = open(&xml);
     let got = read_all(&*src);
@@ -465,21 +449,8 @@ fn refuses_delta_cluster_size_disagreeing_with_other_deltas() {
         1,
     );
     let xml = dir.path().join("DiskDescriptor.xml");
-    let g = guid(1);
-    let images = [
-        DescImage {
-            guid: &g,
-            file: "root.hds",
-            kind: "Compressed",
-        },
-        DescImage {
-            guid: TOP_GUID,
-            file: "top.hds",
-            kind: "Compressed",
-        },
-    ];
     // No Blocksize check can catch it here: the descriptor matches the top delta.
-    write_descriptor(&xml, 128, 16, &images, &[(&g, NONE_GUID), (TOP_GUID, &g)], None);
+    write_two_delta_descriptor(&xml, 128, 16, ("root.hds", "top.hds"), "Compressed");
 
     let err = open_err(&xml);
 

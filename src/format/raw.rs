@@ -42,11 +42,7 @@ impl BlockSource for Raw {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.size)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "read past the end of the disk"))?;
-        let _ = end;
+        super::check_read(self.size, offset, buf.len() as u64)?;
         self.file.read_exact_at(buf, offset)
     }
 

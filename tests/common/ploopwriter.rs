@@ -157,6 +157,24 @@ pub fn write_descriptor(
     std::fs::write(path, x).unwrap();
 }
 
+/// Write a DiskDescriptor.xml for a two-delta chain: `base` (snapshot [`guid`]`(1)`) under
+/// `top` ([`TOP_GUID`]), both images of `kind`, without a TopGUID element.
+pub fn write_two_delta_descriptor(
+    path: &Path,
+    disk_sectors: u64,
+    block_sectors: u32,
+    (base, top): (&str, &str),
+    kind: &str,
+) {
+    let g = guid(1);
+    let images = [
+        DescImage { guid: &g, file: base, kind },
+        DescImage { guid: TOP_GUID, file: top, kind },
+    ];
+    let shots = [(g.as_str(), NONE_GUID), (TOP_GUID, g.as_str())];
+    write_descriptor(path, disk_sectors, block_sectors, &images, &shots, None);
+}
+
 /// The root snapshot's ParentGUID.
 pub const NONE_GUID: &str = "{00000000-0000-0000-0000-000000000000}";
 /// The predefined top GUID.

@@ -140,19 +140,8 @@ pub fn list_filesystems(roots: &DeviceRoots) -> Vec<FsInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_tools::run;
     use std::fs;
-    use std::process::Command;
-
-    fn run(package: &str, prog: &str, args: &[&str]) {
-        let out = Command::new(prog).args(args).output().unwrap_or_else(|e| {
-            panic!("{prog} not runnable ({e}): install the Debian package {package}")
-        });
-        assert!(
-            out.status.success(),
-            "{prog} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 
     fn sysfs_dev(dir: &Path, size_bytes: u64, extra: &[(&str, &str)]) {
         fs::create_dir_all(dir).unwrap();

@@ -59,4 +59,6 @@ pub mod readfile;
 pub mod resolve;
 pub mod serve;
 pub mod shell;
+#[cfg(test)]
+mod test_tools;
 pub mod walk;

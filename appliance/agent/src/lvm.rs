@@ -155,6 +155,7 @@ pub fn link_volumes(roots: &DeviceRoots) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_tools::run;
     use std::fs;
 
     #[test]
@@ -193,12 +194,11 @@ mod tests {
         fs::create_dir_all(&roots.dev).unwrap();
         let node = roots.dev.join("dm-3");
         fs::File::create(&node).unwrap().set_len(8 << 20).unwrap();
-        let out = Command::new("mkfs.vfat")
-            .args(["-n", "LVDATA"])
-            .arg(&node)
-            .output()
-            .expect("mkfs.vfat not runnable: install the Debian package dosfstools");
-        assert!(out.status.success());
+        run(
+            "dosfstools",
+            "mkfs.vfat",
+            &["-n", "LVDATA", node.to_str().unwrap()],
+        );
 
         let list = list_with_volumes(&roots, None, &|_| {});
 

@@ -143,7 +143,7 @@ fn unmount_below(sysroot: &Path) -> usize {
     let mut targets: Vec<Vec<u8>> = mounts
         .split(|&c| c == b'\n')
         .filter_map(|l| l.split(|&c| c == b' ').nth(1))
-        .map(unescape_mount_field)
+        .map(imgsafe_proto::unescape_octal)
         .filter(|t| t == root || (t.starts_with(root) && t.get(root.len()) == Some(&b'/')))
         .collect();
     // /proc/self/mounts lists in mount order, so a child always follows its parent.
@@ -159,28 +159,6 @@ fn unmount_below(sysroot: &Path) -> usize {
         }
     }
     count
-}
-
-/// Undo the kernel's octal escapes (`\040` for space, ...) in a /proc/mounts field.
-fn unescape_mount_field(f: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(f.len());
-    let mut i = 0;
-    while i < f.len() {
-        let oct = f
-            .get(i + 1..i + 4)
-            .filter(|d| f[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match oct {
-            Some(d) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            None => {
-                out.push(f[i]);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -199,14 +177,6 @@ mod tests {
     #[test]
     fn btrfs_prefers_rescue_syntax() {
         assert_eq!(attempts("btrfs")[0], ("btrfs", "rescue=nologreplay"));
-    }
-
-    #[test]
-    fn mounts_field_escapes_are_decoded() {
-        assert_eq!(
-            unescape_mount_field(br"/sysroot/my\040dir\134x"),
-            b"/sysroot/my dir\\x".to_vec()
-        );
     }
 
     #[test]

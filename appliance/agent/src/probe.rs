@@ -468,22 +468,11 @@ fn crc32(data: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_tools::run;
     use std::collections::HashMap;
     use std::fs::File;
     use std::path::Path;
     use std::process::Command;
-
-    /// Run a tool, failing the test with the Debian package to install if it is missing.
-    fn run(package: &str, prog: &str, args: &[&str]) {
-        let out = Command::new(prog).args(args).output().unwrap_or_else(|e| {
-            panic!("{prog} not runnable ({e}): install the Debian package {package}")
-        });
-        assert!(
-            out.status.success(),
-            "{prog} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 
     /// libblkid's low-level probe of a file, as KEY=value pairs: the oracle.
     fn blkid(path: &Path) -> HashMap<String, String> {
@@ -516,6 +505,21 @@ mod tests {
     fn image(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
         let p = dir.join(name);
         File::create(&p).unwrap().set_len(size).unwrap();
+        p
+    }
+
+    /// A `size`-byte image `dir/name` formatted by `tool args... <image>` (from `package`).
+    fn formatted(
+        dir: &Path,
+        name: &str,
+        size: u64,
+        (package, tool): (&str, &str),
+        args: &[&str],
+    ) -> std::path::PathBuf {
+        let p = image(dir, name, size);
+        let mut argv = args.to_vec();
+        argv.push(p.to_str().unwrap());
+        run(package, tool, &argv);
         p
     }
 
@@ -561,11 +565,12 @@ mod tests {
             ("mkfs.ext3", "ext3"),
             ("mkfs.ext4", "ext4"),
         ] {
-            let p = image(dir.path(), fstype, 8 << 20);
-            run(
-                "e2fsprogs",
-                tool,
-                &["-q", "-F", "-L", "lbl-x", p.to_str().unwrap()],
+            let p = formatted(
+                dir.path(),
+                fstype,
+                8 << 20,
+                ("e2fsprogs", tool),
+                &["-q", "-F", "-L", "lbl-x"],
             );
 
             assert_matches_blkid(&p, fstype);
@@ -576,11 +581,12 @@ mod tests {
     #[test]
     fn ext2_with_extents_is_ext4() {
         let dir = tempfile::tempdir().unwrap();
-        let p = image(dir.path(), "e", 8 << 20);
-        run(
-            "e2fsprogs",
-            "mkfs.ext4",
-            &["-q", "-F", "-O", "^has_journal", p.to_str().unwrap()],
+        let p = formatted(
+            dir.path(),
+            "e",
+            8 << 20,
+            ("e2fsprogs", "mkfs.ext4"),
+            &["-q", "-F", "-O", "^has_journal"],
         );
 
         assert_matches_blkid(&p, "ext4");
@@ -590,19 +596,12 @@ mod tests {
     fn vfat_12_16_32_label_and_serial() {
         let dir = tempfile::tempdir().unwrap();
         for bits in ["12", "16", "32"] {
-            let p = image(dir.path(), bits, 40 << 20);
-            run(
-                "dosfstools",
-                "mkfs.vfat",
-                &[
-                    "-F",
-                    bits,
-                    "-n",
-                    "MYLABEL",
-                    "-i",
-                    "1234abcd",
-                    p.to_str().unwrap(),
-                ],
+            let p = formatted(
+                dir.path(),
+                bits,
+                40 << 20,
+                ("dosfstools", "mkfs.vfat"),
+                &["-F", bits, "-n", "MYLABEL", "-i", "1234abcd"],
             );
 
             assert_matches_blkid(&p, "vfat");
@@ -614,11 +613,12 @@ mod tests {
     #[test]
     fn btrfs_label_and_fsid() {
         let dir = tempfile::tempdir().unwrap();
-        let p = image(dir.path(), "b", 128 << 20);
-        run(
-            "btrfs-progs",
-            "mkfs.btrfs",
-            &["-q", "-f", "-L", "bt label", p.to_str().unwrap()],
+        let p = formatted(
+            dir.path(),
+            "b",
+            128 << 20,
+            ("btrfs-progs", "mkfs.btrfs"),
+            &["-q", "-f", "-L", "bt label"],
         );
 
         assert_matches_blkid(&p, "btrfs");
@@ -627,11 +627,12 @@ mod tests {
     #[test]
     fn xfs_label_and_uuid() {
         let dir = tempfile::tempdir().unwrap();
-        let p = image(dir.path(), "x", 320 << 20);
-        run(
-            "xfsprogs",
-            "mkfs.xfs",
-            &["-q", "-f", "-L", "xfslbl", p.to_str().unwrap()],
+        let p = formatted(
+            dir.path(),
+            "x",
+            320 << 20,
+            ("xfsprogs", "mkfs.xfs"),
+            &["-q", "-f", "-L", "xfslbl"],
         );
 
         assert_matches_blkid(&p, "xfs");
@@ -663,12 +664,13 @@ mod tests {
     #[test]
     fn swap_label_and_uuid() {
         let dir = tempfile::tempdir().unwrap();
-        let p = image(dir.path(), "s", 4 << 20);
         let uuid = "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0";
-        run(
-            "util-linux",
-            "mkswap",
-            &["-q", "-L", "swp", "-U", uuid, p.to_str().unwrap()],
+        let p = formatted(
+            dir.path(),
+            "s",
+            4 << 20,
+            ("util-linux", "mkswap"),
+            &["-q", "-L", "swp", "-U", uuid],
         );
 
         assert_matches_blkid(&p, "swap");

@@ -531,7 +531,9 @@ fn parse_mounts(table: &[u8], root: &[u8]) -> Vec<ShellMount> {
     table
         .split(|&c| c == b'\n')
         .filter_map(|line| {
-            let mut f = line.split(|&c| c == b' ').map(unescape);
+            let mut f = line
+                .split(|&c| c == b' ')
+                .map(imgsafe_proto::unescape_octal);
             let (device, path, fstype) = (f.next()?, f.next()?, f.next()?);
             let below =
                 path == root || (path.starts_with(root) && path.get(root.len()) == Some(&b'/'));
@@ -543,32 +545,6 @@ fn parse_mounts(table: &[u8], root: &[u8]) -> Vec<ShellMount> {
             })
         })
         .collect()
-}
-
-/// Undo /proc/mounts' octal escapes (`\040` for a space).
-fn unescape(f: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(f.len());
-    let mut i = 0;
-    while i < f.len() {
-        match f
-            .get(i + 1..i + 4)
-            .filter(|d| f[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
-        {
-            Some(d) => {
-                out.push(
-                    (d[0] - b'0')
-                        .wrapping_mul(64)
-                        .wrapping_add((d[1] - b'0') * 8 + (d[2] - b'0')),
-                );
-                i += 4;
-            }
-            None => {
-                out.push(f[i]);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 /// Escape a path for an overlayfs option value (`,` separates options, `:` lower

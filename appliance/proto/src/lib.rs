@@ -17,6 +17,9 @@
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
+mod escape;
+pub use escape::unescape_octal;
+
 /// Bumped whenever a message changes shape.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest frame (kind byte + payload) either side accepts.
@@ -271,20 +274,11 @@ fn write_frame<W: Write>(w: &mut W, kind: u8, payload: &[u8]) -> io::Result<()> 
 
 /// Read one frame, bounded by [`MAX_FRAME`], and decode a message frame as `T`.
 pub fn read_frame<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> Result<Frame<T>, FrameError> {
-    let mut head = [0u8; 5];
-    r.read_exact(&mut head)?;
-    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    if len == 0 || len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
-    }
-    let mut payload = vec![0u8; len - 1];
-    r.read_exact(&mut payload)?;
-    match head[4] {
-        KIND_MSG => serde_json::from_slice(&payload)
-            .map(Frame::Msg)
-            .map_err(|e| FrameError::Malformed(e.to_string())),
-        KIND_DATA => Ok(Frame::Data(payload)),
-        k => Err(FrameError::UnknownKind(k)),
+    match read_shell_frame(r)? {
+        ShellFrame::Msg(m) => Ok(Frame::Msg(m)),
+        ShellFrame::Data(d) => Ok(Frame::Data(d)),
+        // Stderr frames belong to shell sessions only; anywhere else the kind is unknown.
+        ShellFrame::Stderr(_) => Err(FrameError::UnknownKind(KIND_STDERR)),
     }
 }
 

@@ -1,5 +1,6 @@
 //! A one-line progress bar on stderr for long copies.
 
+use crate::commands::filesystems::human_size;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -66,22 +67,6 @@ impl Drop for Progress {
     }
 }
 
-/// `1.5 GiB`-style size.
-fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 /// The text of the bar: `[#####.....]  12.0 MiB / 100.0 MiB  12%  4.0 MiB/s`.
 fn line(done: u64, total: u64, elapsed: Duration) -> String {
     let frac = if total == 0 {
@@ -100,10 +85,10 @@ fn line(done: u64, total: u64, elapsed: Duration) -> String {
         "[{}{}] {} / {}  {:3}%  {}/s",
         "#".repeat(filled),
         ".".repeat(BAR - filled),
-        human(done),
-        human(total),
+        human_size(done),
+        human_size(total),
         (frac * 100.0) as u32,
-        human(rate)
+        human_size(rate)
     )
 }
 

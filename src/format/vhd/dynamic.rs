@@ -368,24 +368,13 @@ impl Dynamic {
     }
 }
 
-/// Check a request against the disk size.
-fn check_range(size: u64, offset: u64, len: u64) -> io::Result<()> {
-    match offset.checked_add(len) {
-        Some(end) if end <= size => Ok(()),
-        _ => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "read past the end of the disk",
-        )),
-    }
-}
-
 impl BlockSource for Dynamic {
     fn size(&self) -> u64 {
         self.size
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        check_range(self.size, offset, buf.len() as u64)?;
+        crate::format::check_read(self.size, offset, buf.len() as u64)?;
         let runs = self.runs(offset, buf.len() as u64)?;
         let mut segs = Vec::new();
         for r in &runs {

@@ -386,13 +386,8 @@ impl BlockSource for Fixed {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        match offset.checked_add(buf.len() as u64) {
-            Some(end) if end <= self.size => super::read_exact_at(&self.file, buf, offset),
-            _ => Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "read past the end of the disk",
-            )),
-        }
+        super::check_read(self.size, offset, buf.len() as u64)?;
+        super::read_exact_at(&self.file, buf, offset)
     }
 
     fn layers(&self) -> Vec<LayerInfo> {
