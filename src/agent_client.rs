@@ -190,9 +190,28 @@ fn check_entry(e: &Entry) -> Result<()> {
 }
 
 fn unexpected(r: &Response) -> Error {
-    let mut s = format!("{r:?}");
-    s.truncate(120);
+    // Cut by characters: the guest's text may be any UTF-8, and a byte cut could fall
+    // inside a character.
+    let s: String = format!("{r:?}").chars().take(120).collect();
     Error::guest(format!("unexpected answer {s}"))
+}
+
+/// Most bytes (names, targets and bookkeeping) one listing or walk may deliver before
+/// imgsafe stops: the answers come from a hostile guest and callers keep them.
+pub const MAX_LISTING_BYTES: usize = 512 << 20;
+
+/// What an entry costs in host memory, roughly: fixed overhead plus its byte strings.
+fn entry_cost(e: &Entry) -> usize {
+    std::mem::size_of::<Entry>() + e.name.len() + e.target.as_ref().map_or(0, Vec::len)
+}
+
+/// Charge `cost` against a listing's byte budget.
+fn charge(used: &mut usize, cost: usize) -> Result<()> {
+    *used = used.saturating_add(cost);
+    if *used > MAX_LISTING_BYTES {
+        return Err(Error::guest(format!("listing larger than {} MiB", MAX_LISTING_BYTES >> 20)));
+    }
+    Ok(())
 }
 
 impl GuestFs for AgentClient {
@@ -203,7 +222,8 @@ impl GuestFs for AgentClient {
     fn stat(&mut self, path: &[u8]) -> Result<Entry> {
         check_path(path)?;
         match self.call(&Request::Stat { path: path.to_vec() })? {
-            Response::Stat { entry } => Ok(entry),
+            Response::Stat { entry } if entry.name.is_empty() || check_entry(&entry).is_ok() => Ok(entry),
+            Response::Stat { .. } => Err(Error::guest("unsafe name in stat answer")),
             Response::Error { kind, message } => Err(agent_error(kind, message, path)),
             other => Err(unexpected(&other)),
         }
@@ -213,11 +233,18 @@ impl GuestFs for AgentClient {
         check_path(path)?;
         self.send(&Request::ReadDir { path: path.to_vec() })?;
         let mut all = Vec::new();
+        let mut used = 0usize;
         loop {
             match self.recv_msg()? {
+                // An empty frame that is not the last one makes no progress: a guest
+                // could send them forever, each within the answer timeout.
+                Response::DirEntries { entries, done: false } if entries.is_empty() => {
+                    return Err(Error::guest("empty directory frame"));
+                }
                 Response::DirEntries { entries, done } => {
                     for e in &entries {
                         check_entry(e)?;
+                        charge(&mut used, entry_cost(e))?;
                     }
                     all.extend(entries);
                     if all.len() > MAX_DIR_ENTRIES {
@@ -245,6 +272,7 @@ impl GuestFs for AgentClient {
         let mut out_err: Option<std::io::Error> = None;
         loop {
             match self.recv()? {
+                Frame::Data(d) if d.is_empty() => return Err(Error::guest("empty data frame")),
                 Frame::Data(d) => {
                     got = got.checked_add(d.len() as u64).ok_or_else(|| Error::guest("file too large"))?;
                     if got > size {
@@ -277,18 +305,23 @@ impl GuestFs for AgentClient {
         check_path(path)?;
         self.send(&Request::Walk { path: path.to_vec() })?;
         let mut first_err: Option<Error> = None;
+        let mut used = 0usize;
         loop {
             match self.recv_msg()? {
+                Response::WalkEntries { entries, done: false } if entries.is_empty() => {
+                    return Err(Error::guest("empty walk frame"));
+                }
                 Response::WalkEntries { entries, done } => {
                     for w in entries {
                         if first_err.is_some() {
                             continue;
                         }
                         let ok = w.path.len() <= 2048 && w.path.iter().all(|c| validate_name(c).is_ok());
+                        let cost = entry_cost(&w.entry) + w.path.iter().map(|c| c.len() + 24).sum::<usize>();
                         let r = if !ok {
                             Err(Error::guest("unsafe path in walk"))
                         } else {
-                            check_entry(&w.entry).and_then(|_| each(w))
+                            check_entry(&w.entry).and_then(|_| charge(&mut used, cost)).and_then(|_| each(w))
                         };
                         if let Err(e) = r {
                             first_err = Some(e);
@@ -302,5 +335,69 @@ impl GuestFs for AgentClient {
                 other => return Err(unexpected(&other)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    /// A fake agent: answers the handshake, then sends `frames` after the next request.
+    fn fake_agent(frames: Vec<(u8, Vec<u8>)>) -> AgentClient {
+        let (host, guest) = UnixStream::pair().unwrap();
+        thread::spawn(move || {
+            let mut g = guest;
+            let _: Frame<Request> = proto::read_frame(&mut g).unwrap();
+            proto::write_msg(&mut g, &Response::Hello { version: proto::PROTOCOL_VERSION, kernel: "k".into() }).unwrap();
+            let _: Frame<Request> = proto::read_frame(&mut g).unwrap();
+            for (kind, payload) in frames {
+                let mut head = ((payload.len() + 1) as u32).to_le_bytes().to_vec();
+                head.push(kind);
+                let _ = g.write_all(&head).and_then(|_| g.write_all(&payload));
+            }
+        });
+        AgentClient::connect(host).unwrap()
+    }
+
+    fn msg(r: &Response) -> (u8, Vec<u8>) {
+        (proto::KIND_MSG, serde_json::to_vec(r).unwrap())
+    }
+
+    #[test]
+    fn unexpected_answer_with_multibyte_text_is_an_error_not_a_panic() {
+        let mut c = fake_agent(vec![msg(&Response::Mounted { device: "é".repeat(100), fstype: "x".into() })]);
+
+        let err = c.stat(b"/").unwrap_err();
+
+        assert!(err.to_string().starts_with("guest agent: unexpected answer"), "{err}");
+    }
+
+    #[test]
+    fn empty_data_frames_are_refused() {
+        let mut c = fake_agent(vec![msg(&Response::FileStart { size: 10 }), (proto::KIND_DATA, Vec::new())]);
+
+        let err = c.read_file(b"/f", &mut Vec::new()).unwrap_err();
+
+        assert!(err.to_string().contains("empty data frame"), "{err}");
+    }
+
+    #[test]
+    fn endless_empty_listing_frames_are_refused() {
+        let empty = Response::DirEntries { entries: Vec::new(), done: false };
+        let mut c = fake_agent(vec![msg(&empty), msg(&empty), msg(&empty)]);
+
+        let err = c.read_dir(b"/").unwrap_err();
+
+        assert!(err.to_string().contains("empty directory frame"), "{err}");
+    }
+
+    #[test]
+    fn stream_longer_than_announced_is_refused() {
+        let mut c = fake_agent(vec![msg(&Response::FileStart { size: 2 }), (proto::KIND_DATA, b"abc".to_vec())]);
+
+        let err = c.read_file(b"/f", &mut Vec::new()).unwrap_err();
+
+        assert!(err.to_string().contains("longer than announced"), "{err}");
     }
 }

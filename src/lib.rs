@@ -42,8 +42,41 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
             Error::Interrupted.exit_code()
         }
         Err(e) => {
-            eprintln!("imgsafe: {e}");
+            eprintln!("imgsafe: {}", printable(&e.to_string()));
             e.exit_code()
         }
+    }
+}
+
+/// Most characters of one error line.
+const MAX_MESSAGE: usize = 2000;
+
+/// Make text that may carry guest- or image-supplied bytes safe for a terminal: control
+/// characters (escape sequences, newlines) become `?`, and the length is bounded, so an
+/// error stays one line and cannot drive the user's terminal.
+pub fn printable(s: &str) -> String {
+    let mut out: String = s.chars().take(MAX_MESSAGE).map(|c| if c.is_control() { '?' } else { c }).collect();
+    if s.chars().nth(MAX_MESSAGE).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_sequences_and_newlines_never_reach_the_terminal() {
+        let shown = printable("mount: \x1b]0;pwned\x07 bad\nsecond line");
+
+        assert_eq!(shown, "mount: ?]0;pwned? bad?second line");
+    }
+
+    #[test]
+    fn long_messages_are_cut() {
+        let shown = printable(&"é".repeat(5000));
+
+        assert_eq!(shown.chars().count(), MAX_MESSAGE + 3);
     }
 }

@@ -37,7 +37,9 @@ fn list(fs: &mut dyn GuestFs, args: &LsArgs) -> Result<()> {
     let rows = collect(fs, path, args.recursive)?;
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
-    let r = if args.json { write_json(&mut out, &args.path, &rows) } else { write_text(&mut out, &rows, args.long) };
+    // SAFETY: isatty has no preconditions.
+    let tty = unsafe { libc::isatty(libc::STDOUT_FILENO) } == 1;
+    let r = if args.json { write_json(&mut out, &args.path, &rows) } else { write_text(&mut out, &rows, args.long, tty) };
     match r.and_then(|_| out.flush()) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
@@ -125,7 +127,18 @@ pub fn format_time(secs: i64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-fn write_text(out: &mut impl Write, rows: &[Row], long: bool) -> io::Result<()> {
+/// Names as shown on a terminal: control bytes become `?` (as `ls -q` does), so a file
+/// name from the image cannot send escape sequences to the user's terminal. Piped
+/// output keeps the exact bytes.
+fn shown(b: &[u8], tty: bool) -> std::borrow::Cow<'_, [u8]> {
+    if tty && b.iter().any(|c| c.is_ascii_control()) {
+        b.iter().map(|&c| if c.is_ascii_control() { b'?' } else { c }).collect::<Vec<u8>>().into()
+    } else {
+        b.into()
+    }
+}
+
+fn write_text(out: &mut impl Write, rows: &[Row], long: bool, tty: bool) -> io::Result<()> {
     let width = rows.iter().map(|r| r.entry.size.to_string().len()).max().unwrap_or(1);
     for r in rows {
         if long {
@@ -137,11 +150,11 @@ fn write_text(out: &mut impl Write, rows: &[Row], long: bool) -> io::Result<()> 
                 format_time(r.entry.mtime)
             )?;
         }
-        out.write_all(&joined(&r.path))?;
+        out.write_all(&shown(&joined(&r.path), tty))?;
         if long {
             if let Some(t) = &r.entry.target {
                 out.write_all(b" -> ")?;
-                out.write_all(t)?;
+                out.write_all(&shown(t, tty))?;
             }
         }
         out.write_all(b"\n")?;
@@ -211,6 +224,14 @@ mod tests {
         assert_eq!(mode_string(FileType::Directory, 0o1777), "drwxrwxrwt");
         assert_eq!(mode_string(FileType::Regular, 0o2644), "-rw-r-Sr--");
         assert_eq!(mode_string(FileType::Symlink, 0o777), "lrwxrwxrwx");
+    }
+
+    #[test]
+    fn control_bytes_are_hidden_on_a_terminal_only() {
+        let name = b"evil\x1b]0;title\x07\nname";
+
+        assert_eq!(&*shown(name, true), b"evil?]0;title??name");
+        assert_eq!(&*shown(name, false), name);
     }
 
     #[test]

@@ -96,9 +96,10 @@ fn drive(s: &mut Session, args: &ShellArgs, mode: Mode) -> Result<ShellStatus> {
         term: std::env::var("TERM").ok(),
         overlay: args.overlay,
     };
-    // An interactive session may sit idle for hours: no answer timeout while it runs.
-    set_timeout(&ch, None)?;
+    // The guest must start the shell within the answer timeout; after that a session
+    // may sit idle (or a command run) for hours, so no timeout while it runs.
     let mounts = start_shell(ch.reader, ch.writer, start)?;
+    set_timeout(&ch, None)?;
     let status = match mode {
         Mode::Interactive => {
             eprint!("{}", banner(&image, &mounts, args.overlay));

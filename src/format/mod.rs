@@ -187,14 +187,37 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>, For
     }
 }
 
-/// Open `path` read-only and reject what cannot be a disk image (directories, empty files).
-/// Never opens for writing: the image file is never modified.
+/// Open `path` read-only and reject what cannot be a disk image (directories, empty
+/// files, FIFOs, sockets, character devices). Never opens for writing: the image file is
+/// never modified.
+///
+/// The file is opened with O_NONBLOCK and checked with fstat on the descriptor itself,
+/// so a FIFO named by a hostile descriptor or parent locator can neither block imgsafe
+/// nor be swapped in between a check and the open.
 pub fn open_image_file(path: &Path) -> Result<File, FormatError> {
-    let meta = std::fs::metadata(path).map_err(|e| FormatError::io(path, e))?;
-    if meta.is_dir() {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| FormatError::io(path, e))?;
+    let kind = file.metadata().map_err(|e| FormatError::io(path, e))?.file_type();
+    if kind.is_dir() {
         return Err(FormatError::IsDirectory { path: path.to_path_buf() });
     }
-    let file = File::open(path).map_err(|e| FormatError::io(path, e))?;
+    if !(kind.is_file() || kind.is_block_device()) {
+        return Err(FormatError::corrupt(path, "not a regular file or block device"));
+    }
+    // Regular files and block devices never block; clear the flag anyway so reads
+    // behave as ordinary blocking reads.
+    // SAFETY: fcntl on a descriptor we own, with integer arguments only.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
     let len = file_len(path, &file)?;
     if len == 0 {
         return Err(FormatError::Empty { path: path.to_path_buf() });
@@ -218,4 +241,62 @@ pub fn file_len(path: &Path, file: &File) -> Result<u64, FormatError> {
 pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     file.read_exact_at(buf, offset)
+}
+
+/// Check that a read of `len` bytes at `offset` lies within a disk of `size` bytes;
+/// returns where the read ends.
+pub fn check_read(size: u64, offset: u64, len: u64) -> io::Result<u64> {
+    offset
+        .checked_add(len)
+        .filter(|&end| end <= size)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "read past the end of the disk"))
+}
+
+#[cfg(test)]
+mod check_read_tests {
+    use super::*;
+
+    #[test]
+    fn reads_within_the_disk_are_accepted_up_to_its_end() {
+        assert_eq!(check_read(4096, 0, 4096).unwrap(), 4096);
+        assert_eq!(check_read(4096, 4096, 0).unwrap(), 4096);
+    }
+
+    #[test]
+    fn reads_past_the_end_or_overflowing_are_refused() {
+        let past = check_read(4096, 1, 4096).unwrap_err();
+        let overflow = check_read(u64::MAX, u64::MAX, 1).unwrap_err();
+
+        assert_eq!(past.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(past.to_string(), "read past the end of the disk");
+        assert_eq!(overflow.kind(), io::ErrorKind::InvalidInput);
+    }
+}
+
+#[cfg(test)]
+mod open_image_file_tests {
+    use super::*;
+
+    #[test]
+    fn fifo_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("disk.img");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+
+        let err = open_image_file(&fifo).unwrap_err();
+
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn directory_and_empty_file_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.img");
+        std::fs::write(&empty, b"").unwrap();
+
+        assert!(matches!(open_image_file(dir.path()), Err(FormatError::IsDirectory { .. })));
+        assert!(matches!(open_image_file(&empty), Err(FormatError::Empty { .. })));
+    }
 }
