@@ -609,3 +609,15 @@ fn in_use_image_reads_with_a_warning() {
     );
     assert!(read_all(&*open(&img)) == disk);
 }
+
+#[test]
+fn refuses_one_file_listed_twice_in_a_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = small_image(&dir.path().join("root.hds"));
+    let xml = dir.path().join("DiskDescriptor.xml");
+    write_two_delta_descriptor(&xml, spec.size / 512, spec.cluster_sectors, ("root.hds", "root.hds"), "Compressed");
+
+    let err = open_err(&xml);
+
+    assert!(err.contains("root.hds: listed twice in the chain of"), "{err}");
+}

@@ -21,6 +21,7 @@ pub use xml::{parse as parse_xml, Element};
 use super::ploop::{self, Chain, Delta, SECTOR_SIZE};
 use super::{BlockSource, FormatError, OpenOptions};
 use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 /// The top GUID used when `Snapshots/TopGUID` is absent (prl-xml.rst "Snapshots").
@@ -323,6 +324,9 @@ fn check_delta(
     }
 }
 
+/// Most memory all BATs of one chain may take (each delta's BAT is read whole).
+const MAX_CHAIN_BAT_BYTES: u64 = 512 << 20;
+
 /// Open the chain a DiskDescriptor.xml describes.
 pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>, FormatError> {
     let _ = opts;
@@ -332,10 +336,27 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource
     let mut cluster_size = desc.block_sectors.map(|b| b.saturating_mul(SECTOR_SIZE));
     let mut deltas = Vec::with_capacity(order.len());
     let mut roles = Vec::with_capacity(order.len());
+    let mut seen = std::collections::HashSet::new();
+    let mut bat_bytes: u64 = 0;
     for (depth, &index) in order.iter().enumerate() {
         let is_base = depth + 1 == order.len();
         let delta = open_delta(path, &desc.images[index])?;
         check_delta(&delta, disk_size, &mut cluster_size, is_base)?;
+        // Several GUIDs naming one file would multiply its BAT in memory for nothing.
+        let id = std::fs::metadata(delta.path()).map(|m| (m.dev(), m.ino())).map_err(|e| FormatError::io(delta.path(), e))?;
+        if !seen.insert(id) {
+            return Err(FormatError::corrupt(delta.path(), format!("listed twice in the chain of {}", path.display())));
+        }
+        if delta.plain_len().is_none() {
+            let clusters = disk_size.div_ceil(cluster_size.filter(|&c| c > 0).unwrap_or(1 << 20));
+            bat_bytes = bat_bytes.saturating_add(clusters.saturating_mul(4));
+            if bat_bytes > MAX_CHAIN_BAT_BYTES {
+                return Err(FormatError::Unsupported {
+                    path: path.to_path_buf(),
+                    what: format!("the chain's tables need more than {} MiB of memory", MAX_CHAIN_BAT_BYTES >> 20),
+                });
+            }
+        }
         deltas.push(delta);
         roles.push(
             match (depth, is_base) {
