@@ -26,6 +26,8 @@ const ROOT_MARKERS: [&[u8]; 2] = [b"/etc/fstab", b"/etc/os-release"];
 /// A running appliance with the image attached.
 pub struct Session {
     image: PathBuf,
+    /// Every file the decoded image was read from (a chain has several).
+    image_files: Vec<PathBuf>,
     // Field order is teardown order: agent channel, VM, NBD server, temp dir.
     agent: AgentClient,
     vm: Vm,
@@ -59,6 +61,7 @@ impl Session {
     /// Like [`Session::start`] for an already decoded image.
     pub fn start_with_source(image_arg: &Path, source: Arc<dyn BlockSource>) -> Result<Session> {
         let timeout = timeout()?;
+        let image_files = source.layers().into_iter().map(|l| l.path).collect();
         let dir = tempfile::Builder::new()
             .prefix("imgsafe-")
             .tempdir()
@@ -84,12 +87,24 @@ impl Session {
             trace::note(&format!("qemu: {} {}", cfg.qemu.display(), argv.join(" ")));
         }
         let stage = trace::stage("boot");
+        // Sub-stage times for `-v`: QEMU start-up (until QMP answers), plugging the
+        // disk in and resuming, then the guest's own boot until the agent answers.
+        let t0 = std::time::Instant::now();
         let mut vm = Vm::launch(&cfg)?;
+        let t_qemu = t0.elapsed();
         vm.attach_nbd_disk(&nbd_sock, "", true)?;
         vm.start()?;
+        let t_plug = t0.elapsed();
         let agent = connect_agent(&mut vm, timeout)?;
-        stage.done(&format!("{accel:?}, guest kernel {}", agent.kernel));
-        Ok(Session { image: image_arg.to_path_buf(), agent, vm, nbd: Some(nbd), _dir: dir, filesystems: None })
+        let t_all = t0.elapsed();
+        stage.done(&format!(
+            "{accel:?}, guest kernel {} (qemu {:.3}s, plug {:.3}s, guest {:.3}s)",
+            agent.kernel,
+            t_qemu.as_secs_f64(),
+            (t_plug - t_qemu).as_secs_f64(),
+            (t_all - t_plug).as_secs_f64()
+        ));
+        Ok(Session { image: image_arg.to_path_buf(), image_files, agent, vm, nbd: Some(nbd), _dir: dir, filesystems: None })
     }
 
     /// Start, then choose and mount the filesystem (see [`choose`]).
@@ -104,6 +119,11 @@ impl Session {
                 Err(e)
             }
         }
+    }
+
+    /// The files the image was decoded from (top first); `cp` never replaces them.
+    pub fn image_files(&self) -> &[PathBuf] {
+        &self.image_files
     }
 
     /// The image as the user named it.

@@ -58,6 +58,9 @@ pub struct CopyOptions {
     pub force: bool,
     /// Allow a progress bar on stderr (the caller checks that stderr is a terminal).
     pub progress: bool,
+    /// (device, inode) of the image's own files: never replaced, even with `force`, so
+    /// a copy into the image's folder cannot swap the image for a file from the guest.
+    pub protected: Vec<(u64, u64)>,
 }
 
 /// What a copy did.
@@ -461,10 +464,11 @@ fn make_dir(parent: &Dir, name: &[u8], entry: &Entry, shown: String) -> Result<(
 fn create_replacing<T>(
     parent: &Dir,
     name: &[u8],
-    force: bool,
+    opts: &CopyOptions,
     shown: &str,
     create: impl Fn(&Dir, &[u8]) -> io::Result<T>,
 ) -> Result<T> {
+    let force = opts.force;
     let err = |e: io::Error| Error::Other(format!("{shown}: {e}"));
     match create(parent, name) {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
@@ -476,6 +480,11 @@ fn create_replacing<T>(
             if parent.lookup(name).map_err(err)? == Some(Present::Directory) {
                 return Err(Error::Other(format!(
                     "{shown}: is a directory, not replacing it"
+                )));
+            }
+            if parent.identity(name).map_err(err)?.is_some_and(|id| opts.protected.contains(&id)) {
+                return Err(Error::Other(format!(
+                    "{shown}: is a file of the image being read, not replacing it"
                 )));
             }
             parent.unlink(name).map_err(err)?;
@@ -619,7 +628,7 @@ fn apply(
             }
             FileType::Regular => {
                 let mut file =
-                    create_replacing(parent, name, opts.force, &shown, Dir::create_file)?;
+                    create_replacing(parent, name, opts, &shown, Dir::create_file)?;
                 let copied = stream(fs, &plan.guest_path(item), &mut file, e, &shown, progress)
                     .and_then(|n| {
                         dest::set_mode_mtime(&file, e.mode & KEPT_MODE, e.mtime, e.mtime_nsec)
@@ -640,7 +649,7 @@ fn apply(
             }
             FileType::Symlink => {
                 let target = e.target.as_deref().unwrap_or_default();
-                create_replacing(parent, name, opts.force, &shown, |d, n| {
+                create_replacing(parent, name, opts, &shown, |d, n| {
                     d.make_symlink(n, target)
                 })?;
                 parent
@@ -760,9 +769,16 @@ pub fn run(args: CpArgs) -> Result<()> {
         )));
     }
     let mut session = Session::open_mounted(&image, &args.image_args, &args.mount)?;
+    let protected = session
+        .image_files()
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| (std::os::unix::fs::MetadataExt::dev(&m), std::os::unix::fs::MetadataExt::ino(&m)))
+        .collect();
     let opts = CopyOptions {
         force: args.force,
         progress: io::stderr().is_terminal(),
+        protected,
     };
     let stage = trace::stage("cp");
     match copy_out(session.fs(), &sources, &dest, &opts) {
@@ -1002,7 +1018,7 @@ mod tests {
     fn force() -> CopyOptions {
         CopyOptions {
             force: true,
-            progress: false,
+            ..CopyOptions::default()
         }
     }
 
@@ -1173,6 +1189,25 @@ mod tests {
             .is_file());
         assert_eq!(std::fs::read(a.dest.join("x")).unwrap(), b"new");
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn force_never_replaces_the_image_being_read() {
+        let a = area();
+        let image = a.dest.join("disk.img");
+        std::fs::write(&image, b"the image").unwrap();
+        let m = std::fs::metadata(&image).unwrap();
+        let opts = CopyOptions {
+            force: true,
+            protected: vec![(std::os::unix::fs::MetadataExt::dev(&m), std::os::unix::fs::MetadataExt::ino(&m))],
+            ..CopyOptions::default()
+        };
+        let mut fs = MemFs::new().file(b"/disk.img", b"guest bytes", 0o644, 1);
+
+        let err = copy_out(&mut fs, &src("/disk.img"), &a.dest, &opts).unwrap_err();
+
+        assert!(err.to_string().contains("is a file of the image being read"), "{err}");
+        assert_eq!(std::fs::read(&image).unwrap(), b"the image");
     }
 
     #[test]

@@ -96,6 +96,20 @@ impl Dir {
     }
 
     /// What is present under `name` (not following a symlink), or None.
+    /// (device, inode) of `name` in this directory, not following a symlink.
+    pub fn identity(&self, name: &[u8]) -> io::Result<Option<(u64, u64)>> {
+        let c = cstr(name)?;
+        // SAFETY: zeroed `stat` is a valid value for this plain C struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid dirfd, NUL-terminated name, and a writable stat buffer.
+        let r = unsafe { libc::fstatat(self.fd.as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+        if r == -1 {
+            let e = io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(e) };
+        }
+        Ok(Some((st.st_dev, st.st_ino)))
+    }
+
     pub fn lookup(&self, name: &[u8]) -> io::Result<Option<Present>> {
         let c = cstr(name)?;
         // SAFETY: zeroed `stat` is a valid value for this plain C struct.
