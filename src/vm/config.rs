@@ -14,9 +14,13 @@ pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
 /// Guest memory: enough for the kernel, the initramfs unpacked in RAM and page cache
 /// for reading files; less makes large `cp` slower, more makes start-up slower.
 pub const DEFAULT_MEMORY_MIB: u32 = 192;
-/// The appliance does one job at a time; a second vCPU only costs start-up time
-/// under TCG on a 2-core host.
+/// vCPUs under KVM: the appliance does one job at a time.
 pub const DEFAULT_CPUS: u32 = 1;
+/// vCPUs under TCG. With a single present CPU the kernel rewrites every `lock` prefix
+/// of its text for uniprocessor use, one `text_poke` (a page-table switch and TLB
+/// flush) each, which under TCG costs about 0.15 s of boot; bringing up a second vCPU
+/// is cheaper. Measured with `imgsafe -v ls`: boot median 1.76 s against 2.08 s.
+pub const TCG_CPUS: u32 = 2;
 /// QEMU id of the virtio-serial controller carrying the agent port.
 pub const SERIAL_CONTROLLER_ID: &str = "vser0";
 /// QEMU chardev id of the agent channel.
@@ -126,7 +130,10 @@ impl VmConfig {
             initrd: initrd.to_path_buf(),
             extra_cmdline: Vec::new(),
             memory_mib: DEFAULT_MEMORY_MIB,
-            cpus: DEFAULT_CPUS,
+            cpus: match accel {
+                Accel::Tcg => TCG_CPUS,
+                Accel::Kvm => DEFAULT_CPUS,
+            },
             tsc_khz,
             qmp_socket: run_dir.join("qmp.sock"),
             agent_socket: run_dir.join("agent.sock"),
@@ -466,5 +473,18 @@ mod tests {
                 DEFAULT_MEMORY_MIB
             )
         );
+    }
+
+    #[test]
+    fn new_gives_tcg_two_vcpus_and_kvm_one() {
+        let (k, i, d) = (Path::new("/k"), Path::new("/i"), Path::new("/run/d"));
+
+        let tcg = VmConfig::new(Accel::Tcg, k, i, d);
+        let kvm = VmConfig::new(Accel::Kvm, k, i, d);
+
+        assert_eq!((tcg.cpus, kvm.cpus), (TCG_CPUS, DEFAULT_CPUS));
+        assert!(strings(tcg.argv())
+            .windows(2)
+            .any(|w| w[0] == "-smp" && w[1] == "2"));
     }
 }

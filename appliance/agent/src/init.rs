@@ -132,7 +132,10 @@ pub const FS_MODULE_DIR: &str = "/etc/imgsafe/fs";
 /// Load the modules a filesystem type needs, if the appliance lists any for it (a
 /// missing list means the driver is built in, or unknown and the mount will say so).
 pub fn load_fs_modules(fstype: &str) {
-    if fstype.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+    if fstype
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
         load_module_list(&Path::new(FS_MODULE_DIR).join(fstype));
     }
 }
@@ -224,16 +227,39 @@ pub fn debug_requested() -> bool {
         .unwrap_or(false)
 }
 
+/// Seconds since the guest kernel started (CLOCK_BOOTTIME), the clock of the kernel's
+/// own log timestamps, so boot steps logged with it line up with the kernel's.
+fn uptime() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
 /// Set up the guest as init and return the host channel.
 pub fn boot() -> Result<File, String> {
+    let started = uptime();
     if let Err(e) = console() {
         // Keep going: without a console we only lose log lines.
         log(&format!("console: {e}"));
     }
     mounts().map_err(|e| e.to_string())?;
     start_reaper();
+    let mounted = uptime();
     load_modules();
-    open_port()
+    let loaded = uptime();
+    let port = open_port();
+    if debug_requested() {
+        log(&format!(
+            "boot: init at {started:.3}s, mounts until {mounted:.3}s, modules until \
+             {loaded:.3}s, port at {:.3}s",
+            uptime()
+        ));
+    }
+    port
 }
 
 /// Sync, unmount the image's filesystems and power off. Never returns.
