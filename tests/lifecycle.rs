@@ -47,9 +47,10 @@ fn runs_as_an_ordinary_user() {
     let out = if uid != 0 {
         run(["cat", &img.arg(), "/etc/hostname"])
     } else {
-        let user = std::env::var("IMGSAFE_TEST_USER").expect(
-            "running as root: set IMGSAFE_TEST_USER to an ordinary user (.ci/run creates one) so imgsafe is tested without root",
-        );
+        // Run as root, prove imgsafe needs no root by running it as an ordinary user:
+        // IMGSAFE_TEST_USER (CI creates one with a home), else `nobody`, which every
+        // Debian system has.
+        let user = std::env::var("IMGSAFE_TEST_USER").unwrap_or_else(|_| "nobody".to_string());
         // Give the ordinary user a copy of the binary and the image it can reach.
         let dir = tempfile::tempdir().unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
