@@ -216,6 +216,33 @@ fn early_qemu_failure_reports_qemu_message() {
 }
 
 #[test]
+fn qemu_cannot_write_a_file_past_the_limit() {
+    // A stand-in for QEMU that floods a file, as a guest flooding its console log would.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    let flood = dir.path().join("flood");
+    let fake = dir.path().join("fake-qemu");
+    let over = (imgsafe::vm::MAX_QEMU_FILE_BYTES >> 20) + 8;
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\nexec head -c {over}M /dev/zero > '{}'\n", flood.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    cfg.qemu = fake;
+
+    let err = Vm::launch(&cfg).err().expect("the stand-in never opens QMP");
+
+    let text = err.to_string();
+    assert!(matches!(err, VmError::EarlyExit { .. }), "{text}");
+    assert!(text.contains("more than 64 MiB"), "{text}");
+    assert_eq!(
+        std::fs::metadata(&flood).unwrap().len(),
+        imgsafe::vm::MAX_QEMU_FILE_BYTES
+    );
+}
+
+#[test]
 fn argv_is_accepted_by_real_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());

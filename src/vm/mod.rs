@@ -39,7 +39,7 @@ pub mod tsc;
 
 pub use accel::AccelError;
 pub use config::{Accel, Machine, VmConfig};
-pub use process::{DiskSlot, Vm, VmError};
+pub use process::{DiskSlot, Vm, VmError, MAX_QEMU_FILE_BYTES};
 
 impl From<VmError> for crate::Error {
     /// A VM failure after a signal is the signal's doing (QEMU was killed by the

@@ -21,6 +21,11 @@ pub const MAX_SOCKET_PATH: usize = 107;
 const POLL: Duration = Duration::from_millis(5);
 /// How much of the end of the console log and of QEMU's messages goes into an error.
 const TAIL_BYTES: u64 = 8192;
+/// Largest file QEMU may write (RLIMIT_FSIZE). The only files it writes are the guest
+/// console log and its own messages; a guest flooding its console (a compromised guest
+/// kernel is within the threat model) would otherwise fill the host's temp directory.
+/// Past the limit the kernel stops QEMU with SIGXFSZ, reported as such.
+pub const MAX_QEMU_FILE_BYTES: u64 = 64 << 20;
 /// What Linux prints when it panics.
 const PANIC_MARK: &str = "Kernel panic - not syncing";
 /// How many lines of each go into an error.
@@ -132,7 +137,7 @@ impl Vm {
         // SAFETY: getpid is async-signal-safe.
         let parent = unsafe { libc::getpid() };
         // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-        // functions (prctl, getppid), allocating nothing.
+        // functions (prctl, setrlimit, getppid), allocating nothing.
         unsafe {
             command.pre_exec(move || {
                 if libc::prctl(
@@ -142,6 +147,20 @@ impl Vm {
                     0,
                     0,
                 ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                let file_limit = libc::rlimit {
+                    rlim_cur: MAX_QEMU_FILE_BYTES,
+                    rlim_max: MAX_QEMU_FILE_BYTES,
+                };
+                // No core dump either: it would hold guest memory and fill the disk.
+                let no_core = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &file_limit) != 0
+                    || libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0
                 {
                     return Err(io::Error::last_os_error());
                 }
@@ -450,6 +469,10 @@ impl Drop for Vm {
 fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit status {code}"),
+        (None, Some(libc::SIGXFSZ)) => format!(
+            "stopped for writing more than {} MiB of console output",
+            MAX_QEMU_FILE_BYTES >> 20
+        ),
         (None, Some(sig)) => format!("killed by signal {sig}"),
         (None, None) => status.to_string(),
     }
