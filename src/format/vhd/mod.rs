@@ -41,6 +41,37 @@ use std::path::{Path, PathBuf};
 
 /// Most files in one differencing chain (the top included); deeper chains are refused.
 pub const MAX_CHAIN_DEPTH: usize = 32;
+/// Most memory the BATs of one chain may take together (each file's BAT is kept whole;
+/// one file's is at most 128 MiB, and 32 of those would be too much to hold).
+pub const MAX_CHAIN_BAT_BYTES: u64 = 512 << 20;
+
+/// What the files opened so far in a chain have taken.
+#[derive(Default)]
+struct Chain {
+    /// (device, inode) of each file, top first, to refuse parent loops.
+    files: Vec<(u64, u64)>,
+    /// Bytes held by their BATs.
+    bat_bytes: u64,
+}
+
+impl Chain {
+    /// Count a BAT of `entries` against [`MAX_CHAIN_BAT_BYTES`]; refuse the file whose
+    /// BAT goes past it.
+    fn charge_bat(&mut self, path: &Path, entries: usize) -> Result<(), FormatError> {
+        // Entries are u32 and at most MAX_BAT_ENTRIES per file, 32 files: no overflow.
+        self.bat_bytes += entries as u64 * 4;
+        if self.bat_bytes > MAX_CHAIN_BAT_BYTES {
+            return Err(FormatError::Unsupported {
+                path: path.to_path_buf(),
+                what: format!(
+                    "differencing chain whose block tables need more than {} MiB of memory",
+                    MAX_CHAIN_BAT_BYTES >> 20
+                ),
+            });
+        }
+        Ok(())
+    }
+}
 
 /// True if the file has a VHD footer cookie (`conectix`) at offset 0 (the copy dynamic
 /// disks keep) or in its last 512 (or, for old Virtual PC files, 511) bytes.
@@ -71,7 +102,7 @@ pub fn open(
     file: File,
     opts: &OpenOptions,
 ) -> Result<Box<dyn BlockSource>, FormatError> {
-    let mut chain = Vec::new();
+    let mut chain = Chain::default();
     open_layer(path, file, opts, &mut chain).map(|(src, _)| src)
 }
 
@@ -152,29 +183,29 @@ fn read_footer(path: &Path, file: &File) -> Result<FooterFound, FormatError> {
     }
 }
 
-/// Open one file of a chain; `chain` holds the (device, inode) of the files above it.
+/// Open one file of a chain; `chain` holds what the files above it took.
 /// Returns the decoder and the file's footer (for the child's parent-id check).
 fn open_layer(
     path: &Path,
     file: File,
     opts: &OpenOptions,
-    chain: &mut Vec<(u64, u64)>,
+    chain: &mut Chain,
 ) -> Result<(Box<dyn BlockSource>, Footer), FormatError> {
     let meta = file.metadata().map_err(|e| FormatError::io(path, e))?;
-    if chain.contains(&(meta.dev(), meta.ino())) {
+    if chain.files.contains(&(meta.dev(), meta.ino())) {
         return Err(FormatError::corrupt(
             path,
             "parent loop: this file is already in the differencing chain",
         ));
     }
-    if chain.len() >= MAX_CHAIN_DEPTH {
+    if chain.files.len() >= MAX_CHAIN_DEPTH {
         return Err(FormatError::Unsupported {
             path: path.to_path_buf(),
             what: format!("differencing chain deeper than {MAX_CHAIN_DEPTH} files"),
         });
     }
-    chain.push((meta.dev(), meta.ino()));
-    let is_parent = chain.len() > 1;
+    chain.files.push((meta.dev(), meta.ino()));
+    let is_parent = chain.files.len() > 1;
 
     let found = read_footer(path, &file)?;
     let footer = found.footer;
@@ -202,6 +233,7 @@ fn open_layer(
         }
         footer::TYPE_DYNAMIC | footer::TYPE_DIFFERENCING => {
             let layout = load_layout(path, &file, &footer, size, found.data_limit)?;
+            chain.charge_bat(path, layout.bat.len())?;
             let (parent, role) = if footer.disk_type == footer::TYPE_DIFFERENCING {
                 let parent = open_parent(path, &file, &layout.header, opts, chain)?;
                 (Some(parent), if is_parent { "parent" } else { "top" })
@@ -224,7 +256,7 @@ fn open_parent(
     file: &File,
     header: &header::DynHeader,
     opts: &OpenOptions,
-    chain: &mut Vec<(u64, u64)>,
+    chain: &mut Chain,
 ) -> Result<Box<dyn BlockSource>, FormatError> {
     let candidates = parent_candidates(path, file, header)?;
     if candidates.is_empty() {

@@ -174,3 +174,19 @@ fn huge_current_size_is_corrupt() {
 
     assert!(err.contains("exceeds the VHD maximum of 2040 GiB"), "{err}");
 }
+
+#[test]
+fn chain_bat_budget_refuses_the_file_that_crosses_it() {
+    let mut chain = Chain::default();
+    let quarter = (MAX_CHAIN_BAT_BYTES / 4 / 4) as usize;
+    let path = Path::new("parent3.vhd");
+
+    let first_four: Vec<bool> = (0..4)
+        .map(|_| chain.charge_bat(path, quarter).is_ok())
+        .collect();
+    let fifth = chain.charge_bat(path, 1).unwrap_err().to_string();
+
+    assert_eq!(first_four, [true; 4]);
+    assert!(fifth.starts_with("parent3.vhd: "), "{fifth}");
+    assert!(fifth.contains("more than 512 MiB of memory"), "{fifth}");
+}
