@@ -100,6 +100,16 @@ fn drive(s: &mut Session, args: &ShellArgs, mode: Mode) -> Result<ShellStatus> {
     // may sit idle (or a command run) for hours, so no timeout while it runs.
     let mounts = start_shell(ch.reader, ch.writer, start)?;
     set_timeout(&ch, None)?;
+    if args.overlay && mode == Mode::Pipes {
+        for m in mounts.iter().filter(|m| !m.writable).take(MAX_BANNER_MOUNTS) {
+            eprintln!(
+                "imgsafe: warning: {}: {} ({}) stays read-only: an overlay cannot be put over it",
+                image.display(),
+                clean(&m.path),
+                clean(&m.fstype)
+            );
+        }
+    }
     let status = match mode {
         Mode::Interactive => {
             eprint!("{}", banner(&image, &mounts, args.overlay));
@@ -171,7 +181,10 @@ fn banner(image: &Path, mounts: &[ShellMount], overlay: bool) -> String {
     let shown: Vec<String> = mounts
         .iter()
         .take(MAX_BANNER_MOUNTS)
-        .map(|m| format!("{} ({}) at {}", clean(&m.device), clean(&m.fstype), clean(&m.path)))
+        .map(|m| {
+            let ro = if overlay && !m.writable { ", read-only: no overlay possible" } else { "" };
+            format!("{} ({}) at {}{ro}", clean(&m.device), clean(&m.fstype), clean(&m.path))
+        })
         .collect();
     let what = if shown.is_empty() {
         "nothing mounted".to_string()
@@ -196,7 +209,7 @@ fn pump<R: io::Read + Send, W: Write>(r: &mut R, w: &mut W, winch: Option<&term:
     let (wake_r, wake_w) = pipe().map_err(|e| Error::Other(format!("creating a pipe: {e}")))?;
     std::thread::scope(|scope| {
         let output = scope.spawn(move || {
-            let r = copy_output(r);
+            let r = copy_output(r, &wake_w);
             // Wake the input loop; the write end closes with this thread.
             drop(wake_w);
             r
@@ -214,8 +227,9 @@ fn pump<R: io::Read + Send, W: Write>(r: &mut R, w: &mut W, winch: Option<&term:
     })
 }
 
-/// Guest frames to stdout and stderr until `ShellExit`.
-fn copy_output<R: io::Read>(r: &mut R) -> Result<ShellStatus> {
+/// Guest frames to stdout and stderr until `ShellExit`. When stdout fails, one byte on
+/// `wake` asks the input side to tell the guest (see [`copy_input`]).
+fn copy_output<R: io::Read>(r: &mut R, wake: &OwnedFd) -> Result<ShellStatus> {
     let (mut out, mut err) = (io::stdout().lock(), io::stderr().lock());
     let mut out_failed: Option<io::Error> = None;
     loop {
@@ -225,6 +239,9 @@ fn copy_output<R: io::Read>(r: &mut R) -> Result<ShellStatus> {
             ShellFrame::Data(d) if out_failed.is_none() => {
                 if let Err(e) = out.write_all(&d).and_then(|()| out.flush()) {
                     out_failed = Some(e);
+                    // SAFETY: writing one byte from a local to a pipe we own. If it
+                    // fails the input side still ends when this thread closes `wake`.
+                    unsafe { libc::write(wake.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
                 }
             }
             ShellFrame::Data(_) => {}
@@ -266,7 +283,18 @@ fn copy_input<W: Write>(w: &mut W, winch: Option<&term::Winch>, wake: RawFd) -> 
             continue;
         }
         if fds[0].revents != 0 {
-            return Ok(());
+            let mut byte = [0u8; 1];
+            // SAFETY: reading one byte into a local from the wake pipe.
+            let n = unsafe { libc::read(wake, byte.as_mut_ptr().cast(), 1) };
+            if n != 1 {
+                // EOF: the output side has ended.
+                return Ok(());
+            }
+            // Our stdout is gone: have the guest end the commands writing to it.
+            write_msg(w, &Request::ShellOutputClosed)
+                .and_then(|()| w.flush())
+                .map_err(send_error)?;
+            continue;
         }
         if let Some(wn) = winch {
             if fds[1].revents != 0 {
@@ -335,6 +363,7 @@ mod tests {
             device: "/dev/vda\x1b[2J".into(),
             path: "/sysroot".into(),
             fstype: "ext4".into(),
+            writable: false,
         }];
 
         let b = banner(Path::new("disk.img"), &mounts, false);
@@ -359,9 +388,27 @@ mod tests {
         )
         .unwrap();
 
-        let st = copy_output(&mut buf.as_slice()).unwrap();
+        let (_wake_r, wake_w) = pipe().unwrap();
+
+        let st = copy_output(&mut buf.as_slice(), &wake_w).unwrap();
 
         assert_eq!(st, ShellStatus::Exited(5));
+    }
+
+    #[test]
+    fn banner_says_which_mounts_an_overlay_could_not_cover() {
+        let mount = |path: &str, fstype: &str, writable| ShellMount {
+            device: "/dev/vda1".into(),
+            path: path.into(),
+            fstype: fstype.into(),
+            writable,
+        };
+        let mounts = vec![mount("/sysroot", "ext4", true), mount("/sysroot/efi", "vfat", false)];
+
+        let b = banner(Path::new("disk.img"), &mounts, true);
+
+        assert!(b.contains("(ext4) at /sysroot, "), "{b}");
+        assert!(b.contains("(vfat) at /sysroot/efi, read-only: no overlay possible"), "{b}");
     }
 
     #[test]

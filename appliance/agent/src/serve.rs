@@ -135,9 +135,10 @@ impl Agent {
                 )?
             }
             Request::ListFilesystems => {
-                let list = crate::lvm::list_with_volumes(&self.devices, self.lvm.as_deref(), &|m| {
-                    crate::init::log(m)
-                });
+                let list =
+                    crate::lvm::list_with_volumes(&self.devices, self.lvm.as_deref(), &|m| {
+                        crate::init::log(m)
+                    });
                 answer(w, Ok(Response::Filesystems { list }))?
             }
             Request::Mount {
@@ -168,9 +169,16 @@ impl Agent {
             )?,
             // `Shell` is taken over by `serve` (it needs the reader); the others only
             // mean something inside a shell session.
-            Request::Shell(_) | Request::ShellResize { .. } | Request::ShellEof | Request::ShellDone => answer(
+            Request::Shell(_)
+            | Request::ShellResize { .. }
+            | Request::ShellEof
+            | Request::ShellOutputClosed
+            | Request::ShellDone => answer(
                 w,
-                Err(OpError::new(ErrorKind::BadRequest, "no shell session is running")),
+                Err(OpError::new(
+                    ErrorKind::BadRequest,
+                    "no shell session is running",
+                )),
             )?,
             Request::Shutdown => {
                 write_msg(w, &Response::Bye)?;

@@ -47,8 +47,8 @@ pub fn run<R: Read + Send, W: Write>(
     r: &mut R,
     w: &mut W,
 ) -> io::Result<()> {
-    let mounts = mounts_below(sysroot);
-    let prepared = Overlay::setup_if(start.overlay, sysroot, &mounts)
+    let mut mounts = mounts_below(sysroot);
+    let prepared = Overlay::setup_if(start.overlay, sysroot, &mut mounts)
         .and_then(|overlay| Ok((overlay, Child::spawn(sysroot, &start)?)));
     let (overlay, child) = match prepared {
         Ok(p) => p,
@@ -119,6 +119,13 @@ fn pump_input<R: Read>(
             }
             // A pty has no separate EOF (the host sends ^D bytes); a pipe is closed.
             ShellFrame::Msg(Request::ShellEof) if !pty => input = None,
+            ShellFrame::Msg(Request::ShellOutputClosed) => {
+                // Nobody reads the output any more: the commands writing it would get
+                // SIGPIPE on a local pipe, so end the group that way (the status says so).
+                let sig = if pty { libc::SIGHUP } else { libc::SIGPIPE };
+                // SAFETY: a negative pid signals the group the shell leads (setsid).
+                unsafe { libc::kill(-pid, sig) };
+            }
             ShellFrame::Msg(Request::ShellDone) => return Ok(()),
             ShellFrame::Msg(_) | ShellFrame::Stderr(_) => {}
         }
@@ -542,6 +549,7 @@ fn parse_mounts(table: &[u8], root: &[u8]) -> Vec<ShellMount> {
                 device: text(device),
                 path: text(path),
                 fstype: text(fstype),
+                writable: false,
             })
         })
         .collect()
@@ -607,7 +615,7 @@ impl Overlay {
     fn setup_if(
         wanted: bool,
         sysroot: &Path,
-        mounts: &[ShellMount],
+        mounts: &mut [ShellMount],
     ) -> Result<Option<Overlay>, OpError> {
         if !wanted {
             return Ok(None);
@@ -643,7 +651,7 @@ impl Overlay {
             libc::MS_BIND | libc::MS_REC,
             b"",
         )?);
-        for (i, m) in mounts.iter().enumerate() {
+        for (i, m) in mounts.iter_mut().enumerate() {
             let rel = &m.path.as_bytes()[root.len().min(m.path.len())..];
             let low = [lower.as_os_str().as_bytes(), rel].concat();
             let (upper, work) = (
@@ -663,13 +671,26 @@ impl Overlay {
                 &overlay_escape(work.as_os_str().as_bytes()),
             ]
             .concat();
-            let t = mount_raw(
+            let overlaid = mount_raw(
                 b"overlay",
                 m.path.as_bytes(),
                 b"overlay",
                 libc::MS_NOSUID | libc::MS_NODEV,
                 &opts,
-            )?;
+            );
+            let t = match overlaid {
+                Ok(t) => {
+                    m.writable = true;
+                    t
+                }
+                // overlayfs refuses some lower filesystems (vfat: its case-folding
+                // dentry operations). Keep that one read-only, reachable where it was,
+                // instead of failing the whole session; the host says so.
+                Err(e) => {
+                    crate::init::log(&format!("shell: {}; kept read-only", e.message));
+                    mount_raw(&low, m.path.as_bytes(), b"none", libc::MS_BIND, b"")?
+                }
+            };
             o.mounted.push(t);
         }
         Ok(Some(o))

@@ -21,7 +21,7 @@ mod escape;
 pub use escape::unescape_octal;
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame (kind byte + payload) either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest data chunk the agent sends in one `KIND_DATA` frame.
@@ -81,6 +81,9 @@ pub enum Request {
     ShellResize { rows: u16, cols: u16 },
     /// The host's stdin ended: close the shell's stdin (pipe mode).
     ShellEof,
+    /// The host's stdout is gone (a closed pipe, as in `imgsafe shell -c yes | head -1`):
+    /// end the shell's process group as a broken pipe would (SIGPIPE; SIGHUP on a pty).
+    ShellOutputClosed,
     /// The host saw `ShellExit`; the session is over.
     ShellDone,
 }
@@ -115,6 +118,9 @@ pub struct ShellMount {
     /// Mount point in the guest (`/sysroot`, `/sysroot/boot`).
     pub path: String,
     pub fstype: String,
+    /// True when a `--overlay` layer makes it writable; an overlay cannot cover every
+    /// filesystem (vfat, for one), and those stay read-only.
+    pub writable: bool,
 }
 
 /// How a guest shell ended.
