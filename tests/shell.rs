@@ -68,6 +68,39 @@ fn script_on_stdin_runs_read_only_and_a_signal_gives_128_plus_n() {
 }
 
 #[test]
+fn a_reader_that_stops_reading_ends_the_guest_command_like_a_pipe() {
+    // `imgsafe shell IMG -c yes | head -1`: without SIGPIPE reaching the guest, `yes`
+    // would run forever.
+    let (_src, img) = sample();
+    let mut child = imgsafe()
+        .args(["shell", &img.arg(), "-c", "yes"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 2];
+    std::io::Read::read_exact(&mut child.stdout.take().unwrap(), &mut first).unwrap();
+
+    // The read end is closed here (dropped above); imgsafe must notice and finish.
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("imgsafe shell kept running after its stdout was closed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    assert_eq!(&first, b"y\n");
+    assert_eq!(status.code(), Some(128 + 13), "SIGPIPE status, as a local pipeline");
+    img.assert_unchanged();
+}
+
+#[test]
 fn overlay_makes_sysroot_writable_in_guest_memory_only() {
     let (_src, img) = sample();
 
@@ -80,6 +113,39 @@ fn overlay_makes_sysroot_writable_in_guest_memory_only() {
     ]);
 
     assert_eq!(ok_stdout(&out), "x\nfstab\nos-release\n");
+    img.assert_unchanged();
+}
+
+#[test]
+fn overlay_keeps_a_filesystem_overlayfs_refuses_read_only_and_the_rest_writable() {
+    // An EFI-style disk: vfat (overlayfs cannot take it as a lower layer) beside ext4.
+    let t = tempfile::tempdir().unwrap();
+    let (root, efi) = (t.path().join("root"), t.path().join("efi"));
+    sample_tree(&root, TreeOpts { odd_names: false, links: false, sparse: false });
+    std::fs::create_dir_all(root.join("efi")).unwrap();
+    std::fs::create_dir_all(&efi).unwrap();
+    std::fs::write(efi.join("BOOT.TXT"), b"efi file\n").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (p1, p2, disk) = (dir.path().join("p1"), dir.path().join("p2"), dir.path().join("disk.img"));
+    fs_image("vfat", &efi, 8, &p1);
+    fs_image("ext4", &root, 16, &p2);
+    partitioned_disk("dos", &[Part { image: &p1, kind: "ef" }, Part { image: &p2, kind: "83" }], &disk);
+    let img = Image::new(dir, disk);
+
+    let out = run([
+        "shell",
+        "--overlay",
+        &img.arg(),
+        "-m",
+        "2",
+        "-m",
+        "1:/efi",
+        "-c",
+        "echo x > /sysroot/new && cat /sysroot/new; cat /sysroot/efi/BOOT.TXT; echo y > /sysroot/efi/z 2>/dev/null || echo efi-read-only",
+    ]);
+
+    assert_eq!(ok_stdout(&out), "x\nefi file\nefi-read-only\n");
+    assert!(stderr(&out).contains("/sysroot/efi (vfat) stays read-only"), "{}", stderr(&out));
     img.assert_unchanged();
 }
 
