@@ -7,7 +7,7 @@ use crate::format::BlockSource;
 use crate::vm::{self, Vm};
 use crate::inspect::{self, Planned};
 use crate::{appliance, image, nbd, trace, Error, Result};
-use imgsafe_proto::FsInfo;
+use imgsafe_proto::{FileType, FsInfo};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +22,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const MOUNTABLE: &[&str] = inspect::MOUNTABLE;
 /// Files whose presence marks a filesystem as an operating system's root.
 const ROOT_MARKERS: [&[u8]; 2] = [b"/etc/fstab", b"/etc/os-release"];
+
+/// The filesystem found to be the guest's root.
+enum Root {
+    /// It has /etc/fstab or /etc/os-release: an installed OS, whose fstab is followed.
+    Os(FsInfo),
+    /// Of several filesystems, the only one with an /etc directory.
+    EtcOnly(FsInfo),
+}
 
 /// A running appliance with the image attached.
 pub struct Session {
@@ -155,8 +163,11 @@ impl Session {
             return Ok(());
         }
         if mount.inspect || inspect::root_candidates(&list).len() > 1 {
-            if let Some(root) = self.find_root(&list)? {
-                return self.mount_fstab(&root, &list);
+            match self.find_root(&list, !mount.inspect)? {
+                Some(Root::Os(root)) => return self.mount_fstab(&root, &list),
+                // Looks like a Linux root but says nothing of its mounts: it alone.
+                Some(Root::EtcOnly(_)) => return Ok(()),
+                None => {}
             }
             if mount.inspect {
                 return Err(self.fs_error(format!(
@@ -169,21 +180,27 @@ impl Session {
         self.mount_one(&Planned { device: fs.device, fstype: fs.fstype, mountpoint: "/".into() })
     }
 
-    /// The guest's root filesystem, if one of the candidates has /etc/fstab or
-    /// /etc/os-release; nothing stays mounted.
-    pub fn detect_root(&mut self) -> Result<Option<FsInfo>> {
+    /// The root filesystem `ls` would mount without -m: one with /etc/fstab or
+    /// /etc/os-release, else (of several) the only one with /etc. Nothing stays mounted.
+    /// The flag says whether it is an installed OS's root (has one of those files).
+    pub fn detect_root(&mut self) -> Result<Option<(FsInfo, bool)>> {
         let list = self.filesystems()?;
-        let root = self.find_root(&list)?;
+        let root = self.find_root(&list, inspect::root_candidates(&list).len() > 1)?;
         if root.is_some() {
             self.agent.unmount("/").map_err(|e| self.fail(e))?;
         }
-        Ok(root)
+        Ok(root.map(|r| match r {
+            Root::Os(f) => (f, true),
+            Root::EtcOnly(f) => (f, false),
+        }))
     }
 
-    /// Mount each root candidate at / in turn until one looks like a root; that one
-    /// stays mounted.
-    fn find_root(&mut self, list: &[FsInfo]) -> Result<Option<FsInfo>> {
+    /// Mount each root candidate at / in turn until one has a [`ROOT_MARKERS`] file; that
+    /// one stays mounted. Failing that, with `etc_only`, the single candidate that has an
+    /// /etc directory (mounted again); several such, or none, is no root.
+    fn find_root(&mut self, list: &[FsInfo], etc_only: bool) -> Result<Option<Root>> {
         let stage = trace::stage("inspect");
+        let mut with_etc: Vec<FsInfo> = Vec::new();
         for f in inspect::root_candidates(list) {
             match self.agent.mount(&f.device, "/", f.fstype.as_deref()) {
                 Ok(_) => {}
@@ -191,22 +208,29 @@ impl Session {
                 Err(Error::Filesystem { .. }) => continue,
                 Err(e) => return Err(self.fail(e)),
             }
-            let mut is_root = false;
             for marker in ROOT_MARKERS {
                 match self.agent.stat(marker) {
-                    Ok(_) => is_root = true,
+                    Ok(_) => {
+                        stage.done(&format!("root is {}", f.device));
+                        return Ok(Some(Root::Os(f.clone())));
+                    }
                     Err(Error::NotFound { .. }) => {}
                     Err(e) => return Err(self.fail(e)),
                 }
-                if is_root {
-                    break;
-                }
             }
-            if is_root {
-                stage.done(&format!("root is {}", f.device));
-                return Ok(Some(f.clone()));
+            match self.agent.stat(b"/etc") {
+                Ok(e) if e.kind == FileType::Directory => with_etc.push(f.clone()),
+                Ok(_) | Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.fail(e)),
             }
             self.agent.unmount("/").map_err(|e| self.fail(e))?;
+        }
+        if let (true, [only]) = (etc_only, with_etc.as_slice()) {
+            self.agent
+                .mount(&only.device, "/", only.fstype.as_deref())
+                .map_err(|e| self.fail(e))?;
+            stage.done(&format!("root is {} (has /etc)", only.device));
+            return Ok(Some(Root::EtcOnly(only.clone())));
         }
         stage.done("no root found");
         Ok(None)
@@ -382,19 +406,11 @@ pub fn choose<'a>(list: &'a [FsInfo], choice: Option<&str>) -> std::result::Resu
     match mountable.as_slice() {
         [] => Err("no filesystem found in the image".into()),
         [one] => Ok(one),
-        several => {
-            let linux: Vec<&&FsInfo> = several
-                .iter()
-                .filter(|f| matches!(f.fstype.as_deref(), Some("ext2" | "ext3" | "ext4" | "xfs" | "btrfs")))
-                .collect();
-            match linux.as_slice() {
-                [one] => Ok(one),
-                _ => Err(format!(
-                    "several filesystems found ({}); choose one with -m DEVICE or -m PARTITION-NUMBER",
-                    describe(&mountable)
-                )),
-            }
-        }
+        // The session looked for a Linux root (/etc) among them before asking here.
+        several => Err(format!(
+            "several filesystems found and none looks like a Linux root (has /etc): {}; choose one with -m DEVICE or -m PARTITION-NUMBER",
+            describe(several)
+        )),
     }
 }
 
@@ -468,12 +484,13 @@ mod tests {
     }
 
     #[test]
-    fn linux_root_wins_over_vfat() {
+    fn filesystem_type_alone_does_not_pick_one_of_several() {
+        // vfat beside an ext4 without /etc: the type says nothing of which the user wants.
         let list = vec![fs("/dev/vda", None, None), fs("/dev/vda1", Some("vfat"), Some(1)), fs("/dev/vda2", Some("ext4"), Some(2))];
 
-        let f = choose(&list, None).unwrap();
+        let err = choose(&list, None).unwrap_err();
 
-        assert_eq!(f.device, "/dev/vda2");
+        assert!(err.contains("/dev/vda1 (vfat)") && err.contains("/dev/vda2 (ext4)") && err.contains("-m"), "{err}");
     }
 
     #[test]

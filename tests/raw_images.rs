@@ -133,6 +133,41 @@ fn mbr_disk_with_vfat_and_ext4_mounts_linux_root_by_default_and_vfat_with_m() {
 }
 
 #[test]
+fn of_several_filesystems_the_one_with_etc_is_mounted_and_none_is_an_error() {
+    // p1: a minimal Linux root (only /etc/hostname); p2: data. Then vfat beside data only.
+    let t = tempfile::tempdir().unwrap();
+    let (etc_root, data, efi) = (t.path().join("root"), t.path().join("data"), t.path().join("efi"));
+    fs::create_dir_all(etc_root.join("etc")).unwrap();
+    fs::write(etc_root.join("etc/hostname"), b"minimal\n").unwrap();
+    fs::create_dir_all(&data).unwrap();
+    fs::write(data.join("d.txt"), b"data\n").unwrap();
+    fs::create_dir_all(&efi).unwrap();
+    fs::write(efi.join("E.TXT"), b"efi\n").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let [p1, p2, p3, with_etc, without] =
+        ["p1", "p2", "p3", "with-etc.img", "without.img"].map(|n| dir.path().join(n));
+    fs_image("ext4", &etc_root, 8, &p1);
+    fs_image("ext4", &data, 8, &p2);
+    fs_image("vfat", &efi, 8, &p3);
+    let linux = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+    partitioned_disk("gpt", &[Part { image: &p2, kind: linux }, Part { image: &p1, kind: linux }], &with_etc);
+    partitioned_disk("dos", &[Part { image: &p3, kind: "c" }, Part { image: &p2, kind: "83" }], &without);
+    let with_etc = Image::new(tempfile::tempdir().unwrap(), with_etc);
+    let without = Image::new(dir, without);
+
+    let picked = run(["cat", &with_etc.arg(), "/etc/hostname"]);
+    let refused = run(["ls", &without.arg(), "/"]);
+
+    assert_eq!(ok_stdout(&picked), "minimal\n");
+    assert_eq!(code(&refused), 5, "{}", stderr(&refused));
+    let err = stderr(&refused);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("several filesystems found") && err.contains("(vfat)") && err.contains("(ext4)") && err.contains("-m"), "{err}");
+    with_etc.assert_unchanged();
+    without.assert_unchanged();
+}
+
+#[test]
 fn gpt_disk_with_btrfs() {
     let src = tempfile::tempdir().unwrap();
     sample_tree(src.path(), TreeOpts { odd_names: true, links: true, sparse: false });

@@ -20,8 +20,12 @@ pub fn run(args: FilesystemsArgs) -> Result<()> {
     };
     s.finish()?;
     // What ls/cat mount at / without -m: the detected root, else the one choose() picks.
-    let detected = detected.map(|f| f.device);
-    let root = detected.clone().or_else(|| session::choose(&list, None).ok().map(|f| f.device.clone()));
+    let (found, os) = match detected {
+        Some((f, os)) => (Some(f.device), os),
+        None => (None, false),
+    };
+    let detected = found.clone().filter(|_| os);
+    let root = found.or_else(|| session::choose(&list, None).ok().map(|f| f.device.clone()));
     let out = if args.json {
         json(&list, root.as_deref(), detected.as_deref())
     } else {
