@@ -94,13 +94,23 @@ pub struct ApplianceArgs {
     pub json: bool,
 }
 
+/// A path inside the image: absolute, so that it cannot be read as relative to
+/// anything on the host or in the appliance.
+fn path_in_image(s: &str) -> Result<String, String> {
+    if s.starts_with('/') {
+        Ok(s.to_string())
+    } else {
+        Err("paths in the image are absolute: start it with /".into())
+    }
+}
+
 /// `imgsafe ls`.
 #[derive(Debug, Args)]
 pub struct LsArgs {
     /// The disk image (file, ploop directory or DiskDescriptor.xml, or container id).
     pub image: PathBuf,
     /// Directory (or file) in the image.
-    #[arg(default_value = "/")]
+    #[arg(default_value = "/", value_parser = path_in_image)]
     pub path: String,
     /// Long listing: type and mode, size, mtime, name (-> target).
     #[arg(short = 'l', long)]
@@ -123,7 +133,7 @@ pub struct CatArgs {
     /// The disk image.
     pub image: PathBuf,
     /// Files in the image, written in order.
-    #[arg(required = true)]
+    #[arg(required = true, value_parser = path_in_image)]
     pub paths: Vec<String>,
     #[command(flatten)]
     pub image_args: ImageArgs,

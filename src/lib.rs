@@ -27,10 +27,14 @@ use std::ffi::OsString;
 pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
     let cli = match cli::Cli::try_parse_from(args) {
         Ok(cli) => cli,
-        Err(e) => {
-            let code = if e.use_stderr() { error::exit::USAGE } else { error::exit::OK };
+        // --help and --version print as clap lays them out.
+        Err(e) if !e.use_stderr() => {
             let _ = e.print();
-            return code;
+            return error::exit::OK;
+        }
+        Err(e) => {
+            eprintln!("imgsafe: {}", usage_line(&e.render().to_string()));
+            return error::exit::USAGE;
         }
     };
     trace::set_verbose(cli.verbose);
@@ -46,6 +50,19 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
             e.exit_code()
         }
     }
+}
+
+/// A clap usage error as one line: its message (the lines before the usage block,
+/// joined) and where to read more; the full usage is one `--help` away.
+fn usage_line(rendered: &str) -> String {
+    let message: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+        .collect();
+    let text = message.join(" ");
+    let text = text.strip_prefix("error: ").unwrap_or(&text);
+    format!("{} (see imgsafe --help)", printable(text))
 }
 
 /// Most characters of one error line.
@@ -65,6 +82,17 @@ pub fn printable(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_errors_are_one_line_naming_the_problem() {
+        let e = cli::Cli::try_parse_from(["imgsafe", "cat", "disk.img"]).unwrap_err();
+
+        let line = usage_line(&e.render().to_string());
+
+        assert!(!line.contains('\n'), "{line}");
+        assert!(line.contains("required arguments were not provided: <PATHS>..."), "{line}");
+        assert!(line.ends_with("(see imgsafe --help)"), "{line}");
+    }
 
     #[test]
     fn escape_sequences_and_newlines_never_reach_the_terminal() {

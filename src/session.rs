@@ -82,7 +82,7 @@ impl Session {
         let app = appliance::ensure()?;
         stage.done(&format!("{} (pvh={})", app.kernel_release, app.pvh));
 
-        let (accel, note) = vm::accel::choose().map_err(|e| Error::appliance(e.to_string()))?;
+        let (accel, note) = vm::accel::choose().map_err(|e| Error::Usage(e.to_string()))?;
         if let Some(note) = note {
             eprintln!("{note}");
         }

@@ -87,7 +87,22 @@ fn path_not_found_and_directory_for_cat_are_not_found_errors() {
 
 #[test]
 fn bad_command_line_is_a_usage_error() {
-    let out = run(["ls"]);
+    let cases: [&[&str]; 4] = [
+        &["ls"],
+        &["cat", "disk.img", "etc/os-release"],
+        &["ls", "disk.img", ""],
+        &["frobnicate"],
+    ];
 
-    assert_eq!(code(&out), USAGE);
+    for args in cases {
+        let out = run(args.iter().copied());
+
+        // Refused before any image is opened or VM started, in one line.
+        let err = stderr(&out);
+        assert_eq!(code(&out), USAGE, "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("imgsafe: ") && err.contains("--help"), "{err}");
+    }
+    let relative = stderr(&run(["cat", "disk.img", "etc/os-release"]));
+    assert!(relative.contains("'etc/os-release'") && relative.contains("absolute"), "{relative}");
 }

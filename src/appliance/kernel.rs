@@ -29,6 +29,8 @@ const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 pub fn find() -> Result<(PathBuf, String), ApplianceError> {
     if let Some(k) = std::env::var_os("IMGSAFE_KERNEL").filter(|v| !v.is_empty()) {
         let k = PathBuf::from(k);
+        // Say first that the file is missing or unreadable: that is the likelier mistake.
+        check_readable(&k)?;
         let release = release_of(&k)
             .or_else(|| std::env::var("IMGSAFE_KERNEL_RELEASE").ok())
             .ok_or_else(|| {
@@ -37,7 +39,6 @@ pub fn find() -> Result<(PathBuf, String), ApplianceError> {
                     k.display()
                 ))
             })?;
-        check_readable(&k)?;
         return Ok((k, release));
     }
     let mut candidates: Vec<(bool, std::time::SystemTime, PathBuf, String)> = fs::read_dir("/boot")
@@ -69,10 +70,13 @@ fn release_of(p: &Path) -> Option<String> {
 
 fn check_readable(k: &Path) -> Result<(), ApplianceError> {
     fs::File::open(k).map(drop).map_err(|e| {
-        ApplianceError::Invalid(format!(
-            "kernel {} is not readable by this user ({e}); make it readable or point IMGSAFE_KERNEL at a readable copy",
-            k.display()
-        ))
+        ApplianceError::Invalid(match e.kind() {
+            std::io::ErrorKind::NotFound => format!("kernel {}: no such file", k.display()),
+            _ => format!(
+                "kernel {} is not readable by this user ({e}); make it readable or point IMGSAFE_KERNEL at a readable copy",
+                k.display()
+            ),
+        })
     })
 }
 
