@@ -67,6 +67,18 @@ impl Error {
         }
     }
 
+    /// Name `image` in an appliance or guest failure (the other kinds name it already,
+    /// or are not about it).
+    pub fn with_image(self, image: &std::path::Path) -> Error {
+        match self {
+            Error::Appliance { what } => Error::appliance(format!("{}: {what}", image.display())),
+            Error::Guest { what } => {
+                Error::appliance(format!("{}: guest agent: {what}", image.display()))
+            }
+            other => other,
+        }
+    }
+
     /// Shorthand for an [`Error::Appliance`].
     pub fn appliance(what: impl Into<String>) -> Self {
         Error::Appliance { what: what.into() }

@@ -49,11 +49,11 @@ pub fn timeout() -> Result<Duration> {
     match std::env::var("IMGSAFE_TIMEOUT") {
         Err(_) => Ok(DEFAULT_TIMEOUT),
         Ok(s) => s
-            .parse::<u64>()
+            .parse::<f64>()
             .ok()
-            .filter(|&n| n > 0)
-            .map(Duration::from_secs)
-            .ok_or_else(|| Error::Other(format!("IMGSAFE_TIMEOUT={s:?}: expected a number of seconds"))),
+            .filter(|n| *n > 0.0 && *n <= 1e9)
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| Error::Usage(format!("IMGSAFE_TIMEOUT={s:?}: expected a number of seconds"))),
     }
 }
 
@@ -369,7 +369,11 @@ fn connect_agent(vm: &mut Vm, timeout: Duration) -> Result<AgentClient> {
     match AgentClient::connect(stream) {
         Ok(c) => Ok(c),
         Err(_) if vm::reaper::interrupted() => Err(Error::Interrupted),
-        Err(e) => Err(Error::appliance(format!("the appliance did not start: {e}{}", diagnostics(vm)))),
+        Err(e) => Err(Error::appliance(format!(
+            "the appliance did not start within {} s (IMGSAFE_TIMEOUT): {e}{}",
+            timeout.as_secs_f64(),
+            diagnostics(vm)
+        ))),
     }
 }
 
@@ -377,8 +381,8 @@ fn connect_agent(vm: &mut Vm, timeout: Duration) -> Result<AgentClient> {
 ///
 /// With `choice` (`-m`): a guest device (`/dev/vda2`; `/dev/sdX` and `/dev/hdX` are
 /// accepted for the same disk) or a partition number. Without: the single mountable
-/// filesystem; with several, the first Linux-root-like one (ext*, xfs, btrfs), else an
-/// error that lists them and says how to pick one.
+/// filesystem; with several, an error that lists them and says how to pick one (the
+/// session has looked for a root among them first, see `find_root`).
 pub fn choose<'a>(list: &'a [FsInfo], choice: Option<&str>) -> std::result::Result<&'a FsInfo, String> {
     let mountable: Vec<&FsInfo> = list
         .iter()

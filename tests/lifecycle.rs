@@ -72,6 +72,30 @@ fn runs_as_an_ordinary_user() {
 }
 
 #[test]
+fn a_guest_that_does_not_answer_in_time_is_a_clear_error_and_leaves_no_qemu() {
+    let img = small_image();
+    let tmp = marked_tmp();
+
+    // No appliance boots in 50 ms, even under KVM.
+    let out = imgsafe()
+        .env("TMPDIR", tmp.path())
+        .env("IMGSAFE_TIMEOUT", "0.05")
+        .args(["ls", &img.arg(), "/"])
+        .output()
+        .unwrap();
+
+    let err = stderr(&out);
+    assert_eq!(code(&out), 6, "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!("imgsafe: {}: the appliance did not start within 0.05 s", img.arg())),
+        "{err}"
+    );
+    assert!(qemus(&tmp).is_empty(), "QEMU left behind after a timeout");
+    img.assert_unchanged();
+}
+
+#[test]
 fn no_qemu_left_after_success_or_error() {
     let img = small_image();
     let tmp = marked_tmp();
