@@ -42,6 +42,21 @@ fn command_keeps_stdout_and_stderr_apart_binary_safe_with_its_exit_status() {
 }
 
 #[test]
+fn the_usual_tools_and_file_type_detection_are_there() {
+    let (_src, img) = sample();
+
+    let out = run([
+        "shell",
+        &img.arg(),
+        "-c",
+        "for t in ls cat find grep less more hexdump xxd stat du df md5sum sha256sum file; do command -v $t >/dev/null || echo missing $t; done; file -b etc/hostname",
+    ]);
+
+    assert_eq!(ok_stdout(&out), "ASCII text\n");
+    img.assert_unchanged();
+}
+
+#[test]
 fn script_on_stdin_runs_read_only_and_a_signal_gives_128_plus_n() {
     let (_src, img) = sample();
     let mut child = imgsafe()

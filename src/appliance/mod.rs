@@ -87,11 +87,31 @@ pub struct HostProgram {
     pub guest: &'static str,
     /// The Debian package that provides it.
     pub package: &'static str,
+    /// Without it the appliance is still built (the program is a convenience).
+    pub optional: bool,
+    /// Data files it needs: (host path, guest path).
+    pub data: &'static [(&'static str, &'static str)],
 }
 
-/// Host programs the agent runs in the guest: lvm2's `lvm` activates volume groups.
-pub const HOST_PROGRAMS: &[HostProgram] =
-    &[HostProgram { candidates: &["/sbin/lvm", "/usr/sbin/lvm"], guest: "/sbin/lvm", package: "lvm2" }];
+/// Host programs copied into the guest: lvm2's `lvm` activates volume groups (the
+/// agent runs it); `file` gives `imgsafe shell` file-type detection when the host has it.
+pub const HOST_PROGRAMS: &[HostProgram] = &[
+    HostProgram {
+        candidates: &["/sbin/lvm", "/usr/sbin/lvm"],
+        guest: "/sbin/lvm",
+        package: "lvm2",
+        optional: false,
+        data: &[],
+    },
+    HostProgram {
+        candidates: &["/usr/bin/file"],
+        guest: "/usr/bin/file",
+        package: "file",
+        optional: true,
+        // Where Debian's libmagic looks by default (a symlink on the host).
+        data: &[("/usr/lib/file/magic.mgc", "/usr/share/misc/magic.mgc")],
+    },
+];
 
 /// The appliance's `/etc/lvm/lvm.conf`: no udev (libdevmapper makes the /dev/mapper
 /// nodes itself), no daemons, no metadata backups (the image is read-only), only the
@@ -177,13 +197,22 @@ pub fn find_inputs() -> Result<Inputs, ApplianceError> {
         });
     }
     let agent = std::env::current_exe().map_err(|e| ApplianceError::io(Path::new("/proc/self/exe"), e))?;
-    let programs = HOST_PROGRAMS.iter().map(|p| Ok((*p, find_program(p)?))).collect::<Result<_, ApplianceError>>()?;
+    let mut programs = Vec::new();
+    for p in HOST_PROGRAMS {
+        match find_program(p) {
+            Ok(path) => programs.push((*p, path)),
+            Err(_) if p.optional => {}
+            Err(e) => return Err(e),
+        }
+    }
     Ok(Inputs { kernel, kernel_release, modules_dir, busybox, agent, programs })
 }
 
 /// The host file of one [`HostProgram`].
 fn find_program(p: &HostProgram) -> Result<PathBuf, ApplianceError> {
-    p.candidates.iter().map(PathBuf::from).find(|c| c.is_file()).ok_or(ApplianceError::Missing {
+    let data_present = p.data.iter().all(|(host, _)| Path::new(host).is_file());
+    let found = p.candidates.iter().map(PathBuf::from).find(|c| c.is_file());
+    found.filter(|_| data_present).ok_or(ApplianceError::Missing {
         what: p.guest.rsplit('/').next().unwrap_or(p.guest),
         where_: p.candidates.join(" or "),
         package: p.package,
@@ -232,6 +261,10 @@ fn cache_key(inputs: &Inputs, plan: &Plan) -> Result<String, ApplianceError> {
     for (p, path) in &inputs.programs {
         h.update(p.guest.as_bytes());
         files.push(path);
+        for (host, guest) in p.data {
+            h.update(guest.as_bytes());
+            files.push(Path::new(host));
+        }
     }
     h.update(LVM_CONF.as_bytes());
     for f in files {
@@ -379,6 +412,11 @@ fn write_tree<W: io::Write>(w: &mut cpio::Writer<W>, inputs: &Inputs, plan: &Pla
         let rel = p.guest.trim_start_matches('/');
         w.parents(Path::new(rel))?;
         w.file_from(rel, 0o755, path)?;
+        for (host, guest) in p.data {
+            let rel = guest.trim_start_matches('/');
+            w.parents(Path::new(rel))?;
+            w.file_from(rel, 0o644, Path::new(host))?;
+        }
     }
     w.parents(Path::new("etc/lvm/lvm.conf"))?;
     w.file("etc/lvm/lvm.conf", 0o644, LVM_CONF.as_bytes())?;
