@@ -31,6 +31,27 @@ fn missing_image_is_an_image_error_naming_the_file() {
 }
 
 #[test]
+fn other_vm_image_formats_are_named_not_read_as_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    for (fmt, name) in [("qcow2", "qcow2 image"), ("vmdk", "VMDK image"), ("vdi", "VirtualBox VDI image"), ("vhdx", "VHDX image"), ("qed", "QED image")] {
+        let path = dir.path().join(format!("disk.{fmt}"));
+        must(tool("qemu-img", "qemu-utils").args(["create", "-q", "-f", fmt]).arg(&path).arg("16M"));
+        let img = Image::new(tempfile::tempdir().unwrap(), path.clone());
+
+        // ls too: refused before any VM starts.
+        for cmd in ["info", "ls"] {
+            let out = run([cmd, path.to_str().unwrap()]);
+
+            assert_eq!(code(&out), IMAGE, "{fmt} {cmd}: {}", stderr(&out));
+            let line = one_line(&out);
+            assert!(line.contains(&format!("a {name}, which imgsafe does not read")), "{line}");
+            assert!(line.contains(path.to_str().unwrap()), "{line}");
+        }
+        img.assert_unchanged();
+    }
+}
+
+#[test]
 fn directory_as_image_is_refused() {
     let dir = tempfile::tempdir().unwrap();
 

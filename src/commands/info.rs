@@ -1,7 +1,7 @@
 //! `imgsafe info`: container format, sizes and the chain of files, without starting a VM.
 
 use crate::cli::InfoArgs;
-use crate::format::{BlockSource, LayerInfo};
+use crate::format::{count_allocated, BlockSource, LayerInfo, MAX_COUNTED_EXTENTS};
 use crate::Result;
 use std::io::Write;
 use std::path::Path;
@@ -19,8 +19,9 @@ pub struct Info {
     pub virtual_size: u64,
     /// Cluster or block size of the top file.
     pub cluster_size: Option<u64>,
-    /// Bytes of the virtual disk some file of the image stores data for.
-    pub allocated_bytes: u64,
+    /// Bytes of the virtual disk some file of the image stores data for; `None` when the
+    /// disk has more than [`MAX_COUNTED_EXTENTS`] extents and was not counted.
+    pub allocated_bytes: Option<u64>,
     /// Every file, top first.
     pub chain: Vec<LayerInfo>,
 }
@@ -29,15 +30,10 @@ impl Info {
     /// Gather the report; `descriptor` is the resolved path when it is a DiskDescriptor.xml.
     pub fn gather(src: &dyn BlockSource, descriptor: Option<&Path>) -> std::io::Result<Info> {
         let mut chain = src.layers();
-        let allocated_bytes = src
-            .extents(0, src.size())?
-            .iter()
-            .filter(|e| e.allocated)
-            .map(|e| e.length)
-            .sum();
+        let allocated_bytes = count_allocated(src, MAX_COUNTED_EXTENTS)?;
         // A lone file that cannot count its own data (raw) stores everything allocated.
-        if let [only] = chain.as_mut_slice() {
-            only.allocated_bytes.get_or_insert(allocated_bytes);
+        if let ([only], Some(n)) = (chain.as_mut_slice(), allocated_bytes) {
+            only.allocated_bytes.get_or_insert(n);
         }
         let top = chain.first();
         Ok(Info {
@@ -70,7 +66,7 @@ impl Info {
             descriptor: &'a Option<String>,
             virtual_size: u64,
             cluster_size: Option<u64>,
-            allocated_bytes: u64,
+            allocated_bytes: Option<u64>,
             chain: Vec<Layer<'a>>,
         }
         let chain = self
@@ -113,7 +109,11 @@ impl Info {
         if let Some(cs) = self.cluster_size {
             lines.push(("cluster size".into(), bytes(cs)));
         }
-        lines.push(("allocated".into(), bytes(self.allocated_bytes)));
+        let allocated = match self.allocated_bytes {
+            Some(n) => bytes(n),
+            None => format!("not counted (more than {MAX_COUNTED_EXTENTS} extents)"),
+        };
+        lines.push(("allocated".into(), allocated));
         let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
         let mut out: String = lines
             .iter()
@@ -129,7 +129,10 @@ impl Info {
                     format!(
                         "{}{}",
                         l.format,
-                        l.version.as_deref().map(|v| format!(" {v}")).unwrap_or_default()
+                        l.version
+                            .as_deref()
+                            .map(|v| format!(" {v}"))
+                            .unwrap_or_default()
                     ),
                     l.cluster_size
                         .map_or_else(|| "-".into(), |c| format!("cluster {}", human(c))),
@@ -219,7 +222,7 @@ mod tests {
             descriptor: None,
             virtual_size: 1 << 30,
             cluster_size: Some(1 << 20),
-            allocated_bytes: 3 << 20,
+            allocated_bytes: Some(3 << 20),
             chain: vec![LayerInfo {
                 path: PathBuf::from("/x/root.hds"),
                 format: "ploop".into(),
@@ -243,7 +246,10 @@ mod tests {
         let text = sample().to_text();
 
         assert!(text.contains("format:       ploop (v2)\n"), "{text}");
-        assert!(text.contains("virtual size: 1073741824 bytes (1 GiB)\n"), "{text}");
+        assert!(
+            text.contains("virtual size: 1073741824 bytes (1 GiB)\n"),
+            "{text}"
+        );
         assert!(
             text.contains("  image  ploop v2  cluster 1 MiB  allocated 3 MiB  /x/root.hds\n"),
             "{text}"
@@ -258,5 +264,35 @@ mod tests {
         assert_eq!(v["virtual_size"], 1u64 << 30);
         assert_eq!(v["chain"][0]["path"], "/x/root.hds");
         assert_eq!(v["chain"][0]["role"], "image");
+    }
+
+    #[test]
+    fn uncounted_allocation_is_null_in_json_and_said_in_text() {
+        let info = Info {
+            allocated_bytes: None,
+            ..sample()
+        };
+
+        let v: serde_json::Value = serde_json::from_str(&info.to_json()).unwrap();
+        let text = info.to_text();
+
+        assert!(v["allocated_bytes"].is_null());
+        assert!(
+            text.contains("allocated:    not counted (more than 16777216 extents)\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn lone_raw_file_layer_gets_the_counted_bytes() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(4 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(f.as_file(), &[1u8; 65536], 1 << 20).unwrap();
+        let src = crate::format::raw::Raw::new(f.path(), f.reopen().unwrap()).unwrap();
+
+        let info = Info::gather(&src, None).unwrap();
+
+        assert_eq!(info.allocated_bytes, Some(65536));
+        assert_eq!(info.chain[0].allocated_bytes, Some(65536));
     }
 }

@@ -6,6 +6,7 @@
 //! parents) are decoders that own their parent as a `Box<dyn BlockSource>`.
 
 pub mod descriptor;
+pub mod foreign;
 pub mod ploop;
 pub mod raw;
 pub mod vhd;
@@ -62,7 +63,11 @@ pub trait BlockSource: Send + Sync {
     /// the range exactly (the last may be cut short at the range end). The default says
     /// everything is allocated, which is always a correct (if unhelpful) answer.
     fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
-        Ok(vec![Extent { offset, length, allocated: true }])
+        Ok(vec![Extent {
+            offset,
+            length,
+            allocated: true,
+        }])
     }
 
     /// The files that make up this image, top first.
@@ -118,12 +123,18 @@ pub enum FormatError {
 impl FormatError {
     /// Shorthand for a [`FormatError::Corrupt`].
     pub fn corrupt(path: &Path, what: impl Into<String>) -> Self {
-        FormatError::Corrupt { path: path.to_path_buf(), what: what.into() }
+        FormatError::Corrupt {
+            path: path.to_path_buf(),
+            what: what.into(),
+        }
     }
 
     /// Shorthand for a [`FormatError::Io`].
     pub fn io(path: &Path, source: io::Error) -> Self {
-        FormatError::Io { path: path.to_path_buf(), source }
+        FormatError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -137,7 +148,8 @@ pub struct OpenOptions {
 }
 
 /// Bytes read from the start of a file for probing.
-const PROBE_LEN: usize = 4096;
+pub const PROBE_LEN: usize = 4096;
+const _: () = assert!(PROBE_LEN >= foreign::HEAD_NEEDED);
 
 /// Decide the format of a file from its first bytes (and its last 512 for VHD fixed).
 pub fn detect(path: &Path, file: &File) -> Result<Format, FormatError> {
@@ -145,11 +157,20 @@ pub fn detect(path: &Path, file: &File) -> Result<Format, FormatError> {
     if ploop::probe(&head) {
         return Ok(Format::Ploop);
     }
-    if descriptor::probe(&head) {
+    if descriptor::probe(path, file, &head)? {
         return Ok(Format::Descriptor);
     }
     if vhd::probe(path, file, &head)? {
         return Ok(Format::Vhd);
+    }
+    if let Some(f) = foreign::identify(&head) {
+        return Err(FormatError::Unsupported {
+            path: path.to_path_buf(),
+            what: format!(
+                "a {}, which imgsafe does not read: {} (or force --format raw)",
+                f.name, f.hint
+            ),
+        });
     }
     Ok(Format::Raw)
 }
@@ -202,12 +223,20 @@ pub fn open_image_file(path: &Path) -> Result<File, FormatError> {
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
         .open(path)
         .map_err(|e| FormatError::io(path, e))?;
-    let kind = file.metadata().map_err(|e| FormatError::io(path, e))?.file_type();
+    let kind = file
+        .metadata()
+        .map_err(|e| FormatError::io(path, e))?
+        .file_type();
     if kind.is_dir() {
-        return Err(FormatError::IsDirectory { path: path.to_path_buf() });
+        return Err(FormatError::IsDirectory {
+            path: path.to_path_buf(),
+        });
     }
     if !(kind.is_file() || kind.is_block_device()) {
-        return Err(FormatError::corrupt(path, "not a regular file or block device"));
+        return Err(FormatError::corrupt(
+            path,
+            "not a regular file or block device",
+        ));
     }
     // Regular files and block devices never block; clear the flag anyway so reads
     // behave as ordinary blocking reads.
@@ -220,7 +249,9 @@ pub fn open_image_file(path: &Path) -> Result<File, FormatError> {
     }
     let len = file_len(path, &file)?;
     if len == 0 {
-        return Err(FormatError::Empty { path: path.to_path_buf() });
+        return Err(FormatError::Empty {
+            path: path.to_path_buf(),
+        });
     }
     Ok(file)
 }
@@ -234,7 +265,180 @@ pub fn file_len(path: &Path, file: &File) -> Result<u64, FormatError> {
     }
     // Block devices report size 0 in metadata; seeking to the end gives the real size.
     let mut f = file;
-    f.seek(SeekFrom::End(0)).map_err(|e| FormatError::io(path, e))
+    f.seek(SeekFrom::End(0))
+        .map_err(|e| FormatError::io(path, e))
+}
+
+/// Most of the virtual disk whose allocation map is asked of a decoder in one call, by
+/// NBD block status and by `imgsafe info`: a fragmented image (hostile or not) then makes
+/// one call build at most one window's worth of extents.
+pub const EXTENT_WINDOW: u64 = 256 << 20;
+
+/// Most extents `imgsafe info` examines to count allocated bytes (16 Mi): a hostile image
+/// of alternating 512-byte runs would otherwise keep it busy for billions of extents.
+pub const MAX_COUNTED_EXTENTS: u64 = 16 << 20;
+
+/// Count the bytes of `src` some layer stores data for, asking the decoder one
+/// [`EXTENT_WINDOW`] at a time so memory stays bounded by one window. Returns `None` when
+/// the disk has more than `max_extents` extents (the count is then left unknown rather
+/// than spending minutes on a hostile map).
+pub fn count_allocated(src: &dyn BlockSource, max_extents: u64) -> io::Result<Option<u64>> {
+    let size = src.size();
+    let mut allocated: u64 = 0;
+    let mut examined: u64 = 0;
+    let mut pos = 0;
+    while pos < size {
+        let end = size.min(pos.saturating_add(EXTENT_WINDOW));
+        let extents = src.extents(pos, end - pos)?;
+        examined = examined.saturating_add(extents.len() as u64);
+        if examined > max_extents {
+            return Ok(None);
+        }
+        for e in extents.iter().filter(|e| e.allocated) {
+            // Clip to the window: a decoder's extents are trusted for their state only.
+            let a = e.offset.clamp(pos, end);
+            let b = e.offset.saturating_add(e.length).clamp(pos, end);
+            allocated = allocated.saturating_add(b - a);
+        }
+        pos = end;
+    }
+    Ok(Some(allocated))
+}
+
+/// Append `e` to `out`, merging it into the last extent when it continues it with the same
+/// allocation state. Empty extents are dropped.
+pub fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+    if e.length == 0 {
+        return;
+    }
+    match out.last_mut() {
+        Some(last)
+            if last.allocated == e.allocated
+                && last.offset.checked_add(last.length) == Some(e.offset) =>
+        {
+            last.length += e.length
+        }
+        _ => out.push(e),
+    }
+}
+
+/// Resolve the holes of one layer's own map with the map of the layers below it, appending
+/// the result to `out`.
+///
+/// `upper` covers a range in order: its allocated extents are data the layer stores, its
+/// holes are where reads fall through. `lower` is the lower layers' map, in order, of (at
+/// least) the span from the first hole to the last. Asking the lower layers once for that
+/// span, rather than once per hole, keeps a map of many small holes to one call. Any part
+/// of a hole `lower` leaves uncovered is reported allocated, the answer that is always safe.
+pub fn overlay_extents(upper: &[Extent], lower: &[Extent], out: &mut Vec<Extent>) {
+    let mut first = 0;
+    for u in upper {
+        if u.allocated {
+            push_extent(out, *u);
+            continue;
+        }
+        let u_end = u.offset.saturating_add(u.length);
+        let mut pos = u.offset;
+        while first < lower.len() && lower[first].offset.saturating_add(lower[first].length) <= pos
+        {
+            first += 1;
+        }
+        for l in lower[first..].iter().take_while(|l| l.offset < u_end) {
+            let l_end = l.offset.saturating_add(l.length);
+            if pos >= u_end {
+                break;
+            }
+            if l_end <= pos {
+                continue;
+            }
+            if l.offset > pos {
+                push_extent(
+                    out,
+                    Extent {
+                        offset: pos,
+                        length: l.offset - pos,
+                        allocated: true,
+                    },
+                );
+                pos = l.offset;
+            }
+            let stop = l_end.min(u_end);
+            push_extent(
+                out,
+                Extent {
+                    offset: pos,
+                    length: stop - pos,
+                    allocated: l.allocated,
+                },
+            );
+            pos = stop;
+        }
+        if pos < u_end {
+            push_extent(
+                out,
+                Extent {
+                    offset: pos,
+                    length: u_end - pos,
+                    allocated: true,
+                },
+            );
+        }
+    }
+}
+
+/// The smallest range holding every hole of `extents`, as `(start, end)`.
+pub fn holes_span(extents: &[Extent]) -> Option<(u64, u64)> {
+    let first = extents.iter().find(|e| !e.allocated)?;
+    let last = extents.iter().rfind(|e| !e.allocated)?;
+    Some((first.offset, last.offset.saturating_add(last.length)))
+}
+
+/// Allocation map of bytes `[offset, end)` of a file whose byte `n` is byte `n` of the
+/// virtual disk, from lseek(SEEK_DATA/SEEK_HOLE). Bytes past the end of the file are holes;
+/// on a file system without SEEK_DATA everything in the file is reported allocated.
+///
+/// The result has at most one extent per data or hole run of the file in the range, so
+/// callers bound it by bounding the range.
+pub fn file_extents(file: &File, offset: u64, end: u64) -> Vec<Extent> {
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let (allocated, next) = match seek_file(file, pos, libc::SEEK_DATA) {
+            Ok(data) if data > pos => (false, data),
+            // Data at pos: it runs to the next hole (the end of the file is one).
+            Ok(_) => (true, seek_file(file, pos, libc::SEEK_HOLE).unwrap_or(end)),
+            // ENXIO: no data from pos on, or pos is at or past the end of the file.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => (false, end),
+            // SEEK_DATA unsupported (or the offset is not representable): say data.
+            Err(_) => (true, end),
+        };
+        // max(pos + 1): a file changing under us must not stall the loop.
+        let next = next.min(end).max(pos + 1);
+        push_extent(
+            &mut out,
+            Extent {
+                offset: pos,
+                length: next - pos,
+                allocated,
+            },
+        );
+        pos = next;
+    }
+    out
+}
+
+/// lseek on `file` without using its shared position for anything else (all reads here
+/// are positioned), so concurrent callers do not disturb each other.
+fn seek_file(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+    use std::os::unix::io::AsRawFd;
+    let off = i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek on a valid fd has no memory-safety preconditions.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as u64)
+    }
 }
 
 /// Read exactly `buf.len()` bytes at `offset` of a file, failing on a short read.
@@ -296,7 +500,170 @@ mod open_image_file_tests {
         let empty = dir.path().join("empty.img");
         std::fs::write(&empty, b"").unwrap();
 
-        assert!(matches!(open_image_file(dir.path()), Err(FormatError::IsDirectory { .. })));
-        assert!(matches!(open_image_file(&empty), Err(FormatError::Empty { .. })));
+        assert!(matches!(
+            open_image_file(dir.path()),
+            Err(FormatError::IsDirectory { .. })
+        ));
+        assert!(matches!(
+            open_image_file(&empty),
+            Err(FormatError::Empty { .. })
+        ));
+    }
+}
+
+#[cfg(test)]
+mod extent_tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+    use std::sync::Mutex;
+
+    /// A disk of `size` bytes whose every `period` bytes start with `period / 2` allocated
+    /// ones; records the longest range it was asked about.
+    struct Striped {
+        size: u64,
+        period: u64,
+        longest_ask: Mutex<u64>,
+    }
+
+    impl BlockSource for Striped {
+        fn size(&self) -> u64 {
+            self.size
+        }
+
+        fn read_at(&self, _: &mut [u8], _: u64) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+            let mut ask = self.longest_ask.lock().unwrap();
+            *ask = (*ask).max(length);
+            let end = offset + length;
+            let mut out = Vec::new();
+            let mut pos = offset;
+            while pos < end {
+                let half = pos / (self.period / 2);
+                let next = ((half + 1) * (self.period / 2)).min(end);
+                push_extent(
+                    &mut out,
+                    Extent {
+                        offset: pos,
+                        length: next - pos,
+                        allocated: half.is_multiple_of(2),
+                    },
+                );
+                pos = next;
+            }
+            Ok(out)
+        }
+
+        fn layers(&self) -> Vec<LayerInfo> {
+            Vec::new()
+        }
+    }
+
+    fn ext(offset: u64, length: u64, allocated: bool) -> Extent {
+        Extent {
+            offset,
+            length,
+            allocated,
+        }
+    }
+
+    #[test]
+    fn count_allocated_asks_one_window_at_a_time_and_counts_exactly() {
+        let src = Striped {
+            size: 3 * EXTENT_WINDOW + (1 << 20),
+            period: 1 << 20,
+            longest_ask: Mutex::new(0),
+        };
+
+        let counted = count_allocated(&src, MAX_COUNTED_EXTENTS).unwrap();
+
+        assert_eq!(counted, Some(src.size / 2));
+        assert_eq!(*src.longest_ask.lock().unwrap(), EXTENT_WINDOW);
+    }
+
+    #[test]
+    fn count_allocated_gives_up_past_the_extent_cap() {
+        let src = Striped {
+            size: 4 * EXTENT_WINDOW,
+            period: 1024,
+            longest_ask: Mutex::new(0),
+        };
+
+        let counted = count_allocated(&src, 1 << 20).unwrap();
+
+        assert_eq!(counted, None);
+    }
+
+    #[test]
+    fn overlay_fills_holes_from_below_and_uncovered_parts_as_data() {
+        let upper = [ext(0, 100, false), ext(100, 50, true), ext(150, 100, false)];
+        let lower = [
+            ext(0, 40, true),
+            ext(40, 80, false),
+            ext(120, 60, true),
+            ext(200, 30, false),
+        ];
+        let mut out = Vec::new();
+
+        overlay_extents(&upper, &lower, &mut out);
+
+        // 100..200: this layer's data, then the lower data at 150..180, then 180..200 that
+        // `lower` does not cover, all merged into one allocated extent.
+        assert_eq!(
+            out,
+            [
+                ext(0, 40, true),
+                ext(40, 60, false),
+                ext(100, 100, true),
+                ext(200, 30, false),
+                ext(230, 20, true)
+            ]
+        );
+    }
+
+    #[test]
+    fn holes_span_covers_first_to_last_hole() {
+        let map = [
+            ext(0, 10, true),
+            ext(10, 5, false),
+            ext(15, 5, true),
+            ext(20, 5, false),
+            ext(25, 5, true),
+        ];
+
+        assert_eq!(holes_span(&map), Some((10, 25)));
+        assert_eq!(holes_span(&map[..1]), None);
+    }
+
+    #[test]
+    fn file_extents_follow_the_file_and_call_bytes_past_its_end_holes() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(2 << 20).unwrap();
+        f.as_file().write_all_at(&[1u8; 65536], 0).unwrap();
+        f.as_file().write_all_at(&[2u8; 65536], 1 << 20).unwrap();
+
+        let map = file_extents(f.as_file(), 0, 3 << 20);
+
+        assert_eq!(
+            map,
+            [
+                ext(0, 65536, true),
+                ext(65536, (1 << 20) - 65536, false),
+                ext(1 << 20, 65536, true),
+                ext((1 << 20) + 65536, (2 << 20) - 65536, false)
+            ]
+        );
+    }
+
+    #[test]
+    fn file_extents_of_a_range_inside_data_is_one_extent() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().write_all_at(&[1u8; 65536], 0).unwrap();
+
+        let map = file_extents(f.as_file(), 100, 200);
+
+        assert_eq!(map, [ext(100, 100, true)]);
     }
 }

@@ -89,7 +89,9 @@ impl Header {
         };
         let m_type = le32(b, 16);
         if m_type != HEADER_VERSION {
-            return Err(format!("unsupported header version {m_type} (m_Type), expected 2"));
+            return Err(format!(
+                "unsupported header version {m_type} (m_Type), expected 2"
+            ));
         }
         let cluster_sectors = le32(b, 28);
         if cluster_sectors == 0 || cluster_sectors > MAX_CLUSTER_SECTORS {
@@ -104,7 +106,9 @@ impl Header {
             Version::V2 => le64(b, 36),
         };
         if size_sectors.checked_mul(SECTOR_SIZE).is_none() {
-            return Err(format!("disk size m_SizeInSectors={size_sectors} overflows"));
+            return Err(format!(
+                "disk size m_SizeInSectors={size_sectors} overflows"
+            ));
         }
         let header = Header {
             version,
@@ -159,7 +163,9 @@ impl Header {
     /// Bytes of virtual cluster `index` that lie inside the disk (the last may be short).
     pub fn cluster_len(&self, index: u64) -> u64 {
         let start = index.saturating_mul(self.cluster_size());
-        self.disk_size().saturating_sub(start).min(self.cluster_size())
+        self.disk_size()
+            .saturating_sub(start)
+            .min(self.cluster_size())
     }
 }
 
@@ -188,7 +194,9 @@ pub fn parse_bat(header: &Header, bat: &[u8], file_len: u64) -> Result<Vec<u32>,
 fn check_entry(header: &Header, index: u64, entry: u32, file_len: u64) -> Result<(), String> {
     let host = header.host_offset(entry);
     if host < header.bat_end() {
-        return Err(format!("BAT entry {index} points into the header or BAT (byte {host})"));
+        return Err(format!(
+            "BAT entry {index} points into the header or BAT (byte {host})"
+        ));
     }
     let end = host.checked_add(header.cluster_len(index));
     if end.is_none_or(|e| e > file_len) {
@@ -227,7 +235,10 @@ impl Delta {
         let header = Header::parse(&head[..got]).map_err(|w| FormatError::corrupt(path, w))?;
         let bat_len = header.clusters_needed() * 4; // <= 4 * MAX_BAT_ENTRIES
         if HEADER_SIZE + bat_len > len {
-            let what = format!("BAT ({} entries) extends past the end of the file", header.bat_entries);
+            let what = format!(
+                "BAT ({} entries) extends past the end of the file",
+                header.bat_entries
+            );
             return Err(FormatError::corrupt(path, what));
         }
         let mut raw = vec![0u8; bat_len as usize];
@@ -342,7 +353,8 @@ pub struct Chain {
 
 impl Chain {
     /// Build a chain from deltas ordered top first. The caller has checked that the
-    /// deltas agree on cluster size and disk size; `roles` names each one for `info`.
+    /// deltas agree on cluster size and disk size, and that a raw delta can only be the
+    /// last (the base); `roles` names each one for `info`.
     pub fn new(deltas: Vec<Delta>, roles: Vec<String>, cluster_size: u64, size: u64) -> Chain {
         Chain {
             deltas,
@@ -363,6 +375,71 @@ impl Chain {
             .iter()
             .enumerate()
             .find_map(|(d, delta)| delta.locate(index, self.cluster_size).map(|h| (d, h)))
+    }
+
+    /// Map of `[offset, end)` by the ploop deltas alone: allocated where one stores the
+    /// cluster, a hole where a read falls through to the raw base or zeros.
+    fn delta_extents(&self, offset: u64, end: u64) -> Vec<Extent> {
+        let mut out = Vec::new();
+        if self.deltas.iter().all(|d| d.header().is_none()) {
+            // No BAT to consult: skip stepping through the clusters one by one.
+            super::push_extent(
+                &mut out,
+                Extent {
+                    offset,
+                    length: end.saturating_sub(offset),
+                    allocated: false,
+                },
+            );
+            return out;
+        }
+        let cs = self.cluster_size;
+        let mut pos = offset;
+        while pos < end {
+            let n = (cs - pos % cs).min(end - pos);
+            let index = pos / cs;
+            let allocated = self
+                .deltas
+                .iter()
+                .any(|d| d.header().is_some() && d.locate(index, cs).is_some());
+            super::push_extent(
+                &mut out,
+                Extent {
+                    offset: pos,
+                    length: n,
+                    allocated,
+                },
+            );
+            pos += n;
+        }
+        out
+    }
+
+    /// Map of `[offset, end)` below every ploop delta: the raw base's own data and holes,
+    /// read from the file system in one go (bytes past the base file are holes), or one
+    /// hole when there is no raw base.
+    fn base_extents(&self, offset: u64, end: u64) -> Vec<Extent> {
+        let hole = |offset: u64, end: u64| Extent {
+            offset,
+            length: end.saturating_sub(offset),
+            allocated: false,
+        };
+        let mut out = Vec::new();
+        match self.deltas.last() {
+            Some(Delta {
+                file,
+                kind: DeltaKind::Plain { len },
+                ..
+            }) => {
+                let data_end = end.min(*len);
+                if offset < data_end {
+                    out = super::file_extents(file, offset, data_end);
+                }
+                super::push_extent(&mut out, hole(offset.max(data_end), end));
+            }
+            _ => super::push_extent(&mut out, hole(offset, end)),
+        }
+        out
     }
 
     fn flush(&self, buf: &mut [u8], run: Run) -> io::Result<()> {
@@ -415,22 +492,13 @@ impl BlockSource for Chain {
 
     fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
         let end = offset.saturating_add(length).min(self.size);
-        let cs = self.cluster_size;
-        let mut out: Vec<Extent> = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let n = (cs - pos % cs).min(end - pos);
-            let allocated = self.locate(pos / cs).is_some();
-            match out.last_mut() {
-                Some(last) if last.allocated == allocated => last.length += n,
-                _ => out.push(Extent {
-                    offset: pos,
-                    length: n,
-                    allocated,
-                }),
-            }
-            pos += n;
-        }
+        let own = self.delta_extents(offset, end);
+        let lower = match super::holes_span(&own) {
+            Some((a, b)) => self.base_extents(a, b),
+            None => Vec::new(),
+        };
+        let mut out = Vec::new();
+        super::overlay_extents(&own, &lower, &mut out);
         Ok(out)
     }
 
@@ -458,7 +526,10 @@ pub fn probe(head: &[u8]) -> bool {
 /// Open one ploop file on its own (no chain).
 pub fn open_single(path: &Path, file: File) -> Result<Box<dyn BlockSource>, FormatError> {
     let delta = Delta::open_ploop(path, file)?;
-    let header = delta.header().cloned().expect("open_ploop returns a ploop delta");
+    let header = delta
+        .header()
+        .cloned()
+        .expect("open_ploop returns a ploop delta");
     Ok(Box::new(Chain::new(
         vec![delta],
         vec!["image".into()],
@@ -526,7 +597,11 @@ mod tests {
             for (i, slot) in placement.iter().enumerate() {
                 let Some(slot) = slot else { continue };
                 let host = data_start + u64::from(*slot) * cs;
-                let entry = if self.magic == *MAGIC_V1 { host / 512 } else { host / cs } as u32;
+                let entry = if self.magic == *MAGIC_V1 {
+                    host / 512
+                } else {
+                    host / cs
+                } as u32;
                 img[64 + 4 * i..68 + 4 * i].copy_from_slice(&entry.to_le_bytes());
                 if img.len() < (host + cs) as usize {
                     img.resize((host + cs) as usize, 0);
@@ -688,7 +763,10 @@ mod tests {
 
         let err = open_bytes(&img).err().unwrap().to_string();
 
-        assert!(err.contains("BAT entry 2 points past the end of the file"), "{err}");
+        assert!(
+            err.contains("BAT entry 2 points past the end of the file"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -700,7 +778,10 @@ mod tests {
 
         let err = open_bytes(&img).err().unwrap().to_string();
 
-        assert!(err.contains("BAT entry 2 points into the header or BAT"), "{err}");
+        assert!(
+            err.contains("BAT entry 2 points into the header or BAT"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -770,6 +851,86 @@ mod tests {
         assert!(!run.continues(Some((0, 4609))));
         assert!(!run.continues(Some((1, 4608))));
         assert!(!run.continues(None));
+    }
+
+    fn ext(offset: u64, length: u64, allocated: bool) -> Extent {
+        Extent {
+            offset,
+            length,
+            allocated,
+        }
+    }
+
+    fn plain(path: &Path) -> Delta {
+        Delta::open_plain(path, File::open(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn holes_of_a_raw_base_show_through_the_delta_above() {
+        let dir = tempfile::tempdir().unwrap();
+        let (top, base) = (dir.path().join("top.hds"), dir.path().join("base.raw"));
+        std::fs::write(
+            &top,
+            HeaderBuilder::v2(128, 512).image(&[None, Some(0), None, None]),
+        )
+        .unwrap();
+        let raw = File::create(&base).unwrap();
+        raw.set_len(256 << 10).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&raw, &[7u8; 65536], 192 << 10).unwrap();
+        let top = Delta::open_ploop(&top, File::open(&top).unwrap()).unwrap();
+        let chain = Chain::new(
+            vec![top, plain(&base)],
+            vec!["top".into(), "base".into()],
+            65536,
+            256 << 10,
+        );
+
+        let map = chain.extents(0, 256 << 10).unwrap();
+
+        assert_eq!(
+            map,
+            [
+                ext(0, 64 << 10, false),
+                ext(64 << 10, 64 << 10, true),
+                ext(128 << 10, 64 << 10, false),
+                ext(192 << 10, 64 << 10, true)
+            ]
+        );
+    }
+
+    #[test]
+    fn huge_sparse_raw_base_with_tiny_clusters_is_mapped_in_one_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        let raw = File::create(&base).unwrap();
+        raw.set_len(8 << 40).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&raw, &[7u8; 65536], 1 << 40).unwrap();
+        let chain = Chain::new(vec![plain(&base)], vec!["base".into()], 512, 8 << 40);
+
+        let map = chain.extents(0, 8 << 40).unwrap();
+
+        assert_eq!(
+            map,
+            [
+                ext(0, 1 << 40, false),
+                ext(1 << 40, 65536, true),
+                ext((1 << 40) + 65536, (7 << 40) - 65536, false)
+            ]
+        );
+    }
+
+    #[test]
+    fn alternating_tiny_clusters_are_counted_only_up_to_the_cap() {
+        let sectors = 131_072; // 64 MiB of 512-byte clusters, every other one allocated
+        let placement: Vec<Option<u32>> = (0..sectors).map(|i| (i % 2 == 0).then_some(0)).collect();
+        let src = open_bytes(&HeaderBuilder::v2(1, sectors as u64).image(&placement)).unwrap();
+
+        let capped = super::super::count_allocated(&*src, 100_000).unwrap();
+        let counted =
+            super::super::count_allocated(&*src, super::super::MAX_COUNTED_EXTENTS).unwrap();
+
+        assert_eq!(capped, None);
+        assert_eq!(counted, Some(32 << 20));
     }
 
     proptest! {

@@ -4,7 +4,6 @@ use super::{BlockSource, Extent, FormatError, LayerInfo};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// A raw disk image.
@@ -18,21 +17,11 @@ impl Raw {
     /// Wrap an already opened file.
     pub fn new(path: &Path, file: File) -> Result<Self, FormatError> {
         let size = super::file_len(path, &file)?;
-        Ok(Raw { path: path.to_path_buf(), file, size })
-    }
-
-    /// Find the next data or hole boundary with lseek(SEEK_DATA/SEEK_HOLE); `None` when
-    /// the file system does not support it.
-    fn seek(&self, offset: u64, whence: libc::c_int) -> Option<u64> {
-        let off = i64::try_from(offset).ok()?;
-        // SAFETY: lseek on a valid fd has no memory-safety preconditions; the shared file
-        // position it moves is never used by this type (all reads are positioned).
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
-        if r < 0 {
-            None
-        } else {
-            Some(r as u64)
-        }
+        Ok(Raw {
+            path: path.to_path_buf(),
+            file,
+            size,
+        })
     }
 }
 
@@ -48,28 +37,7 @@ impl BlockSource for Raw {
 
     fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
         let end = offset.saturating_add(length).min(self.size);
-        let mut out = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            // SEEK_DATA from pos: where the next data starts (ENXIO past the last data).
-            let data = match self.seek(pos, libc::SEEK_DATA) {
-                Some(d) => d.min(end),
-                None if self.seek(pos, libc::SEEK_HOLE).is_some() => end, // only a hole remains
-                None => {
-                    out.push(Extent { offset: pos, length: end - pos, allocated: true });
-                    break;
-                }
-            };
-            if data > pos {
-                out.push(Extent { offset: pos, length: data - pos, allocated: false });
-                pos = data;
-                continue;
-            }
-            let hole = self.seek(pos, libc::SEEK_HOLE).unwrap_or(end).min(end).max(pos + 1);
-            out.push(Extent { offset: pos, length: hole - pos, allocated: true });
-            pos = hole;
-        }
-        Ok(out)
+        Ok(super::file_extents(&self.file, offset, end))
     }
 
     fn layers(&self) -> Vec<LayerInfo> {

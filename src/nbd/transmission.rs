@@ -24,7 +24,7 @@ const POOL_BUFFERS: usize = 8;
 const POOL_MAX_BUFFER: usize = (4 << 20) + (64 << 10);
 /// Block status asks the decoder about at most this much at a time, so a fragmented
 /// image cannot make one request build an enormous extent list.
-const STATUS_WINDOW: u64 = 256 << 20;
+const STATUS_WINDOW: u64 = crate::format::EXTENT_WINDOW;
 
 /// State shared by the reader loop and the request tasks of one connection.
 struct Conn<W> {

@@ -23,6 +23,9 @@ pub const MAX_BAT_ENTRIES: u64 = 32 << 20;
 const BITMAP_CACHE_BYTES: usize = 8 << 20;
 /// Sector size the bitmap and BAT are counted in.
 const SECTOR: u64 = 512;
+/// Bytes of a differencing disk mapped per call to the parent when building an allocation
+/// map (at most 16 Ki sector runs, so a chain of 32 files holds a few MiB of maps).
+const LOWER_SLICE: u64 = 8 << 20;
 
 /// Bytes of the sector bitmap in front of each block: one bit per sector, padded to a
 /// whole number of sectors (spec: "the bitmap is padded to a 512-byte sector boundary").
@@ -342,14 +345,16 @@ impl Dynamic {
         Ok(())
     }
 
-    /// Allocation map of the lower layers over a range.
+    /// Allocation map of the lower layers over a range: the parent's (holes past its end),
+    /// or one hole when there is no parent.
     fn lower_extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let hole = |offset, length| Extent {
+            offset,
+            length,
+            allocated: false,
+        };
         let Some(parent) = &self.parent else {
-            return Ok(vec![Extent {
-                offset,
-                length: len,
-                allocated: false,
-            }]);
+            return Ok(vec![hole(offset, len)]);
         };
         let within = parent.size().saturating_sub(offset).min(len);
         let mut out = if within > 0 {
@@ -357,14 +362,28 @@ impl Dynamic {
         } else {
             Vec::new()
         };
-        if within < len {
-            out.push(Extent {
-                offset: offset + within,
-                length: len - within,
-                allocated: false,
-            });
-        }
+        crate::format::push_extent(&mut out, hole(offset + within, len - within));
         Ok(out)
+    }
+
+    /// Allocation map of `[offset, end)` (inside the disk), appended to `out`: this file's
+    /// runs, with the parent asked once for the span of the runs that fall through to it.
+    fn slice_extents(&self, out: &mut Vec<Extent>, offset: u64, end: u64) -> io::Result<()> {
+        let own: Vec<Extent> = self
+            .runs(offset, end - offset)?
+            .iter()
+            .map(|r| Extent {
+                offset: r.virt,
+                length: r.len,
+                allocated: matches!(r.src, Source::File(_)),
+            })
+            .collect();
+        let lower = match crate::format::holes_span(&own) {
+            Some((a, b)) => self.lower_extents(a, b - a)?,
+            None => Vec::new(),
+        };
+        crate::format::overlay_extents(&own, &lower, out);
+        Ok(())
     }
 }
 
@@ -397,30 +416,19 @@ impl BlockSource for Dynamic {
 
     fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
         let end = offset.saturating_add(length).min(self.size);
-        if offset >= end {
-            return Ok(Vec::new());
-        }
+        // With a parent, work a slice at a time: each file of a deep chain then holds only
+        // one slice's map while its parent answers, whatever range the caller asked for.
+        let slice = if self.parent.is_some() {
+            LOWER_SLICE
+        } else {
+            u64::MAX
+        };
         let mut out: Vec<Extent> = Vec::new();
-        for r in self.runs(offset, end - offset)? {
-            let part = match r.src {
-                Source::File(_) => vec![Extent {
-                    offset: r.virt,
-                    length: r.len,
-                    allocated: true,
-                }],
-                Source::Lower => self.lower_extents(r.virt, r.len)?,
-            };
-            for e in part.into_iter().filter(|e| e.length > 0) {
-                match out.last_mut() {
-                    Some(last)
-                        if last.allocated == e.allocated
-                            && last.offset + last.length == e.offset =>
-                    {
-                        last.length += e.length
-                    }
-                    _ => out.push(e),
-                }
-            }
+        let mut pos = offset;
+        while pos < end {
+            let stop = end.min((pos / slice).saturating_add(1).saturating_mul(slice));
+            self.slice_extents(&mut out, pos, stop)?;
+            pos = stop;
         }
         Ok(out)
     }

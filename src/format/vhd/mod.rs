@@ -52,6 +52,9 @@ struct Chain {
     files: Vec<(u64, u64)>,
     /// Bytes held by their BATs.
     bat_bytes: u64,
+    /// Some file's parent could not be opened: the error is on its way up, and no file
+    /// above it tries another parent candidate.
+    parent_failed: bool,
 }
 
 impl Chain {
@@ -103,7 +106,8 @@ pub fn open(
     opts: &OpenOptions,
 ) -> Result<Box<dyn BlockSource>, FormatError> {
     let mut chain = Chain::default();
-    open_layer(path, file, opts, &mut chain).map(|(src, _)| src)
+    let found = read_footer(path, &file)?;
+    open_layer(path, file, found, opts, &mut chain)
 }
 
 /// A footer and where it was found.
@@ -183,14 +187,15 @@ fn read_footer(path: &Path, file: &File) -> Result<FooterFound, FormatError> {
     }
 }
 
-/// Open one file of a chain; `chain` holds what the files above it took.
-/// Returns the decoder and the file's footer (for the child's parent-id check).
+/// Open one file of a chain, whose footer was already found; `chain` holds what the files
+/// above it took.
 fn open_layer(
     path: &Path,
     file: File,
+    found: FooterFound,
     opts: &OpenOptions,
     chain: &mut Chain,
-) -> Result<(Box<dyn BlockSource>, Footer), FormatError> {
+) -> Result<Box<dyn BlockSource>, FormatError> {
     let meta = file.metadata().map_err(|e| FormatError::io(path, e))?;
     if chain.files.contains(&(meta.dev(), meta.ino())) {
         return Err(FormatError::corrupt(
@@ -207,7 +212,6 @@ fn open_layer(
     chain.files.push((meta.dev(), meta.ino()));
     let is_parent = chain.files.len() > 1;
 
-    let found = read_footer(path, &file)?;
     let footer = found.footer;
     // Whole sectors only, like qemu (total_sectors = current_size / 512).
     let size = footer.current_size / 512 * 512;
@@ -229,19 +233,20 @@ fn open_layer(
                 ));
             }
             let role = if is_parent { "parent" } else { "image" };
-            Ok((Box::new(Fixed::new(path, file, size, role)), footer))
+            Ok(Box::new(Fixed::new(path, file, size, role)))
         }
         footer::TYPE_DYNAMIC | footer::TYPE_DIFFERENCING => {
             let layout = load_layout(path, &file, &footer, size, found.data_limit)?;
             chain.charge_bat(path, layout.bat.len())?;
             let (parent, role) = if footer.disk_type == footer::TYPE_DIFFERENCING {
-                let parent = open_parent(path, &file, &layout.header, opts, chain)?;
+                let parent = open_parent(path, &file, &layout.header, opts, chain)
+                    .inspect_err(|_| chain.parent_failed = true)?;
                 (Some(parent), if is_parent { "parent" } else { "top" })
             } else {
                 (None, if is_parent { "parent" } else { "image" })
             };
             let src = Dynamic::new(path, file, &footer, size, layout, parent, role);
-            Ok((Box::new(src), footer))
+            Ok(Box::new(src))
         }
         other => Err(FormatError::Unsupported {
             path: path.to_path_buf(),
@@ -250,7 +255,10 @@ fn open_layer(
     }
 }
 
-/// Find, open and check the parent of a differencing disk.
+/// Find, open and check the parent of a differencing disk: try each candidate path in
+/// order, skipping one that does not exist, cannot be opened or (unless
+/// `--ignore-parent-id`) is not the parent this disk records. When none fits, report the
+/// first id mismatch, else the first candidate's failure, else that none exists.
 fn open_parent(
     path: &Path,
     file: &File,
@@ -265,59 +273,123 @@ fn open_parent(
             "differencing disk names no parent usable on this machine (no W2ru/W2ku/MacX locator or parent name)",
         ));
     }
-    let Some(parent_path) = candidates
-        .iter()
-        .find(|p| std::fs::symlink_metadata(p).is_ok())
-    else {
+    let mut mismatch: Option<FormatError> = None;
+    let mut failure: Option<FormatError> = None;
+    for parent_path in &candidates {
+        // A dangling symlink exists here: opening it fails, and that failure is reported.
+        if std::fs::symlink_metadata(parent_path).is_err() {
+            continue;
+        }
+        let (files, bat_bytes) = (chain.files.len(), chain.bat_bytes);
+        match try_parent(path, parent_path, header, opts, chain) {
+            Ok(parent) => return Ok(parent),
+            Err(Candidate::Mismatch(e)) => {
+                mismatch.get_or_insert(e);
+            }
+            // The candidate itself opened and something further down its chain failed: that
+            // error names its own file. Trying the other candidates would reopen that chain
+            // once per candidate at every level, exponential in the depth.
+            Err(Candidate::Failed(e)) if chain.parent_failed => return Err(e),
+            Err(Candidate::Failed(e)) => {
+                failure.get_or_insert(as_parent_of(e, parent_path, path));
+            }
+        }
+        // What the failed candidate took back, so the next one starts from the child.
+        chain.files.truncate(files);
+        chain.bat_bytes = bat_bytes;
+    }
+    Err(mismatch.or(failure).unwrap_or_else(|| {
         let list: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
-        return Err(FormatError::corrupt(
+        FormatError::corrupt(
             path,
             format!("parent image not found (looked for {})", list.join(", ")),
-        ));
-    };
+        )
+    }))
+}
+
+/// Why one parent candidate was not used.
+enum Candidate {
+    /// It is a VHD, but not the one the child records.
+    Mismatch(FormatError),
+    /// It could not be opened or decoded (the error names the file that failed).
+    Failed(FormatError),
+}
+
+/// Open one candidate as the parent of `child`. The unique id is checked from the footer
+/// before the candidate's own chain is opened, so a wrong file costs one read.
+///
+/// The parent's time stamp is not compared: the id is the identity check, and VirtualBox
+/// records the parent file's modification time there, not its footer time stamp, so valid
+/// chains would disagree.
+fn try_parent(
+    child: &Path,
+    parent_path: &Path,
+    header: &header::DynHeader,
+    opts: &OpenOptions,
+    chain: &mut Chain,
+) -> Result<Box<dyn BlockSource>, Candidate> {
     // A FIFO or device named by a hostile locator could block or be huge: only files.
-    let meta = std::fs::metadata(parent_path).map_err(|e| FormatError::io(parent_path, e))?;
+    let meta = std::fs::metadata(parent_path)
+        .map_err(|e| Candidate::Failed(FormatError::io(parent_path, e)))?;
     if !meta.is_file() {
-        return Err(FormatError::corrupt(
-            path,
-            format!("parent {} is not a regular file", parent_path.display()),
-        ));
+        return Err(Candidate::Failed(FormatError::corrupt(
+            parent_path,
+            "not a regular file",
+        )));
     }
-    let parent_file = super::open_image_file(parent_path)?;
-    let (parent, parent_footer) =
-        open_layer(parent_path, parent_file, opts, chain).map_err(|e| match e {
-            FormatError::Corrupt { path: p, what } if what.starts_with("not a VHD file") => {
-                FormatError::corrupt(
-                    &p,
-                    format!(
-                        "{what} (it is the parent of differencing disk {}, and must be a VHD)",
-                        path.display()
-                    ),
-                )
-            }
-            other => other,
-        })?;
-    if parent_footer.unique_id != header.parent_unique_id && !opts.ignore_parent_id {
-        return Err(FormatError::corrupt(
-            path,
+    let parent_file = super::open_image_file(parent_path).map_err(Candidate::Failed)?;
+    let found = read_footer(parent_path, &parent_file).map_err(Candidate::Failed)?;
+    if found.footer.unique_id != header.parent_unique_id && !opts.ignore_parent_id {
+        return Err(Candidate::Mismatch(FormatError::corrupt(
+            child,
             format!(
                 "parent {} has unique id {} but this disk expects {} (the parent was replaced or modified; --ignore-parent-id opens it anyway)",
                 parent_path.display(),
-                hex(&parent_footer.unique_id),
+                hex(&found.footer.unique_id),
                 hex(&header.parent_unique_id)
             ),
-        ));
+        )));
     }
-    if parent_footer.timestamp != header.parent_timestamp {
-        eprintln!(
-            "imgsafe: warning: {}: parent {} time stamp {} differs from the recorded {}",
-            path.display(),
-            parent_path.display(),
-            parent_footer.timestamp,
-            header.parent_timestamp
-        );
+    open_layer(parent_path, parent_file, found, opts, chain).map_err(Candidate::Failed)
+}
+
+/// Add to an error about `parent` itself that it was opened as the parent of `child`, so
+/// the message names both files. Errors about other files are left alone.
+fn as_parent_of(err: FormatError, parent: &Path, child: &Path) -> FormatError {
+    let note = |what: &str| {
+        let must = if what.starts_with("not a VHD file") {
+            ", and must be a VHD"
+        } else {
+            ""
+        };
+        format!(
+            "{what} (it is the parent of differencing disk {}{must})",
+            child.display()
+        )
+    };
+    match err {
+        FormatError::Io { path, source } if path == parent => {
+            let source = std::io::Error::new(source.kind(), note(&source.to_string()));
+            FormatError::Io { path, source }
+        }
+        FormatError::Corrupt { path, what } if path == parent => FormatError::Corrupt {
+            what: note(&what),
+            path,
+        },
+        FormatError::Unsupported { path, what } if path == parent => FormatError::Unsupported {
+            what: note(&what),
+            path,
+        },
+        FormatError::IsDirectory { path } if path == parent => FormatError::Corrupt {
+            what: note("is a directory, not a disk image"),
+            path,
+        },
+        FormatError::Empty { path } if path == parent => FormatError::Corrupt {
+            what: note("empty file (0 bytes), not a disk image"),
+            path,
+        },
+        other => other,
     }
-    Ok(parent)
 }
 
 /// Paths where the parent may be, in the order to try: relative locators first (they
@@ -420,6 +492,12 @@ impl BlockSource for Fixed {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         super::check_read(self.size, offset, buf.len() as u64)?;
         super::read_exact_at(&self.file, buf, offset)
+    }
+
+    fn extents(&self, offset: u64, length: u64) -> std::io::Result<Vec<super::Extent>> {
+        // The disk is the file's first `size` bytes, so the file's holes are the disk's.
+        let end = offset.saturating_add(length).min(self.size);
+        Ok(super::file_extents(&self.file, offset, end))
     }
 
     fn layers(&self) -> Vec<LayerInfo> {

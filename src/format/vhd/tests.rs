@@ -190,3 +190,363 @@ fn chain_bat_budget_refuses_the_file_that_crosses_it() {
     assert!(fifth.starts_with("parent3.vhd: "), "{fifth}");
     assert!(fifth.contains("more than 512 MiB of memory"), "{fifth}");
 }
+
+/// A differencing image with unique id `[8; 16]` over the parent `parent_id`: footer copy,
+/// header at 512, BAT at 1536, the `locators` data (platform code, bytes), the stored
+/// `blocks` (bitmap byte, data byte), footer. `bat[i] = Some(n)` maps block i to stored
+/// block n, so several entries may share one block.
+fn differencing_image(
+    size: u64,
+    block_size: u32,
+    parent_id: [u8; 16],
+    locators: &[(u32, Vec<u8>)],
+    blocks: &[(u8, u8)],
+    bat: &[Option<usize>],
+) -> Vec<u8> {
+    let foot = footer::build(footer::TYPE_DIFFERENCING, size, 512, [8; 16]);
+    let bat_len = (bat.len() * 4).div_ceil(512) * 512;
+    let mut loc_entries = Vec::new();
+    let mut loc_data = Vec::new();
+    for (code, data) in locators {
+        let at = 1536 + bat_len + loc_data.len();
+        loc_entries.push((*code, data.len() as u32, at as u64));
+        loc_data.extend_from_slice(data);
+        loc_data.resize(loc_data.len().div_ceil(512) * 512, 0);
+    }
+    let head = header::build(1536, bat.len() as u32, block_size, parent_id, &loc_entries);
+    let mut img = Vec::new();
+    img.extend_from_slice(&foot);
+    img.extend_from_slice(&head);
+    img.resize(1536 + bat_len, 0xFF);
+    img.extend_from_slice(&loc_data);
+    let bm = dynamic::bitmap_len(block_size) as usize;
+    let mut sectors = Vec::new();
+    for &(bitmap, fill) in blocks {
+        sectors.push((img.len() / 512) as u32);
+        img.extend(std::iter::repeat_n(bitmap, bm));
+        img.extend(std::iter::repeat_n(fill, block_size as usize));
+    }
+    for (i, b) in bat.iter().enumerate() {
+        if let Some(n) = b {
+            img[1536 + i * 4..1536 + i * 4 + 4].copy_from_slice(&sectors[*n].to_be_bytes());
+        }
+    }
+    img.extend_from_slice(&foot);
+    img
+}
+
+/// A fixed VHD of `size` bytes with `unique_id`: a sparse file whose only data is `data`
+/// at offset 0.
+fn write_fixed(path: &Path, size: u64, data: &[u8], unique_id: [u8; 16]) {
+    use std::os::unix::fs::FileExt;
+    let f = File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    f.write_all_at(data, 0).unwrap();
+    f.write_all_at(
+        &footer::build(footer::TYPE_FIXED, size, u64::MAX, unique_id),
+        size,
+    )
+    .unwrap();
+}
+
+fn utf16le(s: &str) -> Vec<u8> {
+    s.encode_utf16().flat_map(|u| u.to_le_bytes()).collect()
+}
+
+fn open_path(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>, FormatError> {
+    open(path, File::open(path).unwrap(), opts)
+}
+
+/// A child of 1 MiB with no blocks of its own, so every byte reads from its parent, found
+/// through these locators.
+fn write_child(path: &Path, locators: &[(u32, Vec<u8>)]) {
+    let img = differencing_image(1 << 20, 1 << 20, [1; 16], locators, &[], &[None]);
+    std::fs::write(path, img).unwrap();
+}
+
+fn first_byte(src: &dyn BlockSource) -> u8 {
+    let mut b = [0u8; 1];
+    src.read_at(&mut b, 0).unwrap();
+    b[0]
+}
+
+#[test]
+fn parent_candidate_with_the_wrong_id_is_skipped_for_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.vhd");
+    write_fixed(&dir.path().join("stale.vhd"), 1 << 20, &[0x22], [2; 16]);
+    write_fixed(&good, 1 << 20, &[0x11], [1; 16]);
+    let child = dir.path().join("child.vhd");
+    write_child(
+        &child,
+        &[
+            (PLATFORM_W2RU, utf16le(".\\stale.vhd")),
+            (PLATFORM_W2KU, utf16le(good.to_str().unwrap())),
+        ],
+    );
+
+    // The parent's footer time stamp (1000) differs from the child's record (0): only the
+    // unique id decides.
+    let src = open_path(&child, &OpenOptions::default()).unwrap();
+
+    assert_eq!(first_byte(&*src), 0x11);
+    assert_eq!(src.layers()[1].path, good);
+}
+
+#[test]
+fn missing_parent_candidate_is_skipped_for_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixed(&dir.path().join("good.vhd"), 1 << 20, &[0x11], [1; 16]);
+    let child = dir.path().join("child.vhd");
+    write_child(
+        &child,
+        &[
+            (PLATFORM_W2RU, utf16le("gone.vhd")),
+            (PLATFORM_MACX, b"file://./good.vhd".to_vec()),
+        ],
+    );
+
+    let src = open_path(&child, &OpenOptions::default()).unwrap();
+
+    assert_eq!(first_byte(&*src), 0x11);
+}
+
+#[test]
+fn ignore_parent_id_takes_the_first_existing_candidate() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixed(&dir.path().join("stale.vhd"), 1 << 20, &[0x22], [2; 16]);
+    write_fixed(&dir.path().join("good.vhd"), 1 << 20, &[0x11], [1; 16]);
+    let child = dir.path().join("child.vhd");
+    write_child(
+        &child,
+        &[
+            (PLATFORM_W2RU, utf16le("stale.vhd")),
+            (PLATFORM_W2KU, utf16le("good.vhd")),
+        ],
+    );
+    let opts = OpenOptions {
+        ignore_parent_id: true,
+        ..Default::default()
+    };
+
+    let src = open_path(&child, &opts).unwrap();
+
+    assert_eq!(first_byte(&*src), 0x22);
+}
+
+#[test]
+fn when_no_candidate_fits_the_first_id_mismatch_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixed(&dir.path().join("stale2.vhd"), 1 << 20, &[0x22], [2; 16]);
+    write_fixed(&dir.path().join("stale3.vhd"), 1 << 20, &[0x33], [3; 16]);
+    let child = dir.path().join("child.vhd");
+    write_child(
+        &child,
+        &[
+            (PLATFORM_W2RU, utf16le("gone.vhd")),
+            (PLATFORM_W2KU, utf16le("stale2.vhd")),
+            (PLATFORM_MACX, b"file://./stale3.vhd".to_vec()),
+        ],
+    );
+
+    let err = open_path(&child, &OpenOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+
+    assert!(
+        err.starts_with(&format!("{}: parent ", child.display())),
+        "{err}"
+    );
+    assert!(err.contains("stale2.vhd has unique id 02020202"), "{err}");
+    assert!(err.contains("--ignore-parent-id"), "{err}");
+}
+
+#[test]
+fn dangling_symlink_parent_is_named_as_the_parent_of_the_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("base.vhd");
+    std::os::unix::fs::symlink("nowhere.vhd", &link).unwrap();
+    let child = dir.path().join("child.vhd");
+    write_child(&child, &[(PLATFORM_W2RU, utf16le("base.vhd"))]);
+
+    let err = open_path(&child, &OpenOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+
+    assert!(err.starts_with(&format!("{}: ", link.display())), "{err}");
+    assert!(
+        err.ends_with(&format!(
+            "(it is the parent of differencing disk {})",
+            child.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn no_existing_candidate_lists_every_path_looked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = dir.path().join("child.vhd");
+    write_child(
+        &child,
+        &[
+            (PLATFORM_W2RU, utf16le("a.vhd")),
+            (PLATFORM_W2KU, utf16le("/nonexistent/b.vhd")),
+        ],
+    );
+
+    let err = open_path(&child, &OpenOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+
+    assert_eq!(
+        err,
+        format!(
+            "{}: parent image not found (looked for {}, /nonexistent/b.vhd)",
+            child.display(),
+            dir.path().join("a.vhd").display()
+        )
+    );
+}
+
+#[test]
+fn fixed_vhd_reports_the_holes_of_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fixed.vhd");
+    write_fixed(&path, 4 << 20, &[1u8; 65536], [1; 16]);
+
+    let ext = open_path(&path, &OpenOptions::default())
+        .unwrap()
+        .extents(0, 4 << 20)
+        .unwrap();
+
+    let got: Vec<_> = ext
+        .iter()
+        .map(|e| (e.offset, e.length, e.allocated))
+        .collect();
+    assert_eq!(got, [(0, 65536, true), (65536, (4 << 20) - 65536, false)]);
+}
+
+#[test]
+fn differencing_chain_is_counted_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixed(
+        &dir.path().join("base.vhd"),
+        8 << 20,
+        &[9u8; 1 << 20],
+        [1; 16],
+    );
+    let child = dir.path().join("child.vhd");
+    // Block 0: sectors alternate 4 own, 4 from the parent; block 2: all own.
+    let img = differencing_image(
+        8 << 20,
+        2 << 20,
+        [1; 16],
+        &[(PLATFORM_W2RU, utf16le("base.vhd"))],
+        &[(0xF0, 1), (0xFF, 2)],
+        &[Some(0), None, Some(1), None],
+    );
+    std::fs::write(&child, img).unwrap();
+    let src = open_path(&child, &OpenOptions::default()).unwrap();
+
+    let info = crate::commands::info::Info::gather(&*src, None).unwrap();
+    let mid = src.extents(1 << 20, 8192).unwrap();
+
+    // 0..1 MiB: own or parent data; 1..2 MiB: own half; 4..6 MiB: own.
+    assert_eq!(
+        info.allocated_bytes,
+        Some((1 << 20) + (512 << 10) + (2 << 20))
+    );
+    let got: Vec<_> = mid
+        .iter()
+        .map(|e| (e.offset, e.length, e.allocated))
+        .collect();
+    let m = 1u64 << 20;
+    assert_eq!(
+        got,
+        [
+            (m, 2048, true),
+            (m + 2048, 2048, false),
+            (m + 4096, 2048, true),
+            (m + 6144, 2048, false)
+        ]
+    );
+}
+
+#[test]
+fn hostile_differencing_map_is_not_counted_and_info_returns_quickly() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixed(&dir.path().join("base.vhd"), 1 << 20, &[9], [1; 16]);
+    let child = dir.path().join("child.vhd");
+    // 2040 GiB whose every block is the one stored block, its sectors alternating between
+    // this file and the parent: billions of extents.
+    let blocks = (footer::MAX_DISK_SIZE / (2 << 20)) as usize;
+    let img = differencing_image(
+        footer::MAX_DISK_SIZE,
+        2 << 20,
+        [1; 16],
+        &[(PLATFORM_W2RU, utf16le("base.vhd"))],
+        &[(0xAA, 1)],
+        &vec![Some(0); blocks],
+    );
+    std::fs::write(&child, img).unwrap();
+    let src = open_path(&child, &OpenOptions::default()).unwrap();
+    let started = std::time::Instant::now();
+
+    let info = crate::commands::info::Info::gather(&*src, None).unwrap();
+
+    assert_eq!(info.virtual_size, footer::MAX_DISK_SIZE);
+    assert_eq!(info.allocated_bytes, None);
+    assert!(info
+        .to_text()
+        .contains("allocated:    not counted (more than 16777216 extents)"));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn failure_further_down_a_parent_chain_is_reported_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let middle = dir.path().join("middle.vhd");
+    // Both candidates carry the id the child expects ([8; 16]); the first one's own parent
+    // is missing.
+    let orphan = differencing_image(
+        1 << 20,
+        1 << 20,
+        [5; 16],
+        &[(PLATFORM_W2RU, utf16le("gone.vhd"))],
+        &[],
+        &[None],
+    );
+    std::fs::write(&middle, orphan).unwrap();
+    write_fixed(&dir.path().join("other.vhd"), 1 << 20, &[0x11], [8; 16]);
+    let child = dir.path().join("child.vhd");
+    let img = differencing_image(
+        1 << 20,
+        1 << 20,
+        [8; 16],
+        &[
+            (PLATFORM_W2RU, utf16le("middle.vhd")),
+            (PLATFORM_W2KU, utf16le("other.vhd")),
+        ],
+        &[],
+        &[None],
+    );
+    std::fs::write(&child, img).unwrap();
+
+    let err = open_path(&child, &OpenOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+
+    assert!(
+        err.starts_with(&format!("{}: parent image not found", middle.display())),
+        "{err}"
+    );
+}
