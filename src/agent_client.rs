@@ -46,6 +46,9 @@ pub struct AgentClient {
     writer: BufWriter<UnixStream>,
     /// The guest kernel version, from the handshake.
     pub kernel: String,
+    /// Ask for read-write mounts: set only when the disk sits under a throwaway
+    /// copy-on-write layer (`shell --overlay`).
+    pub writable_mounts: bool,
 }
 
 /// Map an agent-side error to the host error, naming `path`.
@@ -75,7 +78,7 @@ impl AgentClient {
     pub fn connect(stream: UnixStream) -> Result<Self> {
         let reader = BufReader::new(stream.try_clone().map_err(|e| Error::guest(e.to_string()))?);
         let writer = BufWriter::new(stream);
-        let mut c = AgentClient { reader, writer, kernel: String::new() };
+        let mut c = AgentClient { reader, writer, kernel: String::new(), writable_mounts: false };
         match c.call(&Request::Hello { version: proto::PROTOCOL_VERSION })? {
             Response::Hello { version, kernel } if version == proto::PROTOCOL_VERSION => {
                 c.kernel = kernel.chars().take(256).collect();
@@ -141,6 +144,7 @@ impl AgentClient {
             device: device.into(),
             mountpoint: mountpoint.into(),
             fstype: fstype.map(Into::into),
+            writable: self.writable_mounts,
         };
         match self.call(&req)? {
             Response::Mounted { fstype, .. } => Ok(fstype),

@@ -67,17 +67,18 @@ pub enum Command {
 /// `imgsafe shell`.
 #[derive(Debug, Args)]
 #[command(after_help = "The shell runs inside the throwaway VM, never on the host. The image is \
-mounted read-only at /sysroot; /tmp is a RAM disk for scratch files. With --overlay, /sysroot \
-is writable through an overlay held in guest memory: writes are discarded when the shell \
-ends and never reach the image file. Exit status: the shell's (128+N if killed by signal N).")]
+mounted read-only at /sysroot; /tmp is a RAM disk for scratch files. With --overlay, the \
+filesystems are mounted read-write over a throwaway copy-on-write layer in a private temp \
+file on the host: writes are discarded when the shell ends and never reach the image file. \
+Exit status: the shell's (128+N if killed by signal N).")]
 pub struct ShellArgs {
     /// The disk image.
     pub image: PathBuf,
     /// Run this command (sh -c) instead of an interactive shell; stdout and stderr stay apart.
     #[arg(short = 'c', value_name = "COMMAND")]
     pub command: Option<std::ffi::OsString>,
-    /// Make /sysroot writable: an overlay whose changes live in guest memory only and
-    /// vanish when the shell ends (the image is never written).
+    /// Mount the filesystems read-write over a throwaway copy-on-write layer (a private
+    /// temp file on the host, deleted when the shell ends; the image is never written).
     #[arg(long)]
     pub overlay: bool,
     #[command(flatten)]

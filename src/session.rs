@@ -63,17 +63,21 @@ impl Session {
     pub fn start(image_arg: &Path, image_args: &ImageArgs) -> Result<Session> {
         vm::reaper::install_signal_handlers();
         let source = image::open(image_arg, image_args)?;
-        Self::start_with_source(image_arg, source)
+        Self::start_with_source(image_arg, source, false)
     }
 
-    /// Like [`Session::start`] for an already decoded image.
-    pub fn start_with_source(image_arg: &Path, source: Arc<dyn BlockSource>) -> Result<Session> {
+    /// Like [`Session::start`] for an already decoded image. With `overlay`, the disk
+    /// sits under a throwaway copy-on-write layer (a qcow2 file in the session's private
+    /// temp dir, deleted with it) and filesystems are mounted read-write: the guest may
+    /// write, the image (served read-only over NBD) never changes.
+    pub fn start_with_source(image_arg: &Path, source: Arc<dyn BlockSource>, overlay: bool) -> Result<Session> {
         let timeout = timeout()?;
         let image_files = source.layers().into_iter().map(|l| l.path).collect();
         let dir = tempfile::Builder::new()
             .prefix("imgsafe-")
             .tempdir()
             .map_err(|e| Error::Other(format!("creating a private temp dir: {e}")))?;
+        let disk_size = source.size();
         let nbd_sock = dir.path().join("nbd.sock");
         let nbd = nbd::Server::start(source, &nbd_sock, "")
             .map_err(|e| Error::Other(format!("starting the NBD server on {}: {e}", nbd_sock.display())))?;
@@ -97,13 +101,26 @@ impl Session {
         let stage = trace::stage("boot");
         // Sub-stage times for `-v`: QEMU start-up (until QMP answers), plugging the
         // disk in and resuming, then the guest's own boot until the agent answers.
+        let overlay_file = dir.path().join("overlay.qcow2");
+        if overlay {
+            vm::qcow2::create(&overlay_file, disk_size)
+                .map_err(|e| Error::Other(format!("creating the overlay {}: {e}", overlay_file.display())))?;
+            // The overlay grows to at most the disk plus its tables (~0.02%); QEMU may
+            // write that much, the console log still far less.
+            cfg.max_file_bytes = cfg.max_file_bytes.max(disk_size.saturating_add(disk_size / 256).saturating_add(64 << 20));
+        }
         let t0 = std::time::Instant::now();
         let mut vm = Vm::launch(&cfg)?;
         let t_qemu = t0.elapsed();
-        vm.attach_nbd_disk(&nbd_sock, "", true)?;
+        if overlay {
+            vm.attach_nbd_disk_with_overlay(&nbd_sock, "", &overlay_file)?;
+        } else {
+            vm.attach_nbd_disk(&nbd_sock, "", true)?;
+        }
         vm.start()?;
         let t_plug = t0.elapsed();
-        let agent = connect_agent(&mut vm, timeout)?;
+        let mut agent = connect_agent(&mut vm, timeout)?;
+        agent.writable_mounts = overlay;
         let t_all = t0.elapsed();
         stage.done(&format!(
             "{accel:?}, guest kernel {} (qemu {:.3}s, plug {:.3}s, guest {:.3}s)",
@@ -117,7 +134,20 @@ impl Session {
 
     /// Start, then choose and mount the filesystem (see [`choose`]).
     pub fn open_mounted(image_arg: &Path, image_args: &ImageArgs, mount: &MountArgs) -> Result<Session> {
-        let mut s = Session::start(image_arg, image_args)?;
+        Self::open_mounted_with(image_arg, image_args, mount, false)
+    }
+
+    /// [`Session::open_mounted`], with the disk under a copy-on-write overlay and the
+    /// filesystems mounted read-write when `overlay` (see [`Session::start_with_source`]).
+    pub fn open_mounted_with(
+        image_arg: &Path,
+        image_args: &ImageArgs,
+        mount: &MountArgs,
+        overlay: bool,
+    ) -> Result<Session> {
+        vm::reaper::install_signal_handlers();
+        let source = image::open(image_arg, image_args)?;
+        let mut s = Session::start_with_source(image_arg, source, overlay)?;
         let r = s.mount_chosen(mount);
         match r {
             Ok(()) => Ok(s),

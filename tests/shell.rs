@@ -116,24 +116,35 @@ fn a_reader_that_stops_reading_ends_the_guest_command_like_a_pipe() {
 }
 
 #[test]
-fn overlay_makes_sysroot_writable_in_guest_memory_only() {
-    let (_src, img) = sample();
+fn overlay_takes_more_writes_than_guest_memory_and_leaves_nothing_behind() {
+    // 256 MiB written: more than the appliance's RAM, so the layer must be on the host.
+    let src = tempfile::tempdir().unwrap();
+    sample_tree(src.path(), TreeOpts { odd_names: false, links: false, sparse: false });
+    let img = ext4_image(src.path(), "400M");
+    let tmp = tempfile::tempdir().unwrap();
 
-    let out = run([
-        "shell",
-        "--overlay",
-        &img.arg(),
-        "-c",
-        "echo x > /sysroot/newfile && cat /sysroot/newfile && rm /sysroot/etc/hostname && ls /sysroot/etc",
-    ]);
+    let out = imgsafe()
+        .env("TMPDIR", tmp.path())
+        .args([
+            "shell",
+            "--overlay",
+            &img.arg(),
+            "-c",
+            "dd if=/dev/zero of=/sysroot/big bs=1M count=256 2>/dev/null && sync && \
+             stat -c %s /sysroot/big && rm /sysroot/etc/hostname && ls /sysroot/etc",
+        ])
+        .output()
+        .unwrap();
 
-    assert_eq!(ok_stdout(&out), "x\nfstab\nos-release\n");
+    assert_eq!(ok_stdout(&out), "268435456\nfstab\nos-release\n");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "left in TMPDIR: {left:?}");
     img.assert_unchanged();
 }
 
 #[test]
-fn overlay_keeps_a_filesystem_overlayfs_refuses_read_only_and_the_rest_writable() {
-    // An EFI-style disk: vfat (overlayfs cannot take it as a lower layer) beside ext4.
+fn overlay_makes_vfat_writable_and_keeps_iso9660_read_only_with_a_warning() {
+    // An EFI-style disk: vfat beside ext4; and a CD image, which cannot be written.
     let t = tempfile::tempdir().unwrap();
     let (root, efi) = (t.path().join("root"), t.path().join("efi"));
     sample_tree(&root, TreeOpts { odd_names: false, links: false, sparse: false });
@@ -141,10 +152,13 @@ fn overlay_keeps_a_filesystem_overlayfs_refuses_read_only_and_the_rest_writable(
     std::fs::create_dir_all(&efi).unwrap();
     std::fs::write(efi.join("BOOT.TXT"), b"efi file\n").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (p1, p2, disk) = (dir.path().join("p1"), dir.path().join("p2"), dir.path().join("disk.img"));
+    let (p1, p2, disk, iso) =
+        (dir.path().join("p1"), dir.path().join("p2"), dir.path().join("disk.img"), dir.path().join("cd.iso"));
     fs_image("vfat", &efi, 8, &p1);
     fs_image("ext4", &root, 16, &p2);
     partitioned_disk("dos", &[Part { image: &p1, kind: "ef" }, Part { image: &p2, kind: "83" }], &disk);
+    must(tool("genisoimage", "genisoimage").args(["-quiet", "-R", "-o"]).arg(&iso).arg(&efi));
+    let iso = Image::new(tempfile::tempdir().unwrap(), iso);
     let img = Image::new(dir, disk);
 
     let out = run([
@@ -156,12 +170,16 @@ fn overlay_keeps_a_filesystem_overlayfs_refuses_read_only_and_the_rest_writable(
         "-m",
         "1:/efi",
         "-c",
-        "echo x > /sysroot/new && cat /sysroot/new; cat /sysroot/efi/BOOT.TXT; echo y > /sysroot/efi/z 2>/dev/null || echo efi-read-only",
+        "echo x > /sysroot/new && cat /sysroot/new; echo y > /sysroot/efi/Z.TXT && cat /sysroot/efi/Z.TXT",
     ]);
+    let cd = run(["shell", "--overlay", &iso.arg(), "-c", "cat /sysroot/BOOT.TXT; touch /sysroot/x 2>/dev/null || echo cd-read-only"]);
 
-    assert_eq!(ok_stdout(&out), "x\nefi file\nefi-read-only\n");
-    assert!(stderr(&out).contains("/sysroot/efi (vfat) stays read-only"), "{}", stderr(&out));
+    assert_eq!(ok_stdout(&out), "x\ny\n");
+    assert!(!stderr(&out).contains("read-only"), "{}", stderr(&out));
+    assert_eq!(ok_stdout(&cd), "efi file\ncd-read-only\n");
+    assert!(stderr(&cd).contains("/sysroot (iso9660) stays read-only"), "{}", stderr(&cd));
     img.assert_unchanged();
+    iso.assert_unchanged();
 }
 
 /// A tmux server of its own, running one command in a window of a fixed size.

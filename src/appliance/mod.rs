@@ -74,7 +74,6 @@ pub const FS_MODULES: &[(&str, &[&str])] = &[
     ("vfat", &["vfat", "nls_ascii", "nls_utf8", "nls_cp437", "nls_iso8859_1"]),
     ("iso9660", &["isofs", "nls_utf8"]),
     ("udf", &["udf", "nls_utf8"]),
-    ("overlay", &["overlay"]),
     ("dm", &["dm_mod", "dm_snapshot", "dm_mirror", "dm_zero", "dm_thin_pool"]),
 ];
 

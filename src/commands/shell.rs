@@ -47,7 +47,7 @@ pub fn run(args: ShellArgs) -> Result<()> {
     } else {
         Mode::Pipes
     };
-    let mut s = Session::open_mounted(&args.image, &args.image_args, &args.mount)?;
+    let mut s = Session::open_mounted_with(&args.image, &args.image_args, &args.mount, args.overlay)?;
     let status = match drive(&mut s, &args, mode) {
         Ok(st) => st,
         Err(e) => {
@@ -94,7 +94,6 @@ fn drive(s: &mut Session, args: &ShellArgs, mode: Mode) -> Result<ShellStatus> {
         command: args.command.as_ref().map(|c| c.as_bytes().to_vec()),
         tty,
         term: std::env::var("TERM").ok(),
-        overlay: args.overlay,
     };
     // The guest must start the shell within the answer timeout; after that a session
     // may sit idle (or a command run) for hours, so no timeout while it runs.
@@ -103,7 +102,7 @@ fn drive(s: &mut Session, args: &ShellArgs, mode: Mode) -> Result<ShellStatus> {
     if args.overlay && mode == Mode::Pipes {
         for m in mounts.iter().filter(|m| !m.writable).take(MAX_BANNER_MOUNTS) {
             eprintln!(
-                "imgsafe: warning: {}: {} ({}) stays read-only: an overlay cannot be put over it",
+                "imgsafe: warning: {}: {} ({}) stays read-only: it cannot be mounted read-write",
                 image.display(),
                 clean(&m.path),
                 clean(&m.fstype)
@@ -182,7 +181,7 @@ fn banner(image: &Path, mounts: &[ShellMount], overlay: bool) -> String {
         .iter()
         .take(MAX_BANNER_MOUNTS)
         .map(|m| {
-            let ro = if overlay && !m.writable { ", read-only: no overlay possible" } else { "" };
+            let ro = if overlay && !m.writable { ", read-only" } else { "" };
             format!("{} ({}) at {}{ro}", clean(&m.device), clean(&m.fstype), clean(&m.path))
         })
         .collect();
@@ -192,7 +191,7 @@ fn banner(image: &Path, mounts: &[ShellMount], overlay: bool) -> String {
         shown.join(", ")
     };
     let writes = if overlay {
-        "/sysroot is writable through an overlay held in guest memory: changes vanish when the shell ends"
+        "writable: changes go to a throwaway copy-on-write file on the host and vanish when the shell ends"
     } else {
         "read-only; /tmp is a RAM disk for scratch files"
     };
@@ -408,7 +407,7 @@ mod tests {
         let b = banner(Path::new("disk.img"), &mounts, true);
 
         assert!(b.contains("(ext4) at /sysroot, "), "{b}");
-        assert!(b.contains("(vfat) at /sysroot/efi, read-only: no overlay possible"), "{b}");
+        assert!(b.contains("(vfat) at /sysroot/efi, read-only,"), "{b}");
     }
 
     #[test]
@@ -416,7 +415,7 @@ mod tests {
         let mut answer = Vec::new();
         let refusal = Response::Error {
             kind: ErrorKind::Mount,
-            message: "overlay: no".into(),
+            message: "nothing to run the shell in".into(),
         };
         write_msg(&mut answer, &refusal).unwrap();
         let mut sent = Vec::new();
@@ -424,7 +423,6 @@ mod tests {
             command: None,
             tty: None,
             term: None,
-            overlay: true,
         };
 
         let err = start_shell(&mut answer.as_slice(), &mut sent, start).unwrap_err();

@@ -106,6 +106,9 @@ pub struct VmConfig {
     pub agent_socket: PathBuf,
     /// File receiving the guest serial console; `None` discards it.
     pub console_log: Option<PathBuf>,
+    /// Largest file QEMU may write (its RLIMIT_FSIZE): the console log, its messages,
+    /// and a copy-on-write overlay if one is attached.
+    pub max_file_bytes: u64,
     /// Number of PCIe root ports (`rp0`, `rp1`, ...) to plug disks into, at least 1.
     pub root_ports: u32,
     /// Confine QEMU with its seccomp filter (`-sandbox on`, denying obsolete calls,
@@ -138,6 +141,7 @@ impl VmConfig {
             qmp_socket: run_dir.join("qmp.sock"),
             agent_socket: run_dir.join("agent.sock"),
             console_log: Some(run_dir.join("console.log")),
+            max_file_bytes: super::process::MAX_QEMU_FILE_BYTES,
             root_ports: 1,
             sandbox: true,
         }
@@ -302,6 +306,7 @@ mod tests {
             qmp_socket: PathBuf::from("/run/x/qmp.sock"),
             agent_socket: PathBuf::from("/run/x/agent.sock"),
             console_log: Some(PathBuf::from("/run/x/console.log")),
+            max_file_bytes: 1 << 20,
             root_ports: 1,
             sandbox: true,
         }

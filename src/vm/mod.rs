@@ -33,6 +33,7 @@
 pub mod accel;
 pub mod config;
 pub mod process;
+pub mod qcow2;
 pub mod qmp;
 pub mod reaper;
 pub mod tsc;

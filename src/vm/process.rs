@@ -21,10 +21,11 @@ pub const MAX_SOCKET_PATH: usize = 107;
 const POLL: Duration = Duration::from_millis(5);
 /// How much of the end of the console log and of QEMU's messages goes into an error.
 const TAIL_BYTES: u64 = 8192;
-/// Largest file QEMU may write (RLIMIT_FSIZE). The only files it writes are the guest
-/// console log and its own messages; a guest flooding its console (a compromised guest
-/// kernel is within the threat model) would otherwise fill the host's temp directory.
-/// Past the limit the kernel stops QEMU with SIGXFSZ, reported as such.
+/// Default largest file QEMU may write (RLIMIT_FSIZE, see `VmConfig::max_file_bytes`).
+/// Without an overlay the only files it writes are the guest console log and its own
+/// messages; a guest flooding its console (a compromised guest kernel is within the
+/// threat model) would otherwise fill the host's temp directory. Past the limit the
+/// kernel stops QEMU with SIGXFSZ, reported as such.
 pub const MAX_QEMU_FILE_BYTES: u64 = 64 << 20;
 /// What Linux prints when it panics.
 const PANIC_MARK: &str = "Kernel panic - not syncing";
@@ -136,6 +137,7 @@ impl Vm {
             .process_group(0);
         // SAFETY: getpid is async-signal-safe.
         let parent = unsafe { libc::getpid() };
+        let max_file = cfg.max_file_bytes;
         // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
         // functions (prctl, setrlimit, getppid), allocating nothing.
         unsafe {
@@ -151,8 +153,8 @@ impl Vm {
                     return Err(io::Error::last_os_error());
                 }
                 let file_limit = libc::rlimit {
-                    rlim_cur: MAX_QEMU_FILE_BYTES,
-                    rlim_max: MAX_QEMU_FILE_BYTES,
+                    rlim_cur: max_file,
+                    rlim_max: max_file,
                 };
                 // No core dump either: it would hold guest memory and fill the disk.
                 let no_core = libc::rlimit {
@@ -264,6 +266,28 @@ impl Vm {
         export: &str,
         read_only: bool,
     ) -> Result<DiskSlot, VmError> {
+        self.attach_disk(nbd_socket, export, read_only, None)
+    }
+
+    /// Attach an NBD export (opened read-only) under a writable copy-on-write layer in
+    /// the empty qcow2 file `overlay` (see [`super::qcow2`]): the guest sees a writable
+    /// disk, every write lands in `overlay`, and nothing is ever written to the export.
+    pub fn attach_nbd_disk_with_overlay(
+        &mut self,
+        nbd_socket: &Path,
+        export: &str,
+        overlay: &Path,
+    ) -> Result<DiskSlot, VmError> {
+        self.attach_disk(nbd_socket, export, true, Some(overlay))
+    }
+
+    fn attach_disk(
+        &mut self,
+        nbd_socket: &Path,
+        export: &str,
+        read_only: bool,
+        overlay: Option<&Path>,
+    ) -> Result<DiskSlot, VmError> {
         if self.disks >= self.root_ports {
             return Err(VmError::NoFreeRootPort {
                 ports: self.root_ports,
@@ -286,9 +310,27 @@ impl Vm {
             "read-only": read_only,
         });
         self.qmp_step("attaching the disk", "blockdev-add", blockdev)?;
+        let drive = match overlay {
+            None => slot.node.clone(),
+            Some(path) => {
+                let file = path.to_str().ok_or_else(|| VmError::NonUtf8Path {
+                    path: path.to_path_buf(),
+                })?;
+                let node = format!("{}-overlay", slot.node);
+                let layer = json!({
+                    "driver": "qcow2",
+                    "node-name": node,
+                    "file": {"driver": "file", "filename": file},
+                    "backing": slot.node,
+                    "read-only": false,
+                });
+                self.qmp_step("adding the copy-on-write overlay", "blockdev-add", layer)?;
+                node
+            }
+        };
         let device = json!({
             "driver": "virtio-blk-pci",
-            "drive": slot.node,
+            "drive": drive,
             "bus": root_port_id(n),
             "id": slot.device,
             "serial": slot.serial,
@@ -469,10 +511,10 @@ impl Drop for Vm {
 fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit status {code}"),
-        (None, Some(libc::SIGXFSZ)) => format!(
-            "stopped for writing more than {} MiB of console output",
-            MAX_QEMU_FILE_BYTES >> 20
-        ),
+        (None, Some(libc::SIGXFSZ)) => {
+            "stopped for writing past its file size limit (a flooded console log, or a full overlay)"
+                .to_string()
+        }
         (None, Some(sig)) => format!("killed by signal {sig}"),
         (None, None) => status.to_string(),
     }

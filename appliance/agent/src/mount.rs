@@ -1,4 +1,6 @@
-//! `Mount`: read-only, with options that never write to the image or replay a journal.
+//! `Mount`: read-only, with options that never write to the image or replay a journal;
+//! or, when the host put a throwaway copy-on-write layer over the disk (`shell
+//! --overlay`), read-write where the filesystem allows it.
 
 use crate::error::{errno_text, OpError};
 use crate::probe::probe;
@@ -29,6 +31,18 @@ pub fn attempts(fstype: &str) -> Vec<(&str, &'static str)> {
     }
 }
 
+/// Read-write (type, options) to try first for a `writable` mount; a journal may be
+/// replayed, into the copy-on-write layer. Types not listed are mounted read-only.
+fn writable_attempts(fstype: &str) -> Vec<(&str, &'static str)> {
+    match fstype {
+        "ext2" => vec![("ext2", ""), ("ext4", "")],
+        "ext3" => vec![("ext3", ""), ("ext4", "")],
+        "ext4" | "xfs" | "btrfs" => vec![(fstype, "")],
+        "vfat" => vec![("vfat", "utf8"), ("vfat", "")],
+        _ => Vec::new(),
+    }
+}
+
 /// Types the probe reports that are not mountable filesystems.
 const NOT_MOUNTABLE: [&str; 3] = ["swap", "LVM2_member", "jbd"];
 
@@ -55,12 +69,14 @@ fn probed_type(device: &str) -> Result<String, OpError> {
     })
 }
 
-/// Mount `device` read-only at `sysroot` + `mountpoint`; returns the type used.
+/// Mount `device` at `sysroot` + `mountpoint`, read-only unless `writable` and the
+/// filesystem can be written (then read-only is the fallback); returns the type used.
 pub fn mount(
     sysroot: &Path,
     device: &str,
     mountpoint: &str,
     fstype: Option<&str>,
+    writable: bool,
 ) -> Result<String, OpError> {
     if !device.starts_with("/dev/") || device.split('/').any(|c| c == "..") {
         return Err(OpError::new(
@@ -86,7 +102,10 @@ pub fn mount(
         "mountpoint",
     )?;
     let mut last = io::Error::from_raw_os_error(libc::EINVAL);
-    for (t, opts) in attempts(&fstype) {
+    let rw = if writable { writable_attempts(&fstype) } else { Vec::new() };
+    let ro = attempts(&fstype);
+    let all = rw.iter().map(|a| (*a, FLAGS & !libc::MS_RDONLY));
+    for ((t, opts), flags) in all.chain(ro.iter().map(|a| (*a, FLAGS))) {
         crate::init::load_fs_modules(t);
         let ty = cstr(t.as_bytes(), "fstype")?;
         let data = cstr(opts.as_bytes(), "options")?;
@@ -96,7 +115,7 @@ pub fn mount(
                 src.as_ptr(),
                 dst.as_ptr(),
                 ty.as_ptr(),
-                FLAGS,
+                flags,
                 data.as_ptr().cast(),
             )
         };
@@ -104,7 +123,9 @@ pub fn mount(
             return Ok(t.to_string());
         }
         last = io::Error::last_os_error();
-        if !matches!(last.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENODEV)) {
+        // A read-write attempt that fails for any reason falls back to read-only.
+        let read_write = flags & libc::MS_RDONLY == 0;
+        if !read_write && !matches!(last.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENODEV)) {
             break;
         }
     }
@@ -175,6 +196,14 @@ mod tests {
     }
 
     #[test]
+    fn only_writable_filesystems_get_read_write_attempts() {
+        assert_eq!(writable_attempts("ext3"), vec![("ext3", ""), ("ext4", "")]);
+        assert_eq!(writable_attempts("xfs"), vec![("xfs", "")]);
+        assert!(writable_attempts("iso9660").is_empty());
+        assert!(writable_attempts("udf").is_empty());
+    }
+
+    #[test]
     fn btrfs_prefers_rescue_syntax() {
         assert_eq!(attempts("btrfs")[0], ("btrfs", "rescue=nologreplay"));
     }
@@ -183,8 +212,8 @@ mod tests {
     fn non_device_paths_are_refused() {
         let dir = tempfile::tempdir().unwrap();
 
-        let err = mount(dir.path(), "/dev/../etc/passwd", "/", Some("ext4")).unwrap_err();
-        let err2 = mount(dir.path(), "relative", "/", Some("ext4")).unwrap_err();
+        let err = mount(dir.path(), "/dev/../etc/passwd", "/", Some("ext4"), false).unwrap_err();
+        let err2 = mount(dir.path(), "relative", "/", Some("ext4"), true).unwrap_err();
 
         assert_eq!(err.kind, ErrorKind::BadRequest);
         assert_eq!(err2.kind, ErrorKind::BadRequest);

@@ -145,8 +145,9 @@ impl Agent {
                 device,
                 mountpoint,
                 fstype,
+                writable,
             } => {
-                let r = mount(root, &device, &mountpoint, fstype.as_deref());
+                let r = mount(root, &device, &mountpoint, fstype.as_deref(), writable);
                 if let Err(e) = &r {
                     self.log(&e.message);
                 }

@@ -1,6 +1,7 @@
 //! `Shell`: busybox sh inside the appliance, on a pty (interactive) or on three pipes
-//! (scripts), with its cwd at the sysroot, and optionally a writable overlay whose upper
-//! layer lives in guest RAM.
+//! (scripts), with its cwd at the sysroot. With `--overlay` the host has put a
+//! copy-on-write layer over the disk and the filesystems are mounted read-write; the
+//! shell needs nothing more for that.
 //!
 //! The session takes over the channel until the shell has exited: a scoped thread reads
 //! the host's frames (stdin bytes, resizes, stdin EOF, the final `ShellDone`) while the
@@ -16,12 +17,12 @@ use imgsafe_proto::{
     read_shell_frame, write_data, write_msg, write_stderr, ErrorKind, FrameError, Request,
     Response, ShellFrame, ShellMount, ShellStart, ShellStatus, WinSize,
 };
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The shell binary (busybox's ash, linked as /bin/sh in the appliance).
 pub const SHELL: &str = "/bin/sh";
@@ -31,8 +32,6 @@ const HOME: &str = "/root";
 const PATH: &str = "/bin:/sbin:/usr/bin:/usr/sbin";
 /// Prompt: says where the user is (busybox expands `\w`).
 const PS1: &str = "imgsafe:\\w\\$ ";
-/// Where the overlay's tmpfs (upper and work dirs, and the lower bind mount) lives.
-const OVERLAY_BASE: &str = "/run/imgsafe-overlay";
 /// Largest output chunk read from the shell and sent in one frame.
 const OUTPUT_CHUNK: usize = 64 * 1024;
 /// Longest TERM value passed on (anything longer is not a terminal name).
@@ -47,10 +46,8 @@ pub fn run<R: Read + Send, W: Write>(
     r: &mut R,
     w: &mut W,
 ) -> io::Result<()> {
-    let mut mounts = mounts_below(sysroot);
-    let prepared = Overlay::setup_if(start.overlay, sysroot, &mut mounts)
-        .and_then(|overlay| Ok((overlay, Child::spawn(sysroot, &start)?)));
-    let (overlay, child) = match prepared {
+    let mounts = mounts_below(sysroot);
+    let child = match Child::spawn(sysroot, &start) {
         Ok(p) => p,
         Err(e) => {
             crate::init::log(&format!("shell: {}", e.message));
@@ -81,7 +78,6 @@ pub fn run<R: Read + Send, W: Write>(
             .unwrap_or_else(|_| Err(io::Error::other("shell input thread panicked")));
         sent.and(read)
     });
-    drop(overlay);
     result
 }
 
@@ -541,7 +537,7 @@ fn parse_mounts(table: &[u8], root: &[u8]) -> Vec<ShellMount> {
             let mut f = line
                 .split(|&c| c == b' ')
                 .map(imgsafe_proto::unescape_octal);
-            let (device, path, fstype) = (f.next()?, f.next()?, f.next()?);
+            let (device, path, fstype, options) = (f.next()?, f.next()?, f.next()?, f.next()?);
             let below =
                 path == root || (path.starts_with(root) && path.get(root.len()) == Some(&b'/'));
             let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
@@ -549,165 +545,10 @@ fn parse_mounts(table: &[u8], root: &[u8]) -> Vec<ShellMount> {
                 device: text(device),
                 path: text(path),
                 fstype: text(fstype),
-                writable: false,
+                writable: options.split(|&c| c == b',').next() == Some(b"rw"),
             })
         })
         .collect()
-}
-
-/// Escape a path for an overlayfs option value (`,` separates options, `:` lower
-/// layers, `\` escapes).
-fn overlay_escape(p: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(p.len());
-    for &b in p {
-        if matches!(b, b',' | b':' | b'\\') {
-            out.push(b'\\');
-        }
-        out.push(b);
-    }
-    out
-}
-
-/// The overlays of one session; dropping it unmounts them and frees their RAM.
-struct Overlay {
-    /// Overlay mount points, in mount order.
-    mounted: Vec<CString>,
-    /// The lower bind mount and the tmpfs, unmounted last.
-    base: Vec<CString>,
-}
-
-fn mount_raw(
-    src: &[u8],
-    target: &[u8],
-    fstype: &[u8],
-    flags: libc::c_ulong,
-    data: &[u8],
-) -> Result<CString, OpError> {
-    let (s, t, ty, d) = (
-        cstring(src, "source")?,
-        cstring(target, "target")?,
-        cstring(fstype, "type")?,
-        cstring(data, "options")?,
-    );
-    let _ = std::fs::create_dir_all(OsStr::from_bytes(target));
-    let data_ptr = if data.is_empty() {
-        std::ptr::null()
-    } else {
-        d.as_ptr().cast()
-    };
-    // SAFETY: NUL-terminated strings that outlive the call.
-    if unsafe { libc::mount(s.as_ptr(), t.as_ptr(), ty.as_ptr(), flags, data_ptr) } != 0 {
-        let e = io::Error::last_os_error();
-        return Err(OpError::new(
-            ErrorKind::Mount,
-            format!(
-                "overlay: mounting {} on {}: {}",
-                String::from_utf8_lossy(fstype),
-                String::from_utf8_lossy(target),
-                errno_text(&e)
-            ),
-        ));
-    }
-    Ok(t)
-}
-
-impl Overlay {
-    fn setup_if(
-        wanted: bool,
-        sysroot: &Path,
-        mounts: &mut [ShellMount],
-    ) -> Result<Option<Overlay>, OpError> {
-        if !wanted {
-            return Ok(None);
-        }
-        if mounts.is_empty() {
-            return Err(OpError::new(
-                ErrorKind::Mount,
-                format!("overlay: nothing is mounted at {}", sysroot.display()),
-            ));
-        }
-        crate::init::load_fs_modules("overlay");
-        let mut o = Overlay {
-            mounted: Vec::new(),
-            base: Vec::new(),
-        };
-        // On failure `o` is dropped, which undoes the mounts made so far.
-        let base = PathBuf::from(OVERLAY_BASE);
-        let b = base.as_os_str().as_bytes();
-        o.base.push(mount_raw(
-            b"tmpfs",
-            b,
-            b"tmpfs",
-            libc::MS_NOSUID | libc::MS_NODEV,
-            b"mode=0700",
-        )?);
-        // The bind keeps every original mount reachable after the overlays cover them.
-        let lower = base.join("lower");
-        let root = sysroot.as_os_str().as_bytes();
-        o.base.push(mount_raw(
-            root,
-            lower.as_os_str().as_bytes(),
-            b"none",
-            libc::MS_BIND | libc::MS_REC,
-            b"",
-        )?);
-        for (i, m) in mounts.iter_mut().enumerate() {
-            let rel = &m.path.as_bytes()[root.len().min(m.path.len())..];
-            let low = [lower.as_os_str().as_bytes(), rel].concat();
-            let (upper, work) = (
-                base.join(format!("{i}/upper")),
-                base.join(format!("{i}/work")),
-            );
-            for d in [&upper, &work] {
-                std::fs::create_dir_all(d)
-                    .map_err(|e| os_err(&format!("overlay: creating {}", d.display()), e))?;
-            }
-            let opts = [
-                &b"lowerdir="[..],
-                &overlay_escape(&low),
-                b",upperdir=",
-                &overlay_escape(upper.as_os_str().as_bytes()),
-                b",workdir=",
-                &overlay_escape(work.as_os_str().as_bytes()),
-            ]
-            .concat();
-            let overlaid = mount_raw(
-                b"overlay",
-                m.path.as_bytes(),
-                b"overlay",
-                libc::MS_NOSUID | libc::MS_NODEV,
-                &opts,
-            );
-            let t = match overlaid {
-                Ok(t) => {
-                    m.writable = true;
-                    t
-                }
-                // overlayfs refuses some lower filesystems (vfat: its case-folding
-                // dentry operations). Keep that one read-only, reachable where it was,
-                // instead of failing the whole session; the host says so.
-                Err(e) => {
-                    crate::init::log(&format!("shell: {}; kept read-only", e.message));
-                    mount_raw(&low, m.path.as_bytes(), b"none", libc::MS_BIND, b"")?
-                }
-            };
-            o.mounted.push(t);
-        }
-        Ok(Some(o))
-    }
-}
-
-impl Drop for Overlay {
-    fn drop(&mut self) {
-        for t in self.mounted.iter().rev().chain(self.base.iter().rev()) {
-            // SAFETY: t is a valid NUL-terminated path.
-            unsafe {
-                if libc::umount2(t.as_ptr(), 0) != 0 {
-                    libc::umount2(t.as_ptr(), libc::MNT_DETACH);
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -739,7 +580,6 @@ mod tests {
             command: command.map(<[u8]>::to_vec),
             tty: None,
             term: None,
-            overlay: false,
         }
     }
 
@@ -819,7 +659,6 @@ mod tests {
             command: Some(b"stty size; read x; stty size; exit 3".to_vec()),
             tty: Some(WinSize { rows: 24, cols: 80 }),
             term: Some("xterm".into()),
-            overlay: false,
         };
         let (mut host, t, _root) = session(start);
         // Wait for the first size line before resizing, so the order is fixed.
@@ -865,11 +704,6 @@ mod tests {
             (m[1].device.as_str(), m[1].fstype.as_str()),
             ("/dev/vda1", "vfat")
         );
-    }
-
-    #[test]
-    fn overlay_option_values_are_escaped() {
-        assert_eq!(overlay_escape(b"/a,b:c\\d"), b"/a\\,b\\:c\\\\d".to_vec());
     }
 
     #[test]

@@ -49,9 +49,11 @@ pub enum Request {
     Hello { version: u32 },
     /// Probe every block device and partition (and LVM volume) the guest sees.
     ListFilesystems,
-    /// Mount `device` read-only at the guest's sysroot + `mountpoint` ("/" for the root).
-    /// `fstype` None = the type the probe found.
-    Mount { device: String, mountpoint: String, fstype: Option<String> },
+    /// Mount `device` at the guest's sysroot + `mountpoint` ("/" for the root).
+    /// `fstype` None = the type the probe found. Read-only, journals never replayed,
+    /// unless `writable` (only asked when the host put a throwaway copy-on-write layer
+    /// over the disk): then read-write if the filesystem allows it, else read-only.
+    Mount { device: String, mountpoint: String, fstype: Option<String>, writable: bool },
     /// List a directory of the mounted tree. Answered by one or more `DirEntries` frames,
     /// the last with `done: true`.
     ReadDir { path: Vec<u8> },
@@ -98,9 +100,6 @@ pub struct ShellStart {
     pub tty: Option<WinSize>,
     /// TERM for the shell (interactive only).
     pub term: Option<String>,
-    /// Put a writable overlayfs (upper layer in guest RAM) over every mount below the
-    /// sysroot for the session's duration.
-    pub overlay: bool,
 }
 
 /// A terminal size in character cells.
@@ -118,8 +117,7 @@ pub struct ShellMount {
     /// Mount point in the guest (`/sysroot`, `/sysroot/boot`).
     pub path: String,
     pub fstype: String,
-    /// True when a `--overlay` layer makes it writable; an overlay cannot cover every
-    /// filesystem (vfat, for one), and those stay read-only.
+    /// Mounted read-write (only with `--overlay`, and not every filesystem can be).
     pub writable: bool,
 }
 
