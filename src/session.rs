@@ -134,21 +134,39 @@ impl Session {
 
     /// Start, then choose and mount the filesystem (see [`choose`]).
     pub fn open_mounted(image_arg: &Path, image_args: &ImageArgs, mount: &MountArgs) -> Result<Session> {
-        Self::open_mounted_with(image_arg, image_args, mount, false)
+        Self::open_mounted_with(image_arg, image_args, mount, false, false)
     }
 
     /// [`Session::open_mounted`], with the disk under a copy-on-write overlay and the
     /// filesystems mounted read-write when `overlay` (see [`Session::start_with_source`]).
+    /// With `nothing_ok`, a disk with no mountable filesystem at all (blank, encrypted,
+    /// unknown) gives a session with nothing mounted and a warning, not an error.
     pub fn open_mounted_with(
         image_arg: &Path,
         image_args: &ImageArgs,
         mount: &MountArgs,
         overlay: bool,
+        nothing_ok: bool,
     ) -> Result<Session> {
         vm::reaper::install_signal_handlers();
         let source = image::open(image_arg, image_args)?;
         let mut s = Session::start_with_source(image_arg, source, overlay)?;
-        let r = s.mount_chosen(mount);
+        let r = match s.mount_chosen(mount) {
+            Err(Error::Filesystem { .. })
+                if nothing_ok
+                    && mount.mount.is_empty()
+                    && !mount.inspect
+                    && !vm::reaper::interrupted()
+                    && s.filesystems.as_deref().is_some_and(|l| inspect::root_candidates(l).is_empty()) =>
+            {
+                eprintln!(
+                    "imgsafe: warning: {}: no filesystem found, nothing is mounted (the disk is /dev/vda)",
+                    s.image.display()
+                );
+                Ok(())
+            }
+            r => r,
+        };
         match r {
             Ok(()) => Ok(s),
             Err(e) => {

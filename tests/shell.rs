@@ -57,6 +57,22 @@ fn the_usual_tools_and_file_type_detection_are_there() {
 }
 
 #[test]
+fn a_disk_without_filesystem_still_gets_a_shell_to_look_at_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("blank.img");
+    let mut bytes = vec![0u8; 4 << 20];
+    bytes[..8].copy_from_slice(b"NOTAFS!\n");
+    std::fs::write(&path, &bytes).unwrap();
+    let img = Image::new(dir, path);
+
+    let out = run(["shell", &img.arg(), "-c", "head -c 8 /dev/vda; ls /sysroot | wc -l"]);
+
+    assert_eq!(ok_stdout(&out), "NOTAFS!\n0\n");
+    assert!(stderr(&out).contains("no filesystem found, nothing is mounted"), "{}", stderr(&out));
+    img.assert_unchanged();
+}
+
+#[test]
 fn script_on_stdin_runs_read_only_and_a_signal_gives_128_plus_n() {
     let (_src, img) = sample();
     let mut child = imgsafe()

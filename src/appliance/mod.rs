@@ -135,6 +135,9 @@ activation {
     monitoring = 0
 }
 global {
+    # Thin pools activate without their check tool (the appliance has none; nothing is
+    # repaired in a read-only image anyway).
+    thin_check_executable = ""
     use_lvmlockd = 0
     use_lvmpolld = 0
     event_activation = 0

@@ -47,7 +47,8 @@ pub fn run(args: ShellArgs) -> Result<()> {
     } else {
         Mode::Pipes
     };
-    let mut s = Session::open_mounted_with(&args.image, &args.image_args, &args.mount, args.overlay)?;
+    // A shell is useful even on a disk with no filesystem (hexdump /dev/vda).
+    let mut s = Session::open_mounted_with(&args.image, &args.image_args, &args.mount, args.overlay, true)?;
     let status = match drive(&mut s, &args, mode) {
         Ok(st) => st,
         Err(e) => {
