@@ -12,7 +12,10 @@ use support::*;
 /// bits, mtimes and symlink targets (`lost+found`, which mke2fs adds, is ignored).
 fn assert_same_tree(orig: &Path, copy: &Path) {
     let rel = |root: &Path, all: Vec<std::path::PathBuf>| {
-        let mut v: Vec<_> = all.into_iter().map(|p| p.strip_prefix(root).unwrap().to_path_buf()).collect();
+        let mut v: Vec<_> = all
+            .into_iter()
+            .map(|p| p.strip_prefix(root).unwrap().to_path_buf())
+            .collect();
         v.retain(|p| !p.starts_with("lost+found"));
         v.sort();
         v
@@ -20,16 +23,31 @@ fn assert_same_tree(orig: &Path, copy: &Path) {
     let want = rel(orig, walk(orig));
     assert_eq!(rel(copy, walk(copy)), want);
     for p in &want {
-        let (a, b) = (fs::symlink_metadata(orig.join(p)).unwrap(), fs::symlink_metadata(copy.join(p)).unwrap());
+        let (a, b) = (
+            fs::symlink_metadata(orig.join(p)).unwrap(),
+            fs::symlink_metadata(copy.join(p)).unwrap(),
+        );
         assert_eq!(a.file_type(), b.file_type(), "{}", p.display());
         assert_eq!(a.mtime(), b.mtime(), "mtime of {}", p.display());
         if a.file_type().is_symlink() {
-            assert_eq!(fs::read_link(orig.join(p)).unwrap(), fs::read_link(copy.join(p)).unwrap());
+            assert_eq!(
+                fs::read_link(orig.join(p)).unwrap(),
+                fs::read_link(copy.join(p)).unwrap()
+            );
             continue;
         }
-        assert_eq!(a.mode() & 0o7777, b.mode() & 0o7777, "mode of {}", p.display());
+        assert_eq!(
+            a.mode() & 0o7777,
+            b.mode() & 0o7777,
+            "mode of {}",
+            p.display()
+        );
         if a.is_file() {
-            assert!(fs::read(orig.join(p)).unwrap() == fs::read(copy.join(p)).unwrap(), "content of {}", p.display());
+            assert!(
+                fs::read(orig.join(p)).unwrap() == fs::read(copy.join(p)).unwrap(),
+                "content of {}",
+                p.display()
+            );
         }
     }
 }
@@ -37,7 +55,14 @@ fn assert_same_tree(orig: &Path, copy: &Path) {
 #[test]
 fn whole_image_copies_out_as_the_tree_it_was_built_from() {
     let src = tempfile::tempdir().unwrap();
-    sample_tree(src.path(), TreeOpts { odd_names: true, links: true, sparse: true });
+    sample_tree(
+        src.path(),
+        TreeOpts {
+            odd_names: true,
+            links: true,
+            sparse: true,
+        },
+    );
     let img = ext4_image(src.path(), "48M");
     let out = tempfile::tempdir().unwrap();
     let dest = out.path().join("copy");
@@ -47,45 +72,84 @@ fn whole_image_copies_out_as_the_tree_it_was_built_from() {
     assert_eq!(ok_stdout(&res), "");
     assert_same_tree(src.path(), &dest);
     let sparse = fs::metadata(dest.join("home/me/sparse.img")).unwrap();
-    assert!(sparse.blocks() * 512 < 1 << 20, "sparse file copied dense: {} blocks", sparse.blocks());
-    assert!(fs::read_dir(out.path()).unwrap().count() == 1, "something was written next to DEST");
+    assert!(
+        sparse.blocks() * 512 < 1 << 20,
+        "sparse file copied dense: {} blocks",
+        sparse.blocks()
+    );
+    assert!(
+        fs::read_dir(out.path()).unwrap().count() == 1,
+        "something was written next to DEST"
+    );
     img.assert_unchanged();
 }
 
 #[test]
 fn several_sources_go_into_a_directory_and_existing_files_need_force() {
     let src = tempfile::tempdir().unwrap();
-    sample_tree(src.path(), TreeOpts { odd_names: false, links: false, sparse: false });
+    sample_tree(
+        src.path(),
+        TreeOpts {
+            odd_names: false,
+            links: false,
+            sparse: false,
+        },
+    );
     let img = ext4_image(src.path(), "16M");
     let out = tempfile::tempdir().unwrap();
     fs::write(out.path().join("hostname"), b"mine\n").unwrap();
-    let (letter, hostname) = (format!("{}:/home/me/letter", img.arg()), format!("{}:/etc/hostname", img.arg()));
+    let (letter, hostname) = (
+        format!("{}:/home/me/letter", img.arg()),
+        format!("{}:/etc/hostname", img.arg()),
+    );
     let dest = out.path().to_str().unwrap();
 
     let refused = run(["cp", &letter, &hostname, dest]);
     let forced = run(["cp", "--force", &letter, &hostname, dest]);
 
     assert_eq!(code(&refused), 1, "{}", stderr(&refused));
-    assert!(stderr(&refused).contains("hostname: already exists"), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("hostname: already exists"),
+        "{}",
+        stderr(&refused)
+    );
     assert_eq!(ok_stdout(&forced), "");
-    assert_eq!(fs::read(out.path().join("hostname")).unwrap(), b"sample-host\n");
+    assert_eq!(
+        fs::read(out.path().join("hostname")).unwrap(),
+        b"sample-host\n"
+    );
     let letter_md = fs::metadata(out.path().join("letter")).unwrap();
-    assert_eq!((letter_md.permissions().mode() & 0o777, letter_md.mtime()), (0o640, MTIME));
+    assert_eq!(
+        (letter_md.permissions().mode() & 0o777, letter_md.mtime()),
+        (0o640, MTIME)
+    );
     img.assert_unchanged();
 }
 
 #[test]
 fn missing_path_exits_4_naming_the_image() {
     let src = tempfile::tempdir().unwrap();
-    sample_tree(src.path(), TreeOpts { odd_names: false, links: false, sparse: false });
+    sample_tree(
+        src.path(),
+        TreeOpts {
+            odd_names: false,
+            links: false,
+            sparse: false,
+        },
+    );
     let img = ext4_image(src.path(), "16M");
     let out = tempfile::tempdir().unwrap();
 
-    let res = run(["cp", &format!("{}:/no/such", img.arg()), out.path().to_str().unwrap()]);
+    let res = run([
+        "cp",
+        &format!("{}:/no/such", img.arg()),
+        out.path().to_str().unwrap(),
+    ]);
 
     assert_eq!(code(&res), 4, "{}", stderr(&res));
     assert!(stderr(&res).contains("disk.img"), "{}", stderr(&res));
     assert_eq!(fs::read_dir(out.path()).unwrap().count(), 0);
+    img.assert_unchanged();
 }
 
 #[test]

@@ -2,10 +2,12 @@
 
 #[path = "common/ploopwriter.rs"]
 mod ploopwriter;
+mod support;
 
 use ploopwriter::{write_ploop, write_two_delta_descriptor, Spec};
 use serde_json::Value;
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn imgsafe(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -27,6 +29,18 @@ fn info_json(image: &str, extra: &[&str], env: &[(&str, &str)]) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The sha256 of every file below `dir`: compared before and after `info` to prove it
+/// wrote nothing (no image file changed, none added or removed).
+fn hashes(dir: &Path) -> BTreeMap<PathBuf, String> {
+    let files = support::walk(dir).into_iter().filter(|p| p.is_file());
+    files
+        .map(|p| {
+            let sha = support::sha256(&p);
+            (p, sha)
+        })
+        .collect()
 }
 
 /// A container directory `<root>/101/root.hdd` with a base and a top delta.
@@ -65,6 +79,7 @@ fn raw_image_json() {
     let f = std::fs::File::create(&raw).unwrap();
     f.set_len(8 << 20).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 65536], 0).unwrap();
+    let before = hashes(dir.path());
 
     let v = info_json(raw.to_str().unwrap(), &[], &[]);
 
@@ -79,6 +94,7 @@ fn raw_image_json() {
     assert_eq!(v["chain"][0]["role"], "image");
     assert_eq!(v["chain"][0]["path"], raw.to_str().unwrap());
     assert_eq!(v["chain"][0]["allocated_bytes"], v["allocated_bytes"]);
+    assert_eq!(hashes(dir.path()), before);
 }
 
 #[test]
@@ -93,6 +109,7 @@ fn ploop_image_json_and_text() {
     };
     let allocated: Vec<bool> = (0..12).map(|i| i % 3 == 0).collect();
     write_ploop(&img, &spec, &vec![9u8; 3 << 20], &allocated, 5);
+    let before = hashes(dir.path());
 
     let v = info_json(img.to_str().unwrap(), &[], &[]);
     let text = imgsafe(&["info", img.to_str().unwrap()], &[]);
@@ -105,8 +122,15 @@ fn ploop_image_json_and_text() {
     assert_eq!(v["chain"][0]["allocated_bytes"], 4u64 * (256 << 10));
     let text = String::from_utf8(text.stdout).unwrap();
     assert!(text.contains("format:       ploop (v1)\n"), "{text}");
-    assert!(text.contains("cluster size: 262144 bytes (256 KiB)\n"), "{text}");
-    assert!(text.contains("allocated:    1048576 bytes (1 MiB)\n"), "{text}");
+    assert!(
+        text.contains("cluster size: 262144 bytes (256 KiB)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("allocated:    1048576 bytes (1 MiB)\n"),
+        "{text}"
+    );
+    assert_eq!(hashes(dir.path()), before);
 }
 
 #[test]
@@ -115,6 +139,7 @@ fn chain_json_through_xml_directory_and_container_id() {
     let hdd = container(root.path());
     let xml = hdd.join("DiskDescriptor.xml");
     let root_str = root.path().to_str().unwrap();
+    let before = hashes(root.path());
 
     let by_xml = info_json(xml.to_str().unwrap(), &[], &[]);
     let by_dir = info_json(hdd.to_str().unwrap(), &[], &[]);
@@ -135,6 +160,7 @@ fn chain_json_through_xml_directory_and_container_id() {
     assert_eq!(by_dir, by_xml);
     assert_eq!(by_env, by_xml);
     assert_eq!(by_flag, by_xml);
+    assert_eq!(hashes(root.path()), before);
 }
 
 fn assert_image_error(arg: &str, env: &[(&str, &str)], names: &str) {
@@ -152,6 +178,7 @@ fn missing_directory_and_empty_files_exit_3_naming_the_file() {
     let empty = dir.path().join("empty.hds");
     std::fs::write(&empty, b"").unwrap();
     let d = dir.path().to_str().unwrap();
+    let before = hashes(dir.path());
 
     assert_image_error(missing.to_str().unwrap(), &[], "nope.hds: No such file");
     assert_image_error(d, &[], &format!("{d}: is a directory"));
@@ -161,6 +188,7 @@ fn missing_directory_and_empty_files_exit_3_naming_the_file() {
         &[("IMGSAFE_VZ_ROOT", d)],
         "4242: no such file, and no container 4242 under",
     );
+    assert_eq!(hashes(dir.path()), before);
 }
 
 #[test]
@@ -168,6 +196,9 @@ fn corrupt_chain_exits_3_naming_the_delta() {
     let root = tempfile::tempdir().unwrap();
     let hdd = container(root.path());
     std::fs::remove_file(hdd.join("root.hds")).unwrap();
+    let before = hashes(root.path());
 
     assert_image_error(hdd.to_str().unwrap(), &[], "root.hds: delta file listed in");
+
+    assert_eq!(hashes(root.path()), before);
 }

@@ -7,6 +7,7 @@ mod support;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use support::*;
 
@@ -35,7 +36,12 @@ fn command_keeps_stdout_and_stderr_apart_binary_safe_with_its_exit_status() {
         r#"cat etc/hostname; printf '\377\000'; echo to-stderr >&2; find /sysroot/etc -name "*e*" | wc -l; exit 3"#,
     ]);
 
-    assert_eq!(out.stdout, b"sample-host\n\xff\x003\n", "stderr: {}", stderr(&out));
+    assert_eq!(
+        out.stdout,
+        b"sample-host\n\xff\x003\n",
+        "stderr: {}",
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("to-stderr\n"), "{}", stderr(&out));
     assert_eq!(code(&out), 3);
     img.assert_unchanged();
@@ -65,10 +71,19 @@ fn a_disk_without_filesystem_still_gets_a_shell_to_look_at_its_bytes() {
     std::fs::write(&path, &bytes).unwrap();
     let img = Image::new(dir, path);
 
-    let out = run(["shell", &img.arg(), "-c", "head -c 8 /dev/vda; ls /sysroot | wc -l"]);
+    let out = run([
+        "shell",
+        &img.arg(),
+        "-c",
+        "head -c 8 /dev/vda; ls /sysroot | wc -l",
+    ]);
 
     assert_eq!(ok_stdout(&out), "NOTAFS!\n0\n");
-    assert!(stderr(&out).contains("no filesystem found, nothing is mounted"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no filesystem found, nothing is mounted"),
+        "{}",
+        stderr(&out)
+    );
     img.assert_unchanged();
 }
 
@@ -83,7 +98,12 @@ fn script_on_stdin_runs_read_only_and_a_signal_gives_128_plus_n() {
         .spawn()
         .unwrap();
     let script = "cat /sysroot/etc/hostname\necho x > /sysroot/newfile || echo refused\necho scratch > /tmp/f && cat /tmp/f\nkill -TERM $$\necho not reached\n";
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
 
     let out = child.wait_with_output().unwrap();
 
@@ -93,7 +113,11 @@ fn script_on_stdin_runs_read_only_and_a_signal_gives_128_plus_n() {
         "{}",
         stderr(&out)
     );
-    assert!(stderr(&out).contains("Read-only file system"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Read-only file system"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(code(&out), 128 + 15);
     img.assert_unchanged();
 }
@@ -127,7 +151,11 @@ fn a_reader_that_stops_reading_ends_the_guest_command_like_a_pipe() {
     };
 
     assert_eq!(&first, b"y\n");
-    assert_eq!(status.code(), Some(128 + 13), "SIGPIPE status, as a local pipeline");
+    assert_eq!(
+        status.code(),
+        Some(128 + 13),
+        "SIGPIPE status, as a local pipeline"
+    );
     img.assert_unchanged();
 }
 
@@ -135,7 +163,14 @@ fn a_reader_that_stops_reading_ends_the_guest_command_like_a_pipe() {
 fn overlay_takes_more_writes_than_guest_memory_and_leaves_nothing_behind() {
     // 256 MiB written: more than the appliance's RAM, so the layer must be on the host.
     let src = tempfile::tempdir().unwrap();
-    sample_tree(src.path(), TreeOpts { odd_names: false, links: false, sparse: false });
+    sample_tree(
+        src.path(),
+        TreeOpts {
+            odd_names: false,
+            links: false,
+            sparse: false,
+        },
+    );
     let img = ext4_image(src.path(), "400M");
     let tmp = tempfile::tempdir().unwrap();
 
@@ -163,17 +198,46 @@ fn overlay_makes_vfat_writable_and_keeps_iso9660_read_only_with_a_warning() {
     // An EFI-style disk: vfat beside ext4; and a CD image, which cannot be written.
     let t = tempfile::tempdir().unwrap();
     let (root, efi) = (t.path().join("root"), t.path().join("efi"));
-    sample_tree(&root, TreeOpts { odd_names: false, links: false, sparse: false });
+    sample_tree(
+        &root,
+        TreeOpts {
+            odd_names: false,
+            links: false,
+            sparse: false,
+        },
+    );
     std::fs::create_dir_all(root.join("efi")).unwrap();
     std::fs::create_dir_all(&efi).unwrap();
     std::fs::write(efi.join("BOOT.TXT"), b"efi file\n").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (p1, p2, disk, iso) =
-        (dir.path().join("p1"), dir.path().join("p2"), dir.path().join("disk.img"), dir.path().join("cd.iso"));
+    let (p1, p2, disk, iso) = (
+        dir.path().join("p1"),
+        dir.path().join("p2"),
+        dir.path().join("disk.img"),
+        dir.path().join("cd.iso"),
+    );
     fs_image("vfat", &efi, 8, &p1);
     fs_image("ext4", &root, 16, &p2);
-    partitioned_disk("dos", &[Part { image: &p1, kind: "ef" }, Part { image: &p2, kind: "83" }], &disk);
-    must(tool("genisoimage", "genisoimage").args(["-quiet", "-R", "-o"]).arg(&iso).arg(&efi));
+    partitioned_disk(
+        "dos",
+        &[
+            Part {
+                image: &p1,
+                kind: "ef",
+            },
+            Part {
+                image: &p2,
+                kind: "83",
+            },
+        ],
+        &disk,
+    );
+    must(
+        tool("genisoimage", "genisoimage")
+            .args(["-quiet", "-R", "-o"])
+            .arg(&iso)
+            .arg(&efi),
+    );
     let iso = Image::new(tempfile::tempdir().unwrap(), iso);
     let img = Image::new(dir, disk);
 
@@ -188,12 +252,22 @@ fn overlay_makes_vfat_writable_and_keeps_iso9660_read_only_with_a_warning() {
         "-c",
         "echo x > /sysroot/new && cat /sysroot/new; echo y > /sysroot/efi/Z.TXT && cat /sysroot/efi/Z.TXT",
     ]);
-    let cd = run(["shell", "--overlay", &iso.arg(), "-c", "cat /sysroot/BOOT.TXT; touch /sysroot/x 2>/dev/null || echo cd-read-only"]);
+    let cd = run([
+        "shell",
+        "--overlay",
+        &iso.arg(),
+        "-c",
+        "cat /sysroot/BOOT.TXT; touch /sysroot/x 2>/dev/null || echo cd-read-only",
+    ]);
 
     assert_eq!(ok_stdout(&out), "x\ny\n");
     assert!(!stderr(&out).contains("read-only"), "{}", stderr(&out));
     assert_eq!(ok_stdout(&cd), "efi file\ncd-read-only\n");
-    assert!(stderr(&cd).contains("/sysroot (iso9660) stays read-only"), "{}", stderr(&cd));
+    assert!(
+        stderr(&cd).contains("/sysroot (iso9660) stays read-only"),
+        "{}",
+        stderr(&cd)
+    );
     img.assert_unchanged();
     iso.assert_unchanged();
 }
@@ -205,7 +279,13 @@ struct Tmux {
 
 impl Tmux {
     fn start(cmd: &str, cols: u16, rows: u16) -> Tmux {
-        let socket = format!("imgsafe-test-{}", std::process::id());
+        // One server per test: the tests of this file run in parallel in one process.
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let socket = format!(
+            "imgsafe-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         let t = Tmux { socket };
         must(t.cmd().args([
             "new-session",
@@ -230,7 +310,11 @@ impl Tmux {
     }
 
     fn screen(&self) -> String {
-        let out = self.cmd().args(["capture-pane", "-p", "-S", "-200"]).output().unwrap();
+        let out = self
+            .cmd()
+            .args(["capture-pane", "-p", "-S", "-200"])
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -296,9 +380,112 @@ fn interactive_shell_on_a_real_terminal() {
     let rc = wait_for_file(&dir.path().join("rc"), step);
     let after = wait_for_file(&dir.path().join("after"), step);
 
-    assert!(banner.contains("/dev/vda (ext4) at /sysroot, read-only"), "{banner}");
+    assert!(
+        banner.contains("/dev/vda (ext4) at /sysroot, read-only"),
+        "{banner}"
+    );
     assert!(banner.contains("Ctrl-D"), "{banner}");
     assert_eq!(rc.trim(), "3");
-    assert_eq!(after, std::fs::read_to_string(dir.path().join("before")).unwrap());
+    assert_eq!(
+        after,
+        std::fs::read_to_string(dir.path().join("before")).unwrap()
+    );
+    img.assert_unchanged();
+}
+
+/// `env ... imgsafe shell IMAGE` for a tmux pane: the shared cache, TCG, and `TMPDIR`
+/// so the run's QEMU can be found by its command line.
+fn shell_in_pane(img: &Image, tmp: &Path) -> String {
+    format!(
+        "env XDG_CACHE_HOME={} IMGSAFE_ACCEL=tcg TERM=xterm TMPDIR={} {} shell {}",
+        test_cache().display(),
+        tmp.display(),
+        env!("CARGO_BIN_EXE_imgsafe"),
+        img.arg()
+    )
+}
+
+/// QEMU processes whose command line mentions `tmp` (their sockets live there).
+fn qemus_under(tmp: &Path) -> Vec<u32> {
+    processes_mentioning(tmp.to_str().unwrap())
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.starts_with("qemu"))
+        })
+        .collect()
+}
+
+#[test]
+fn ctrl_d_at_the_prompt_ends_the_interactive_session_with_status_0() {
+    let (_src, img) = sample();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let cmd = format!(
+        "{}; echo $? > {d}/rc; sleep 600",
+        shell_in_pane(&img, dir.path())
+    );
+    let t = Tmux::start(&cmd, 100, 30);
+
+    t.wait_for("the prompt", Duration::from_secs(90), |s| {
+        s.contains("imgsafe:/sysroot#")
+    });
+    t.keys(&["echo ready-$((40+2))", "Enter"]);
+    t.wait_for("a command's output", Duration::from_secs(20), |s| {
+        s.contains("\nready-42")
+    });
+    t.keys(&["C-d"]);
+    let rc = wait_for_file(&dir.path().join("rc"), Duration::from_secs(20));
+
+    assert_eq!(rc.trim(), "0");
+    img.assert_unchanged();
+}
+
+#[test]
+fn sigterm_during_an_interactive_session_restores_the_terminal_and_exits_130() {
+    let (_src, img) = sample();
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("imgsafe-term-")
+        .tempdir()
+        .unwrap();
+    let d = dir.path().display();
+    // The inner sh records its pid and execs imgsafe, which keeps that pid and stays in
+    // the foreground on the pane's terminal.
+    let cmd = format!(
+        "stty -g > {d}/before; sh -c 'echo $$ > {d}/pid; exec {}'; echo $? > {d}/rc; stty -g > {d}/after; sleep 600",
+        shell_in_pane(&img, tmp.path())
+    );
+    let t = Tmux::start(&cmd, 100, 30);
+    t.wait_for("the prompt", Duration::from_secs(90), |s| {
+        s.contains("imgsafe:/sysroot#")
+    });
+    let pid: i32 = std::fs::read_to_string(dir.path().join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let qemu_while_running = qemus_under(tmp.path());
+
+    // SAFETY: a signal to the imgsafe process this test started (through tmux and sh).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let rc = wait_for_file(&dir.path().join("rc"), Duration::from_secs(20));
+    let after = wait_for_file(&dir.path().join("after"), Duration::from_secs(5));
+
+    assert!(
+        !qemu_while_running.is_empty(),
+        "no QEMU found for the session: the check below would prove nothing"
+    );
+    assert_eq!(rc.trim(), "130");
+    assert_eq!(
+        after,
+        std::fs::read_to_string(dir.path().join("before")).unwrap(),
+        "terminal settings not restored"
+    );
+    assert_eq!(
+        qemus_under(tmp.path()),
+        Vec::<u32>::new(),
+        "QEMU left running after SIGTERM"
+    );
     img.assert_unchanged();
 }
