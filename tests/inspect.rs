@@ -169,3 +169,28 @@ fn lvm_root_mounts_an_lv_named_in_fstab_by_its_mapper_name() {
     assert_eq!(ok_stdout(&by_hand), "logical volume content\n");
     img.assert_unchanged();
 }
+
+#[test]
+fn lvm_on_a_partition_beside_boot_is_assembled_from_fstab() {
+    // The usual installer layout: p1 /boot (ext4, by UUID), p2 an LVM PV holding root.
+    let t = tempfile::tempdir().unwrap();
+    let (root, boot) = (t.path().join("root"), t.path().join("boot"));
+    sample_tree(&root, TreeOpts { odd_names: false, links: false, sparse: false });
+    fs::create_dir_all(root.join("boot")).unwrap();
+    fs::write(root.join("etc/fstab"), format!("/dev/mapper/vgpart-root / ext4 defaults 0 1\nUUID={BOOT_UUID} /boot ext4 defaults 0 2\n")).unwrap();
+    fs::create_dir_all(&boot).unwrap();
+    fs::write(boot.join("grub.cfg"), b"set default=0\n").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (b, r, pv, disk) = (t.path().join("b.img"), t.path().join("r.img"), t.path().join("pv.img"), dir.path().join("disk.img"));
+    ext4(&boot, "boot", BOOT_UUID, &b);
+    fs_image("ext4", &root, 24, &r);
+    lvm_disk("vgpart", &[Lv { name: "root", image: &r }], &pv);
+    partitioned_disk("dos", &[Part { image: &b, kind: "83" }, Part { image: &pv, kind: "8e" }], &disk);
+    let img = Image::new(dir, disk);
+
+    let out = run(["cat", &img.arg(), "/boot/grub.cfg", "/etc/hostname"]);
+
+    assert_eq!(ok_stdout(&out), "set default=0\nsample-host\n");
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+    img.assert_unchanged();
+}
