@@ -127,3 +127,23 @@ fn bad_command_line_is_a_usage_error() {
     let relative = stderr(&run(["cat", "disk.img", "etc/os-release"]));
     assert!(relative.contains("'etc/os-release'") && relative.contains("absolute"), "{relative}");
 }
+
+#[test]
+fn bad_accelerator_or_machine_setting_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("zeros.img");
+    fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
+    let img = Image::new(dir, p);
+
+    for (var, value, expected) in [
+        ("IMGSAFE_ACCEL", "hvf", "IMGSAFE_ACCEL=\"hvf\": expected `kvm` or `tcg`"),
+        ("IMGSAFE_MACHINE", "pc", "IMGSAFE_MACHINE=\"pc\": expected `microvm` or `q35`"),
+    ] {
+        let out = imgsafe().env(var, value).args(["ls", &img.arg(), "/"]).output().unwrap();
+
+        assert_eq!(code(&out), USAGE, "{var}: {}", stderr(&out));
+        let line = one_line(&out);
+        assert!(line.contains(expected), "{line}");
+    }
+    img.assert_unchanged();
+}

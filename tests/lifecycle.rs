@@ -140,3 +140,19 @@ fn qemu_dies_with_imgsafe_even_on_sigkill() {
 
     assert!(wait_until(Duration::from_secs(5), || qemus(&tmp).is_empty()), "QEMU outlived a killed imgsafe");
 }
+
+#[test]
+fn q35_machine_serves_where_qemu_has_no_qboot() {
+    let img = small_image();
+
+    let out = imgsafe()
+        .env("IMGSAFE_MACHINE", "q35")
+        .args(["-v", "cat", &img.arg(), "/etc/hostname"])
+        .output()
+        .unwrap();
+
+    let err = stderr(&out);
+    assert_eq!(ok_stdout(&out), "sample-host\n", "{err}");
+    assert!(err.contains(" -M q35 ") && !err.contains("-bios"), "{err}");
+    img.assert_unchanged();
+}

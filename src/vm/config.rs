@@ -86,6 +86,8 @@ pub struct VmConfig {
     pub accel: Accel,
     /// Machine type.
     pub machine: Machine,
+    /// Firmware given with `-bios` (qboot for microvm); `None` keeps QEMU's default.
+    pub firmware: Option<PathBuf>,
     /// Kernel: an uncompressed ELF `vmlinux` (booted through PVH, fastest) or a bzImage.
     pub kernel: PathBuf,
     /// Initramfs (an uncompressed cpio loads fastest).
@@ -119,16 +121,20 @@ pub struct VmConfig {
 impl VmConfig {
     /// A config with the defaults, keeping its sockets and console log in `run_dir`
     /// (a private directory the caller owns). `tsc_khz` is taken from the host only
-    /// for TCG (under KVM the guest gets kvm-clock).
+    /// for TCG (under KVM the guest gets kvm-clock); the machine is microvm when QEMU
+    /// has qboot to boot it with, else q35 ([`super::machine`]).
     pub fn new(accel: Accel, kernel: &Path, initrd: &Path, run_dir: &Path) -> VmConfig {
         let tsc_khz = match accel {
             Accel::Tcg => super::tsc::host_tsc_khz(),
             Accel::Kvm => None,
         };
+        let qemu = PathBuf::from(DEFAULT_QEMU);
+        let (machine, firmware) = super::machine::auto(&qemu);
         VmConfig {
-            qemu: PathBuf::from(DEFAULT_QEMU),
+            qemu,
             accel,
-            machine: Machine::default(),
+            machine,
+            firmware,
             kernel: kernel.to_path_buf(),
             initrd: initrd.to_path_buf(),
             extra_cmdline: Vec::new(),
@@ -171,6 +177,15 @@ impl VmConfig {
             "none",
         ]);
         a.pair("-M", self.machine_arg());
+        if let Some(firmware) = &self.firmware {
+            a.pair("-bios", firmware.as_os_str());
+        }
+        if self.machine == Machine::Q35 {
+            // q35 hot-plugs into root ports through ACPI by default and then shows the
+            // ports' native slots as empty; the guest drives them natively
+            // (`pcie_ports=native`) and would power the disk's slot off.
+            a.pair("-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off");
+        }
         match self.accel {
             Accel::Tcg => a.words(&["-accel", "tcg", "-cpu", TCG_CPU]),
             Accel::Kvm => a.words(&["-accel", "kvm", "-cpu", "host"]),
@@ -237,7 +252,7 @@ impl VmConfig {
     /// The `-M` value.
     fn machine_arg(&self) -> &'static str {
         match self.machine {
-            // No option ROMs to load (we boot the kernel directly), an ISA UART for the
+            // No option ROMs to load (qboot loads the kernel itself), an ISA UART for the
             // console, an RTC so the guest has wall-clock time; the virtio-mmio slots are
             // unused, so keep them off the kernel command line.
             Machine::Microvm => {
@@ -294,6 +309,7 @@ mod tests {
             qemu: PathBuf::from(DEFAULT_QEMU),
             accel,
             machine: Machine::Microvm,
+            firmware: Some(PathBuf::from("/usr/share/qemu/qboot.rom")),
             kernel: PathBuf::from("/cache/vmlinux"),
             initrd: PathBuf::from("/cache/initrd.cpio"),
             extra_cmdline: vec!["rdinit=/init".to_string()],
@@ -328,7 +344,7 @@ mod tests {
 
         let expected = [
             "-nodefaults", "-no-user-config", "-nographic", "-display", "none",
-            "-M", MICROVM,
+            "-M", MICROVM, "-bios", "/usr/share/qemu/qboot.rom",
             "-accel", "tcg", "-cpu", "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt",
             "-m", "192", "-smp", "1",
             "-kernel", "/cache/vmlinux", "-initrd", "/cache/initrd.cpio",
@@ -366,6 +382,8 @@ mod tests {
             "none",
             "-M",
             MICROVM,
+            "-bios",
+            "/usr/share/qemu/qboot.rom",
             "-accel",
             "kvm",
             "-cpu",
@@ -410,11 +428,15 @@ mod tests {
     fn argv_q35_without_sandbox() {
         let mut cfg = sample(Accel::Tcg);
         cfg.machine = Machine::Q35;
+        cfg.firmware = None;
         cfg.sandbox = false;
 
         let argv = strings(cfg.argv());
 
-        assert_eq!(argv[5..7], ["-M", "q35"]);
+        assert_eq!(
+            argv[5..11],
+            ["-M", "q35", "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off", "-accel", "tcg"]
+        );
         assert!(!argv.iter().any(|a| a == "-sandbox"));
     }
 

@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: [`VmConfig`] and the pure [`VmConfig::argv`];
 //! - [`accel`]: KVM or TCG for this host and user;
+//! - [`machine`]: microvm booted by qboot, or q35 where QEMU has no qboot;
 //! - [`tsc`]: the host TSC rate the guest kernel needs under TCG;
 //! - [`qmp`]: a small serde_json QMP client;
 //! - [`process`]: [`Vm`], one QEMU process from spawn to reap;
@@ -32,6 +33,7 @@
 
 pub mod accel;
 pub mod config;
+pub mod machine;
 pub mod process;
 pub mod qcow2;
 pub mod qmp;
@@ -39,6 +41,7 @@ pub mod reaper;
 pub mod tsc;
 
 pub use accel::AccelError;
+pub use machine::MachineError;
 pub use config::{Accel, Machine, VmConfig};
 pub use process::{DiskSlot, Vm, VmError, MAX_QEMU_FILE_BYTES};
 
