@@ -33,12 +33,16 @@ pub const AGENT_CHARDEV_ID: &str = "agent";
 ///   crashed guest is seen as a dead process instead of a hang.
 /// - `pcie_ports=native`: let Linux drive the root ports (hot-plug) without ACPI _OSC.
 /// - `cryptomgr.notests`: skip crypto self-tests, a measurable part of boot under TCG.
+/// - `initcall_blacklist=...`: two built-in initcalls the appliance never needs, the
+///   SP800-108 KDF self-test and the kprobe-events tracer set-up. Skipping them cut the
+///   guest's boot under TCG from 1.34 s to 1.13 s (medians of 8, alternating runs).
 pub const BASE_CMDLINE: &[&str] = &[
     "console=ttyS0",
     "quiet",
     "panic=-1",
     "pcie_ports=native",
     "cryptomgr.notests",
+    "initcall_blacklist=crypto_kdf108_init,init_kprobe_trace",
 ];
 
 /// CPU model under TCG. A plain x86-64 CPU with SSE4.2 (for crc32c) boots the
@@ -348,7 +352,7 @@ mod tests {
             "-accel", "tcg", "-cpu", "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt",
             "-m", "192", "-smp", "1",
             "-kernel", "/cache/vmlinux", "-initrd", "/cache/initrd.cpio",
-            "-append", "console=ttyS0 quiet panic=-1 pcie_ports=native cryptomgr.notests tsc_early_khz=2095078 rdinit=/init",
+            "-append", "console=ttyS0 quiet panic=-1 pcie_ports=native cryptomgr.notests initcall_blacklist=crypto_kdf108_init,init_kprobe_trace tsc_early_khz=2095078 rdinit=/init",
             "-chardev", "file,id=console,path=/run/x/console.log", "-serial", "chardev:console",
             "-no-reboot", "-S",
             "-chardev", "socket,id=qmp,server=on,wait=off,path=/run/x/qmp.sock",
@@ -397,7 +401,7 @@ mod tests {
             "-initrd",
             "/cache/initrd.cpio",
             "-append",
-            "console=ttyS0 quiet panic=-1 pcie_ports=native cryptomgr.notests",
+            "console=ttyS0 quiet panic=-1 pcie_ports=native cryptomgr.notests initcall_blacklist=crypto_kdf108_init,init_kprobe_trace",
             "-serial",
             "null",
             "-no-reboot",
