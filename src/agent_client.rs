@@ -62,12 +62,21 @@ fn agent_error(kind: ErrorKind, message: String, path: &[u8]) -> Error {
         _ => None,
     };
     match kind {
-        ErrorKind::NotFound | ErrorKind::IsDirectory | ErrorKind::NotDirectory => {
-            Error::NotFound { image: Default::default(), path: shown, what: fixed.unwrap_or_default().to_string() }
-        }
-        ErrorKind::Mount => Error::Filesystem { image: Default::default(), what: message },
+        ErrorKind::NotFound | ErrorKind::IsDirectory | ErrorKind::NotDirectory => Error::NotFound {
+            image: Default::default(),
+            path: shown,
+            what: fixed.unwrap_or_default().to_string(),
+        },
+        ErrorKind::Mount => Error::Filesystem {
+            image: Default::default(),
+            what: message,
+        },
         ErrorKind::BadRequest | ErrorKind::Other => {
-            let message: String = message.chars().take(300).map(|c| if c.is_control() { '?' } else { c }).collect();
+            let message: String = message
+                .chars()
+                .take(300)
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect();
             Error::guest(format!("{shown}: {message}"))
         }
     }
@@ -76,10 +85,21 @@ fn agent_error(kind: ErrorKind, message: String, path: &[u8]) -> Error {
 impl AgentClient {
     /// Handshake on a connected stream.
     pub fn connect(stream: UnixStream) -> Result<Self> {
-        let reader = BufReader::new(stream.try_clone().map_err(|e| Error::guest(e.to_string()))?);
+        let reader = BufReader::new(
+            stream
+                .try_clone()
+                .map_err(|e| Error::guest(e.to_string()))?,
+        );
         let writer = BufWriter::new(stream);
-        let mut c = AgentClient { reader, writer, kernel: String::new(), writable_mounts: false };
-        match c.call(&Request::Hello { version: proto::PROTOCOL_VERSION })? {
+        let mut c = AgentClient {
+            reader,
+            writer,
+            kernel: String::new(),
+            writable_mounts: false,
+        };
+        match c.call(&Request::Hello {
+            version: proto::PROTOCOL_VERSION,
+        })? {
             Response::Hello { version, kernel } if version == proto::PROTOCOL_VERSION => {
                 c.kernel = kernel.chars().take(256).collect();
                 Ok(c)
@@ -94,7 +114,10 @@ impl AgentClient {
 
     /// Set a read timeout for every later answer (None = wait forever).
     pub fn set_timeout(&self, t: Option<std::time::Duration>) -> Result<()> {
-        self.reader.get_ref().set_read_timeout(t).map_err(|e| Error::guest(e.to_string()))
+        self.reader
+            .get_ref()
+            .set_read_timeout(t)
+            .map_err(|e| Error::guest(e.to_string()))
     }
 
     fn send(&mut self, req: &Request) -> Result<()> {
@@ -105,11 +128,16 @@ impl AgentClient {
 
     fn recv(&mut self) -> Result<Frame<Response>> {
         proto::read_frame(&mut self.reader).map_err(|e| match e {
-            proto::FrameError::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.kind() == std::io::ErrorKind::TimedOut => {
+            proto::FrameError::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.kind() == std::io::ErrorKind::TimedOut =>
+            {
                 Error::appliance("the guest agent did not answer in time")
             }
             proto::FrameError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-                Error::appliance("the appliance closed the agent channel (guest crashed or was killed)")
+                Error::appliance(
+                    "the appliance closed the agent channel (guest crashed or was killed)",
+                )
             }
             other => Error::guest(other.to_string()),
         })
@@ -139,7 +167,12 @@ impl AgentClient {
     }
 
     /// Mount `device` read-only at `mountpoint` below the guest sysroot.
-    pub fn mount(&mut self, device: &str, mountpoint: &str, fstype: Option<&str>) -> Result<String> {
+    pub fn mount(
+        &mut self,
+        device: &str,
+        mountpoint: &str,
+        fstype: Option<&str>,
+    ) -> Result<String> {
         let req = Request::Mount {
             device: device.into(),
             mountpoint: mountpoint.into(),
@@ -148,20 +181,24 @@ impl AgentClient {
         };
         match self.call(&req)? {
             Response::Mounted { fstype, .. } => Ok(fstype),
-            Response::Error { message, .. } => {
-                Err(Error::Filesystem { image: Default::default(), what: format!("mounting {device}: {message}") })
-            }
+            Response::Error { message, .. } => Err(Error::Filesystem {
+                image: Default::default(),
+                what: format!("mounting {device}: {message}"),
+            }),
             other => Err(unexpected(&other)),
         }
     }
 
     /// Unmount whatever is mounted at (and below) `mountpoint`; returns how many mounts.
     pub fn unmount(&mut self, mountpoint: &str) -> Result<u32> {
-        match self.call(&Request::Unmount { mountpoint: mountpoint.into() })? {
+        match self.call(&Request::Unmount {
+            mountpoint: mountpoint.into(),
+        })? {
             Response::Unmounted { count } => Ok(count),
-            Response::Error { message, .. } => {
-                Err(Error::Filesystem { image: Default::default(), what: format!("unmounting {mountpoint}: {message}") })
-            }
+            Response::Error { message, .. } => Err(Error::Filesystem {
+                image: Default::default(),
+                what: format!("unmounting {mountpoint}: {message}"),
+            }),
             other => Err(unexpected(&other)),
         }
     }
@@ -177,14 +214,21 @@ impl AgentClient {
 
 fn check_path(path: &[u8]) -> Result<()> {
     if path.len() > proto::MAX_PATH || path.contains(&0) {
-        return Err(Error::Other(format!("{}: path too long or contains NUL", String::from_utf8_lossy(path))));
+        return Err(Error::Other(format!(
+            "{}: path too long or contains NUL",
+            String::from_utf8_lossy(path)
+        )));
     }
     Ok(())
 }
 
 fn check_entry(e: &Entry) -> Result<()> {
-    validate_name(&e.name)
-        .map_err(|err| Error::guest(format!("unsafe name {:?}: {err}", String::from_utf8_lossy(&e.name))))?;
+    validate_name(&e.name).map_err(|err| {
+        Error::guest(format!(
+            "unsafe name {:?}: {err}",
+            String::from_utf8_lossy(&e.name)
+        ))
+    })?;
     if let Some(t) = &e.target {
         if t.len() > proto::MAX_PATH {
             return Err(Error::guest("symlink target too long"));
@@ -213,20 +257,30 @@ fn entry_cost(e: &Entry) -> usize {
 fn charge(used: &mut usize, cost: usize) -> Result<()> {
     *used = used.saturating_add(cost);
     if *used > MAX_LISTING_BYTES {
-        return Err(Error::guest(format!("listing larger than {} MiB", MAX_LISTING_BYTES >> 20)));
+        return Err(Error::guest(format!(
+            "listing larger than {} MiB",
+            MAX_LISTING_BYTES >> 20
+        )));
     }
     Ok(())
 }
 
 impl GuestFs for AgentClient {
     fn shell_channel(&mut self) -> Option<ShellChannel<'_>> {
-        Some(ShellChannel { reader: &mut self.reader, writer: &mut self.writer })
+        Some(ShellChannel {
+            reader: &mut self.reader,
+            writer: &mut self.writer,
+        })
     }
 
     fn stat(&mut self, path: &[u8]) -> Result<Entry> {
         check_path(path)?;
-        match self.call(&Request::Stat { path: path.to_vec() })? {
-            Response::Stat { entry } if entry.name.is_empty() || check_entry(&entry).is_ok() => Ok(entry),
+        match self.call(&Request::Stat {
+            path: path.to_vec(),
+        })? {
+            Response::Stat { entry } if entry.name.is_empty() || check_entry(&entry).is_ok() => {
+                Ok(entry)
+            }
             Response::Stat { .. } => Err(Error::guest("unsafe name in stat answer")),
             Response::Error { kind, message } => Err(agent_error(kind, message, path)),
             other => Err(unexpected(&other)),
@@ -235,14 +289,19 @@ impl GuestFs for AgentClient {
 
     fn read_dir(&mut self, path: &[u8]) -> Result<Vec<Entry>> {
         check_path(path)?;
-        self.send(&Request::ReadDir { path: path.to_vec() })?;
+        self.send(&Request::ReadDir {
+            path: path.to_vec(),
+        })?;
         let mut all = Vec::new();
         let mut used = 0usize;
         loop {
             match self.recv_msg()? {
                 // An empty frame that is not the last one makes no progress: a guest
                 // could send them forever, each within the answer timeout.
-                Response::DirEntries { entries, done: false } if entries.is_empty() => {
+                Response::DirEntries {
+                    entries,
+                    done: false,
+                } if entries.is_empty() => {
                     return Err(Error::guest("empty directory frame"));
                 }
                 Response::DirEntries { entries, done } => {
@@ -266,7 +325,9 @@ impl GuestFs for AgentClient {
 
     fn read_file(&mut self, path: &[u8], out: &mut dyn Write) -> Result<u64> {
         check_path(path)?;
-        self.send(&Request::ReadFile { path: path.to_vec() })?;
+        self.send(&Request::ReadFile {
+            path: path.to_vec(),
+        })?;
         let size = match self.recv_msg()? {
             Response::FileStart { size } => size,
             Response::Error { kind, message } => return Err(agent_error(kind, message, path)),
@@ -278,7 +339,9 @@ impl GuestFs for AgentClient {
             match self.recv()? {
                 Frame::Data(d) if d.is_empty() => return Err(Error::guest("empty data frame")),
                 Frame::Data(d) => {
-                    got = got.checked_add(d.len() as u64).ok_or_else(|| Error::guest("file too large"))?;
+                    got = got
+                        .checked_add(d.len() as u64)
+                        .ok_or_else(|| Error::guest("file too large"))?;
                     if got > size {
                         return Err(Error::guest("file stream longer than announced"));
                     }
@@ -291,7 +354,9 @@ impl GuestFs for AgentClient {
                     }
                 }
                 Frame::Msg(Response::FileEnd) => break,
-                Frame::Msg(Response::Error { kind, message }) => return Err(agent_error(kind, message, path)),
+                Frame::Msg(Response::Error { kind, message }) => {
+                    return Err(agent_error(kind, message, path))
+                }
                 Frame::Msg(other) => return Err(unexpected(&other)),
             }
         }
@@ -300,19 +365,26 @@ impl GuestFs for AgentClient {
         }
         if got != size {
             // The file changed size while read (cannot happen read-only) or the agent lied.
-            return Err(Error::guest(format!("file stream ended after {got} of {size} bytes")));
+            return Err(Error::guest(format!(
+                "file stream ended after {got} of {size} bytes"
+            )));
         }
         Ok(got)
     }
 
     fn walk(&mut self, path: &[u8], each: &mut dyn FnMut(WalkEntry) -> Result<()>) -> Result<()> {
         check_path(path)?;
-        self.send(&Request::Walk { path: path.to_vec() })?;
+        self.send(&Request::Walk {
+            path: path.to_vec(),
+        })?;
         let mut first_err: Option<Error> = None;
         let mut used = 0usize;
         loop {
             match self.recv_msg()? {
-                Response::WalkEntries { entries, done: false } if entries.is_empty() => {
+                Response::WalkEntries {
+                    entries,
+                    done: false,
+                } if entries.is_empty() => {
                     return Err(Error::guest("empty walk frame"));
                 }
                 Response::WalkEntries { entries, done } => {
@@ -320,12 +392,16 @@ impl GuestFs for AgentClient {
                         if first_err.is_some() {
                             continue;
                         }
-                        let ok = w.path.len() <= 2048 && w.path.iter().all(|c| validate_name(c).is_ok());
-                        let cost = entry_cost(&w.entry) + w.path.iter().map(|c| c.len() + 24).sum::<usize>();
+                        let ok =
+                            w.path.len() <= 2048 && w.path.iter().all(|c| validate_name(c).is_ok());
+                        let cost = entry_cost(&w.entry)
+                            + w.path.iter().map(|c| c.len() + 24).sum::<usize>();
                         let r = if !ok {
                             Err(Error::guest("unsafe path in walk"))
                         } else {
-                            check_entry(&w.entry).and_then(|_| charge(&mut used, cost)).and_then(|_| each(w))
+                            check_entry(&w.entry)
+                                .and_then(|_| charge(&mut used, cost))
+                                .and_then(|_| each(w))
                         };
                         if let Err(e) = r {
                             first_err = Some(e);
@@ -353,7 +429,14 @@ mod tests {
         thread::spawn(move || {
             let mut g = guest;
             let _: Frame<Request> = proto::read_frame(&mut g).unwrap();
-            proto::write_msg(&mut g, &Response::Hello { version: proto::PROTOCOL_VERSION, kernel: "k".into() }).unwrap();
+            proto::write_msg(
+                &mut g,
+                &Response::Hello {
+                    version: proto::PROTOCOL_VERSION,
+                    kernel: "k".into(),
+                },
+            )
+            .unwrap();
             let _: Frame<Request> = proto::read_frame(&mut g).unwrap();
             for (kind, payload) in frames {
                 let mut head = ((payload.len() + 1) as u32).to_le_bytes().to_vec();
@@ -370,16 +453,26 @@ mod tests {
 
     #[test]
     fn unexpected_answer_with_multibyte_text_is_an_error_not_a_panic() {
-        let mut c = fake_agent(vec![msg(&Response::Mounted { device: "é".repeat(100), fstype: "x".into() })]);
+        let mut c = fake_agent(vec![msg(&Response::Mounted {
+            device: "é".repeat(100),
+            fstype: "x".into(),
+        })]);
 
         let err = c.stat(b"/").unwrap_err();
 
-        assert!(err.to_string().starts_with("guest agent: unexpected answer"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("guest agent: unexpected answer"),
+            "{err}"
+        );
     }
 
     #[test]
     fn empty_data_frames_are_refused() {
-        let mut c = fake_agent(vec![msg(&Response::FileStart { size: 10 }), (proto::KIND_DATA, Vec::new())]);
+        let mut c = fake_agent(vec![
+            msg(&Response::FileStart { size: 10 }),
+            (proto::KIND_DATA, Vec::new()),
+        ]);
 
         let err = c.read_file(b"/f", &mut Vec::new()).unwrap_err();
 
@@ -388,7 +481,10 @@ mod tests {
 
     #[test]
     fn endless_empty_listing_frames_are_refused() {
-        let empty = Response::DirEntries { entries: Vec::new(), done: false };
+        let empty = Response::DirEntries {
+            entries: Vec::new(),
+            done: false,
+        };
         let mut c = fake_agent(vec![msg(&empty), msg(&empty), msg(&empty)]);
 
         let err = c.read_dir(b"/").unwrap_err();
@@ -398,7 +494,10 @@ mod tests {
 
     #[test]
     fn stream_longer_than_announced_is_refused() {
-        let mut c = fake_agent(vec![msg(&Response::FileStart { size: 2 }), (proto::KIND_DATA, b"abc".to_vec())]);
+        let mut c = fake_agent(vec![
+            msg(&Response::FileStart { size: 2 }),
+            (proto::KIND_DATA, b"abc".to_vec()),
+        ]);
 
         let err = c.read_file(b"/f", &mut Vec::new()).unwrap_err();
 

@@ -25,7 +25,12 @@ pub struct ImageArgs {
     #[arg(long, global = true)]
     pub ignore_parent_id: bool,
     /// Where bare OpenVZ container ids are looked up.
-    #[arg(long, env = "IMGSAFE_VZ_ROOT", default_value = "/vz/private", global = true)]
+    #[arg(
+        long,
+        env = "IMGSAFE_VZ_ROOT",
+        default_value = "/vz/private",
+        global = true
+    )]
     pub vz_root: PathBuf,
 }
 
@@ -66,11 +71,13 @@ pub enum Command {
 
 /// `imgsafe shell`.
 #[derive(Debug, Args)]
-#[command(after_help = "The shell runs inside the throwaway VM, never on the host. The image is \
+#[command(
+    after_help = "The shell runs inside the throwaway VM, never on the host. The image is \
 mounted read-only at /sysroot; /tmp is a RAM disk for scratch files. With --overlay, the \
 filesystems are mounted read-write over a throwaway copy-on-write layer in a private temp \
 file on the host: writes are discarded when the shell ends and never reach the image file. \
-Exit status: the shell's (128+N if killed by signal N).")]
+Exit status: the shell's (128+N if killed by signal N)."
+)]
 pub struct ShellArgs {
     /// The disk image.
     pub image: PathBuf,

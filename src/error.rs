@@ -32,7 +32,11 @@ pub enum Error {
     Image(#[from] FormatError),
     /// A path given by the user does not exist in the image (or has the wrong type).
     #[error("{}: {path}: {what}", image.display())]
-    NotFound { image: PathBuf, path: String, what: String },
+    NotFound {
+        image: PathBuf,
+        path: String,
+        what: String,
+    },
     /// No filesystem could be chosen or mounted.
     #[error("{}: {what}", image.display())]
     Filesystem { image: PathBuf, what: String },

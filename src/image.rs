@@ -18,7 +18,11 @@ pub const DESCRIPTOR_NAME: &str = "DiskDescriptor.xml";
 pub fn resolve(arg: &Path, vz_root: &Path) -> Result<PathBuf, FormatError> {
     if arg.is_dir() {
         let xml = arg.join(DESCRIPTOR_NAME);
-        return Ok(if xml.is_file() { xml } else { arg.to_path_buf() });
+        return Ok(if xml.is_file() {
+            xml
+        } else {
+            arg.to_path_buf()
+        });
     }
     if arg.symlink_metadata().is_ok() {
         return Ok(arg.to_path_buf());
@@ -35,7 +39,10 @@ pub fn resolve(arg: &Path, vz_root: &Path) -> Result<PathBuf, FormatError> {
         vz_root.display(),
         xml.display()
     );
-    Err(FormatError::io(arg, io::Error::new(io::ErrorKind::NotFound, why)))
+    Err(FormatError::io(
+        arg,
+        io::Error::new(io::ErrorKind::NotFound, why),
+    ))
 }
 
 /// A container id as OpenVZ / Virtuozzo name them: a number, or a UUID.
@@ -61,7 +68,11 @@ pub fn open(arg: &Path, args: &ImageArgs) -> Result<Arc<dyn BlockSource>> {
         ignore_parent_id: args.ignore_parent_id,
     };
     let src: Arc<dyn BlockSource> = Arc::from(format::open(&path, &opts)?);
-    let top = src.layers().first().map(|l| l.format.clone()).unwrap_or_default();
+    let top = src
+        .layers()
+        .first()
+        .map(|l| l.format.clone())
+        .unwrap_or_default();
     stage.done(&format!("{top}, {} bytes", src.size()));
     Ok(src)
 }
@@ -96,7 +107,9 @@ mod tests {
     fn missing_container_is_a_clear_error() {
         let root = tempfile::tempdir().unwrap();
 
-        let err = resolve(Path::new("4242"), root.path()).unwrap_err().to_string();
+        let err = resolve(Path::new("4242"), root.path())
+            .unwrap_err()
+            .to_string();
 
         assert!(
             err.starts_with("4242: no such file, and no container 4242 under"),

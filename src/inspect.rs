@@ -17,7 +17,9 @@ const MAX_ENTRIES: usize = 1024;
 const MAX_SHOWN: usize = 200;
 
 /// Filesystem types the agent can mount.
-pub const MOUNTABLE: &[&str] = &["ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "iso9660", "udf"];
+pub const MOUNTABLE: &[&str] = &[
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "iso9660", "udf",
+];
 /// Types a Linux root filesystem usually has; tried first when looking for the root.
 const LINUX_ROOT_TYPES: &[&str] = &["ext4", "ext3", "ext2", "xfs", "btrfs"];
 
@@ -119,7 +121,11 @@ pub fn parse_fstab(text: &[u8]) -> Vec<FstabEntry> {
             spec: text(spec),
             mountpoint: text(mountpoint),
             fstype,
-            options: options.split(',').filter(|o| !o.is_empty()).map(String::from).collect(),
+            options: options
+                .split(',')
+                .filter(|o| !o.is_empty())
+                .map(String::from)
+                .collect(),
         });
     }
     out
@@ -145,7 +151,10 @@ pub fn normalise_mountpoint(mp: &str) -> Option<String> {
     if !mp.starts_with('/') || mp.contains('\0') || mp.len() > imgsafe_proto::MAX_PATH {
         return None;
     }
-    let parts: Vec<&str> = mp.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+    let parts: Vec<&str> = mp
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
     if parts.contains(&"..") {
         return None;
     }
@@ -173,7 +182,11 @@ pub fn is_mountable(f: &FsInfo) -> bool {
 /// the rest, each group in the agent's order.
 pub fn root_candidates(list: &[FsInfo]) -> Vec<&FsInfo> {
     let mut c: Vec<&FsInfo> = list.iter().filter(|f| is_mountable(f)).collect();
-    c.sort_by_key(|f| !f.fstype.as_deref().is_some_and(|t| LINUX_ROOT_TYPES.contains(&t)));
+    c.sort_by_key(|f| {
+        !f.fstype
+            .as_deref()
+            .is_some_and(|t| LINUX_ROOT_TYPES.contains(&t))
+    });
     c
 }
 
@@ -216,7 +229,9 @@ pub fn find_device<'a>(name: &str, list: &'a [FsInfo], numbers: bool) -> Option<
         }
     }
     let names = aliases(name);
-    names.iter().find_map(|n| list.iter().find(|f| &f.device == n))
+    names
+        .iter()
+        .find_map(|n| list.iter().find(|f| &f.device == n))
 }
 
 /// Resolve an fstab source: `UUID=`, `LABEL=`, `PARTUUID=`, their `/dev/disk/by-*/`
@@ -224,12 +239,15 @@ pub fn find_device<'a>(name: &str, list: &'a [FsInfo], numbers: bool) -> Option<
 pub fn resolve_spec<'a>(spec: &str, list: &'a [FsInfo]) -> Option<&'a FsInfo> {
     let unquote = |v: &str| v.trim_matches('"').to_string();
     let by = |key: &str| {
-        spec.strip_prefix(&format!("{key}=")).map(unquote).or_else(|| {
-            spec.strip_prefix(&format!("/dev/disk/by-{}/", key.to_ascii_lowercase()))
-                .map(String::from)
-        })
+        spec.strip_prefix(&format!("{key}="))
+            .map(unquote)
+            .or_else(|| {
+                spec.strip_prefix(&format!("/dev/disk/by-{}/", key.to_ascii_lowercase()))
+                    .map(String::from)
+            })
     };
-    let same = |a: &Option<String>, b: &str| a.as_deref().is_some_and(|a| a.eq_ignore_ascii_case(b));
+    let same =
+        |a: &Option<String>, b: &str| a.as_deref().is_some_and(|a| a.eq_ignore_ascii_case(b));
     if let Some(u) = by("UUID") {
         return list.iter().find(|f| !f.partitioned && same(&f.uuid, &u));
     }
@@ -249,7 +267,11 @@ pub fn resolve_spec<'a>(spec: &str, list: &'a [FsInfo]) -> Option<&'a FsInfo> {
 
 /// From the root's fstab, the other filesystems to mount, shallowest first, and one
 /// warning per entry that had to be skipped.
-pub fn plan_fstab(entries: &[FstabEntry], list: &[FsInfo], root: &FsInfo) -> (Vec<Planned>, Vec<String>) {
+pub fn plan_fstab(
+    entries: &[FstabEntry],
+    list: &[FsInfo],
+    root: &FsInfo,
+) -> (Vec<Planned>, Vec<String>) {
     let (mut plan, mut warnings): (Vec<Planned>, Vec<String>) = (Vec::new(), Vec::new());
     for e in entries {
         if not_for_us(e).is_some() {
@@ -303,8 +325,9 @@ pub fn plan_manual(args: &[String], list: &[FsInfo]) -> Result<Vec<Planned>, Str
         };
         let mountpoint = match mp {
             None => "/".to_string(),
-            Some(m) => normalise_mountpoint(m)
-                .ok_or_else(|| format!("-m {a}: the mountpoint must be an absolute path without .."))?,
+            Some(m) => normalise_mountpoint(m).ok_or_else(|| {
+                format!("-m {a}: the mountpoint must be an absolute path without ..")
+            })?,
         };
         let f = find_device(dev, list, true)
             .ok_or_else(|| format!("no device {dev} in the image; found: {}", describe(list)))?;
@@ -393,7 +416,13 @@ mod tests {
                 "root",
                 Some(2),
             ),
-            fs("/dev/vda3", "swap", "cccccccc-2222-3333-4444-555555555555", "", Some(3)),
+            fs(
+                "/dev/vda3",
+                "swap",
+                "cccccccc-2222-3333-4444-555555555555",
+                "",
+                Some(3),
+            ),
             fs(
                 "/dev/vg0/my-data",
                 "xfs",
@@ -421,10 +450,17 @@ mod tests {
             }
         );
         assert_eq!(
-            (e[1].spec.as_str(), e[1].mountpoint.as_str(), e[1].options.clone()),
+            (
+                e[1].spec.as_str(),
+                e[1].mountpoint.as_str(),
+                e[1].options.clone()
+            ),
             ("LABEL=my disk", "/mnt/my dir", vec!["defaults".to_string()])
         );
-        assert_eq!((e[2].fstype.as_str(), e[2].mountpoint.as_str()), ("auto", "/x"));
+        assert_eq!(
+            (e[2].fstype.as_str(), e[2].mountpoint.as_str()),
+            ("auto", "/x")
+        );
     }
 
     #[test]
@@ -454,8 +490,14 @@ mod tests {
 
         let got = |s: &str| resolve_spec(s, &list).map(|f| f.device.as_str());
 
-        assert_eq!(got("UUID=11111111-2222-3333-4444-555555555555"), Some("/dev/vda1"));
-        assert_eq!(got("UUID=\"AAAAAAAA-2222-3333-4444-555555555555\""), Some("/dev/vda2"));
+        assert_eq!(
+            got("UUID=11111111-2222-3333-4444-555555555555"),
+            Some("/dev/vda1")
+        );
+        assert_eq!(
+            got("UUID=\"AAAAAAAA-2222-3333-4444-555555555555\""),
+            Some("/dev/vda2")
+        );
         assert_eq!(
             got("/dev/disk/by-uuid/11111111-2222-3333-4444-555555555555"),
             Some("/dev/vda1")
@@ -484,7 +526,10 @@ mod tests {
             .iter()
             .map(|p| (p.device.as_str(), p.mountpoint.as_str()))
             .collect();
-        assert_eq!(got, [("/dev/vda1", "/boot"), ("/dev/vg0/my-data", "/home/me")]);
+        assert_eq!(
+            got,
+            [("/dev/vda1", "/boot"), ("/dev/vg0/my-data", "/home/me")]
+        );
         assert_eq!(warnings.len(), 3, "{warnings:?}");
         assert!(
             warnings[0].contains("UUID=0000 on /srv") && warnings[0].contains("no such device"),
@@ -545,7 +590,10 @@ mod tests {
             fs("/dev/vda3", "xfs", "", "", Some(3)),
         ];
 
-        let c: Vec<&str> = root_candidates(&list).iter().map(|f| f.device.as_str()).collect();
+        let c: Vec<&str> = root_candidates(&list)
+            .iter()
+            .map(|f| f.device.as_str())
+            .collect();
 
         assert_eq!(c, ["/dev/vda3", "/dev/vda1"]);
     }

@@ -72,7 +72,11 @@ const MAX_MESSAGE: usize = 2000;
 /// characters (escape sequences, newlines) become `?`, and the length is bounded, so an
 /// error stays one line and cannot drive the user's terminal.
 pub fn printable(s: &str) -> String {
-    let mut out: String = s.chars().take(MAX_MESSAGE).map(|c| if c.is_control() { '?' } else { c }).collect();
+    let mut out: String = s
+        .chars()
+        .take(MAX_MESSAGE)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
     if s.chars().nth(MAX_MESSAGE).is_some() {
         out.push_str("...");
     }
@@ -90,7 +94,10 @@ mod tests {
         let line = usage_line(&e.render().to_string());
 
         assert!(!line.contains('\n'), "{line}");
-        assert!(line.contains("required arguments were not provided: <PATHS>..."), "{line}");
+        assert!(
+            line.contains("required arguments were not provided: <PATHS>..."),
+            "{line}"
+        );
         assert!(line.ends_with("(see imgsafe --help)"), "{line}");
     }
 

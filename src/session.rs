@@ -4,8 +4,8 @@
 use crate::agent_client::{AgentClient, GuestFs};
 use crate::cli::{ImageArgs, MountArgs};
 use crate::format::BlockSource;
-use crate::vm::{self, Vm};
 use crate::inspect::{self, Planned};
+use crate::vm::{self, Vm};
 use crate::{appliance, image, nbd, trace, Error, Result};
 use imgsafe_proto::{FileType, FsInfo};
 use std::path::{Path, PathBuf};
@@ -53,7 +53,11 @@ pub fn timeout() -> Result<Duration> {
             .ok()
             .filter(|n| *n > 0.0 && *n <= 1e9)
             .map(Duration::from_secs_f64)
-            .ok_or_else(|| Error::Usage(format!("IMGSAFE_TIMEOUT={s:?}: expected a number of seconds"))),
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "IMGSAFE_TIMEOUT={s:?}: expected a number of seconds"
+                ))
+            }),
     }
 }
 
@@ -70,7 +74,11 @@ impl Session {
     /// sits under a throwaway copy-on-write layer (a qcow2 file in the session's private
     /// temp dir, deleted with it) and filesystems are mounted read-write: the guest may
     /// write, the image (served read-only over NBD) never changes.
-    pub fn start_with_source(image_arg: &Path, source: Arc<dyn BlockSource>, overlay: bool) -> Result<Session> {
+    pub fn start_with_source(
+        image_arg: &Path,
+        source: Arc<dyn BlockSource>,
+        overlay: bool,
+    ) -> Result<Session> {
         let timeout = timeout()?;
         let image_files = source.layers().into_iter().map(|l| l.path).collect();
         let dir = tempfile::Builder::new()
@@ -79,8 +87,12 @@ impl Session {
             .map_err(|e| Error::Other(format!("creating a private temp dir: {e}")))?;
         let disk_size = source.size();
         let nbd_sock = dir.path().join("nbd.sock");
-        let nbd = nbd::Server::start(source, &nbd_sock, "")
-            .map_err(|e| Error::Other(format!("starting the NBD server on {}: {e}", nbd_sock.display())))?;
+        let nbd = nbd::Server::start(source, &nbd_sock, "").map_err(|e| {
+            Error::Other(format!(
+                "starting the NBD server on {}: {e}",
+                nbd_sock.display()
+            ))
+        })?;
 
         let stage = trace::stage("appliance");
         let app = appliance::ensure()?;
@@ -97,7 +109,11 @@ impl Session {
             cfg.extra_cmdline.push("imgsafe.debug=1".into());
         }
         if trace::verbose() {
-            let argv: Vec<String> = cfg.argv().iter().map(|a| a.to_string_lossy().into_owned()).collect();
+            let argv: Vec<String> = cfg
+                .argv()
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
             trace::note(&format!("qemu: {} {}", cfg.qemu.display(), argv.join(" ")));
         }
         let stage = trace::stage("boot");
@@ -105,11 +121,19 @@ impl Session {
         // disk in and resuming, then the guest's own boot until the agent answers.
         let overlay_file = dir.path().join("overlay.qcow2");
         if overlay {
-            vm::qcow2::create(&overlay_file, disk_size)
-                .map_err(|e| Error::Other(format!("creating the overlay {}: {e}", overlay_file.display())))?;
+            vm::qcow2::create(&overlay_file, disk_size).map_err(|e| {
+                Error::Other(format!(
+                    "creating the overlay {}: {e}",
+                    overlay_file.display()
+                ))
+            })?;
             // The overlay grows to at most the disk plus its tables (~0.02%); QEMU may
             // write that much, the console log still far less.
-            cfg.max_file_bytes = cfg.max_file_bytes.max(disk_size.saturating_add(disk_size / 256).saturating_add(64 << 20));
+            cfg.max_file_bytes = cfg.max_file_bytes.max(
+                disk_size
+                    .saturating_add(disk_size / 256)
+                    .saturating_add(64 << 20),
+            );
         }
         let t0 = std::time::Instant::now();
         let mut vm = Vm::launch(&cfg)?;
@@ -131,11 +155,23 @@ impl Session {
             (t_plug - t_qemu).as_secs_f64(),
             (t_all - t_plug).as_secs_f64()
         ));
-        Ok(Session { image: image_arg.to_path_buf(), image_files, agent, vm, nbd: Some(nbd), _dir: dir, filesystems: None })
+        Ok(Session {
+            image: image_arg.to_path_buf(),
+            image_files,
+            agent,
+            vm,
+            nbd: Some(nbd),
+            _dir: dir,
+            filesystems: None,
+        })
     }
 
     /// Start, then choose and mount the filesystem (see [`choose`]).
-    pub fn open_mounted(image_arg: &Path, image_args: &ImageArgs, mount: &MountArgs) -> Result<Session> {
+    pub fn open_mounted(
+        image_arg: &Path,
+        image_args: &ImageArgs,
+        mount: &MountArgs,
+    ) -> Result<Session> {
         Self::open_mounted_with(image_arg, image_args, mount, false, false)
     }
 
@@ -159,7 +195,9 @@ impl Session {
                     && mount.mount.is_empty()
                     && !mount.inspect
                     && !vm::reaper::interrupted()
-                    && s.filesystems.as_deref().is_some_and(|l| inspect::root_candidates(l).is_empty()) =>
+                    && s.filesystems
+                        .as_deref()
+                        .is_some_and(|l| inspect::root_candidates(l).is_empty()) =>
             {
                 eprintln!(
                     "imgsafe: warning: {}: no filesystem found, nothing is mounted (the disk is /dev/vda)",
@@ -206,7 +244,8 @@ impl Session {
     pub fn mount_chosen(&mut self, mount: &MountArgs) -> Result<()> {
         let list = self.filesystems()?;
         if !mount.mount.is_empty() {
-            let plan = inspect::plan_manual(&mount.mount, &list).map_err(|what| self.fs_error(what))?;
+            let plan =
+                inspect::plan_manual(&mount.mount, &list).map_err(|what| self.fs_error(what))?;
             for p in &plan {
                 self.mount_one(p)?;
             }
@@ -226,8 +265,14 @@ impl Session {
                 )));
             }
         }
-        let fs = choose(&list, None).map_err(|what| self.fs_error(what))?.clone();
-        self.mount_one(&Planned { device: fs.device, fstype: fs.fstype, mountpoint: "/".into() })
+        let fs = choose(&list, None)
+            .map_err(|what| self.fs_error(what))?
+            .clone();
+        self.mount_one(&Planned {
+            device: fs.device,
+            fstype: fs.fstype,
+            mountpoint: "/".into(),
+        })
     }
 
     /// The root filesystem `ls` would mount without -m: one with /etc/fstab or
@@ -292,7 +337,10 @@ impl Session {
         let text = match self.read_fstab() {
             Ok(t) => t,
             Err(what) => {
-                eprintln!("imgsafe: warning: /etc/fstab: {what}; only {} is mounted", root.device);
+                eprintln!(
+                    "imgsafe: warning: /etc/fstab: {what}; only {} is mounted",
+                    root.device
+                );
                 Vec::new()
             }
         };
@@ -309,7 +357,11 @@ impl Session {
                     Error::Filesystem { what, .. } => what,
                     other => other.to_string(),
                 };
-                eprintln!("imgsafe: warning: /etc/fstab: {}: {}; skipped", p.mountpoint, inspect::shown(&why));
+                eprintln!(
+                    "imgsafe: warning: /etc/fstab: {}: {}; skipped",
+                    p.mountpoint,
+                    inspect::shown(&why)
+                );
             }
         }
         Ok(())
@@ -320,10 +372,15 @@ impl Session {
         match self.agent.stat(b"/etc/fstab") {
             Err(Error::NotFound { .. }) => return Ok(Vec::new()),
             Err(e) => return Err(e.to_string()),
-            Ok(st) if st.size > inspect::MAX_FSTAB => return Err(format!("{} bytes, more than imgsafe reads", st.size)),
+            Ok(st) if st.size > inspect::MAX_FSTAB => {
+                return Err(format!("{} bytes, more than imgsafe reads", st.size))
+            }
             Ok(_) => {}
         }
-        let mut out = Bounded { data: Vec::new(), limit: inspect::MAX_FSTAB };
+        let mut out = Bounded {
+            data: Vec::new(),
+            limit: inspect::MAX_FSTAB,
+        };
         match self.agent.read_file(b"/etc/fstab", &mut out) {
             Ok(_) => Ok(out.data),
             Err(e) => Err(e.to_string()),
@@ -333,13 +390,19 @@ impl Session {
     /// Mount one filesystem of the tree.
     fn mount_one(&mut self, p: &Planned) -> Result<()> {
         let stage = trace::stage("mount");
-        let fstype = self.agent.mount(&p.device, &p.mountpoint, p.fstype.as_deref()).map_err(|e| self.fail(e))?;
+        let fstype = self
+            .agent
+            .mount(&p.device, &p.mountpoint, p.fstype.as_deref())
+            .map_err(|e| self.fail(e))?;
         stage.done(&format!("{} on {} ({fstype})", p.device, p.mountpoint));
         Ok(())
     }
 
     fn fs_error(&self, what: String) -> Error {
-        Error::Filesystem { image: self.image.clone(), what }
+        Error::Filesystem {
+            image: self.image.clone(),
+            what,
+        }
     }
 
     /// The mounted guest filesystem.
@@ -355,12 +418,21 @@ impl Session {
         }
         match e {
             Error::NotFound { image, path, what } if image.as_os_str().is_empty() => {
-                Error::NotFound { image: self.image.clone(), path, what }
+                Error::NotFound {
+                    image: self.image.clone(),
+                    path,
+                    what,
+                }
             }
             Error::Filesystem { image, what } if image.as_os_str().is_empty() => {
-                Error::Filesystem { image: self.image.clone(), what }
+                Error::Filesystem {
+                    image: self.image.clone(),
+                    what,
+                }
             }
-            Error::Appliance { what } | Error::Guest { what } if self.vm.exit_status().is_some() => {
+            Error::Appliance { what } | Error::Guest { what }
+                if self.vm.exit_status().is_some() =>
+            {
                 Error::appliance(format!("{what}{}", diagnostics(&mut self.vm)))
             }
             other => other,
@@ -400,10 +472,21 @@ impl Session {
 /// What QEMU and the guest console said, for an error message: the guest's panic line
 /// if there is one, else the last console lines.
 fn diagnostics(vm: &mut Vm) -> String {
-    let status = vm.exit_status().map(|s| format!(" (QEMU exited: {s})")).unwrap_or_default();
-    let said = vm.console_panic().or_else(|| vm.console_tail()).or_else(|| vm.messages_tail());
+    let status = vm
+        .exit_status()
+        .map(|s| format!(" (QEMU exited: {s})"))
+        .unwrap_or_default();
+    let said = vm
+        .console_panic()
+        .or_else(|| vm.console_tail())
+        .or_else(|| vm.messages_tail());
     let said: String = said
-        .map(|t| t.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").to_string())
+        .map(|t| {
+            t.lines()
+                .rfind(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .to_string()
+        })
         .filter(|t| !t.is_empty())
         .map(|t| format!("; guest said: {t}"))
         .unwrap_or_default();
@@ -433,7 +516,10 @@ fn connect_agent(vm: &mut Vm, timeout: Duration) -> Result<AgentClient> {
 /// accepted for the same disk) or a partition number. Without: the single mountable
 /// filesystem; with several, an error that lists them and says how to pick one (the
 /// session has looked for a root among them first, see `find_root`).
-pub fn choose<'a>(list: &'a [FsInfo], choice: Option<&str>) -> std::result::Result<&'a FsInfo, String> {
+pub fn choose<'a>(
+    list: &'a [FsInfo],
+    choice: Option<&str>,
+) -> std::result::Result<&'a FsInfo, String> {
     let mountable: Vec<&FsInfo> = list
         .iter()
         .filter(|f| !f.partitioned && f.fstype.as_deref().is_some_and(|t| MOUNTABLE.contains(&t)))
@@ -451,10 +537,15 @@ pub fn choose<'a>(list: &'a [FsInfo], choice: Option<&str>) -> std::result::Resu
             Some(f) => Err(format!(
                 "{}: {} cannot be mounted; found: {}",
                 f.device,
-                f.fstype.as_deref().map_or("no filesystem".to_string(), String::from),
+                f.fstype
+                    .as_deref()
+                    .map_or("no filesystem".to_string(), String::from),
                 describe(&mountable)
             )),
-            None => Err(format!("no device {c} in the image; found: {}", describe(&mountable))),
+            None => Err(format!(
+                "no device {c} in the image; found: {}",
+                describe(&mountable)
+            )),
         };
     }
     match mountable.as_slice() {
@@ -491,7 +582,10 @@ struct Bounded {
 impl std::io::Write for Bounded {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if (self.data.len() as u64).saturating_add(buf.len() as u64) > self.limit {
-            return Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, "file larger than the limit"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                "file larger than the limit",
+            ));
         }
         self.data.extend_from_slice(buf);
         Ok(buf.len())
@@ -540,37 +634,74 @@ mod tests {
     #[test]
     fn filesystem_type_alone_does_not_pick_one_of_several() {
         // vfat beside an ext4 without /etc: the type says nothing of which the user wants.
-        let list = vec![fs("/dev/vda", None, None), fs("/dev/vda1", Some("vfat"), Some(1)), fs("/dev/vda2", Some("ext4"), Some(2))];
+        let list = vec![
+            fs("/dev/vda", None, None),
+            fs("/dev/vda1", Some("vfat"), Some(1)),
+            fs("/dev/vda2", Some("ext4"), Some(2)),
+        ];
 
         let err = choose(&list, None).unwrap_err();
 
-        assert!(err.contains("/dev/vda1 (vfat)") && err.contains("/dev/vda2 (ext4)") && err.contains("-m"), "{err}");
+        assert!(
+            err.contains("/dev/vda1 (vfat)")
+                && err.contains("/dev/vda2 (ext4)")
+                && err.contains("-m"),
+            "{err}"
+        );
     }
 
     #[test]
     fn partition_number_and_sd_names_pick_a_device() {
-        let list = vec![fs("/dev/vda", None, None), fs("/dev/vda1", Some("vfat"), Some(1)), fs("/dev/vda2", Some("ext4"), Some(2))];
+        let list = vec![
+            fs("/dev/vda", None, None),
+            fs("/dev/vda1", Some("vfat"), Some(1)),
+            fs("/dev/vda2", Some("ext4"), Some(2)),
+        ];
 
         assert_eq!(choose(&list, Some("1")).unwrap().device, "/dev/vda1");
-        assert_eq!(choose(&list, Some("/dev/sda1")).unwrap().device, "/dev/vda1");
-        assert_eq!(choose(&list, Some("/dev/vda2")).unwrap().device, "/dev/vda2");
+        assert_eq!(
+            choose(&list, Some("/dev/sda1")).unwrap().device,
+            "/dev/vda1"
+        );
+        assert_eq!(
+            choose(&list, Some("/dev/vda2")).unwrap().device,
+            "/dev/vda2"
+        );
     }
 
     #[test]
     fn ambiguous_disk_lists_the_choices() {
-        let list = vec![fs("/dev/vda1", Some("ext4"), Some(1)), fs("/dev/vda2", Some("xfs"), Some(2))];
+        let list = vec![
+            fs("/dev/vda1", Some("ext4"), Some(1)),
+            fs("/dev/vda2", Some("xfs"), Some(2)),
+        ];
 
         let err = choose(&list, None).unwrap_err();
 
-        assert!(err.contains("/dev/vda1 (ext4)") && err.contains("/dev/vda2 (xfs)") && err.contains("-m"), "{err}");
+        assert!(
+            err.contains("/dev/vda1 (ext4)")
+                && err.contains("/dev/vda2 (xfs)")
+                && err.contains("-m"),
+            "{err}"
+        );
     }
 
     #[test]
     fn nothing_mountable_is_an_error() {
-        let list = vec![fs("/dev/vda", None, None), fs("/dev/vda1", Some("swap"), Some(1))];
+        let list = vec![
+            fs("/dev/vda", None, None),
+            fs("/dev/vda1", Some("swap"), Some(1)),
+        ];
 
-        assert_eq!(choose(&list, None).unwrap_err(), "no filesystem found in the image");
-        assert!(choose(&list, Some("1")).unwrap_err().contains("cannot be mounted"));
-        assert!(choose(&list, Some("/dev/vdb")).unwrap_err().contains("no device /dev/vdb"));
+        assert_eq!(
+            choose(&list, None).unwrap_err(),
+            "no filesystem found in the image"
+        );
+        assert!(choose(&list, Some("1"))
+            .unwrap_err()
+            .contains("cannot be mounted"));
+        assert!(choose(&list, Some("/dev/vdb"))
+            .unwrap_err()
+            .contains("no device /dev/vdb"));
     }
 }

@@ -26,7 +26,10 @@ pub struct Stage {
 
 /// Start timing a stage.
 pub fn stage(name: &'static str) -> Stage {
-    Stage { name, started: Instant::now() }
+    Stage {
+        name,
+        started: Instant::now(),
+    }
 }
 
 impl Stage {
@@ -36,7 +39,10 @@ impl Stage {
             let total = START.get_or_init(Instant::now).elapsed().as_secs_f64();
             let took = self.started.elapsed().as_secs_f64();
             let sep = if detail.is_empty() { "" } else { " " };
-            eprintln!("imgsafe: [{total:7.3}s] {}: {took:.3}s{sep}{detail}", self.name);
+            eprintln!(
+                "imgsafe: [{total:7.3}s] {}: {took:.3}s{sep}{detail}",
+                self.name
+            );
         }
     }
 }

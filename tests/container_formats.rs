@@ -3,9 +3,9 @@
 //! differencing disk over it). The chains hold a change the base does not have, so a
 //! reader that ignores the top layer fails.
 
-mod support;
 #[path = "common/ploopwriter.rs"]
 mod ploopwriter;
+mod support;
 #[path = "common/vhdwriter.rs"]
 mod vhdwriter;
 
@@ -24,7 +24,14 @@ struct Pair {
 
 fn pair() -> Pair {
     let src = tempfile::tempdir().unwrap();
-    sample_tree(src.path(), TreeOpts { odd_names: false, links: true, sparse: false });
+    sample_tree(
+        src.path(),
+        TreeOpts {
+            odd_names: false,
+            links: true,
+            sparse: false,
+        },
+    );
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.img");
     fs_image("ext4", src.path(), 24, &a);
@@ -32,7 +39,15 @@ fn pair() -> Pair {
     fs::copy(&a, &b).unwrap();
     let note = dir.path().join("note");
     fs::write(&note, b"written after the snapshot\n").unwrap();
-    must(tool("debugfs", "e2fsprogs").args(["-w", "-R", &format!("write {} /etc/added-later", note.display())]).arg(&b));
+    must(
+        tool("debugfs", "e2fsprogs")
+            .args([
+                "-w",
+                "-R",
+                &format!("write {} /etc/added-later", note.display()),
+            ])
+            .arg(&b),
+    );
     Pair { dir, src, a, b }
 }
 
@@ -40,14 +55,25 @@ fn check_reads(image: &str, p: &Pair, with_change: bool) {
     let ls = run(["ls", image, "/etc"]);
     let cat = run(["cat", image, "/home/me/big.bin"]);
     let out = tempfile::tempdir().unwrap();
-    let cp = run(["cp", &format!("{image}:/home/me/letter"), out.path().to_str().unwrap()]);
+    let cp = run([
+        "cp",
+        &format!("{image}:/home/me/letter"),
+        out.path().to_str().unwrap(),
+    ]);
 
     let names = ok_stdout(&ls);
     assert_eq!(names.contains("added-later\n"), with_change, "{names}");
     assert!(names.contains("hostname\n"));
-    assert!(cat.stdout == fs::read(p.src.path().join("home/me/big.bin")).unwrap(), "{}", stderr(&cat));
+    assert!(
+        cat.stdout == fs::read(p.src.path().join("home/me/big.bin")).unwrap(),
+        "{}",
+        stderr(&cat)
+    );
     assert_eq!(code(&cp), 0, "{}", stderr(&cp));
-    assert_eq!(fs::read(out.path().join("letter")).unwrap(), b"Dear imgsafe,\nplease copy me.\n");
+    assert_eq!(
+        fs::read(out.path().join("letter")).unwrap(),
+        b"Dear imgsafe,\nplease copy me.\n"
+    );
 }
 
 fn sha_all(paths: &[&Path]) -> Vec<String> {
@@ -58,7 +84,12 @@ fn sha_all(paths: &[&Path]) -> Vec<String> {
 fn ploop_made_by_qemu_img() {
     let p = pair();
     let hds = p.dir.path().join("root.hds");
-    must(tool("qemu-img", "qemu-utils").args(["convert", "-f", "raw", "-O", "parallels"]).arg(&p.b).arg(&hds));
+    must(
+        tool("qemu-img", "qemu-utils")
+            .args(["convert", "-f", "raw", "-O", "parallels"])
+            .arg(&p.b)
+            .arg(&hds),
+    );
     let before = sha_all(&[&hds]);
 
     check_reads(hds.to_str().unwrap(), &p, true);
@@ -74,15 +105,32 @@ fn ploop_snapshot_chain_through_disk_descriptor() {
     let spec = ploopwriter::Spec::v2(a.len() as u64);
     let cs = spec.cluster_size() as usize;
     let clusters = spec.clusters() as usize;
-    let base_alloc: Vec<bool> = (0..clusters).map(|i| a[i * cs..((i + 1) * cs).min(a.len())].iter().any(|&x| x != 0)).collect();
-    let changed: Vec<bool> = (0..clusters).map(|i| a[i * cs..((i + 1) * cs).min(a.len())] != b[i * cs..((i + 1) * cs).min(b.len())]).collect();
+    let base_alloc: Vec<bool> = (0..clusters)
+        .map(|i| {
+            a[i * cs..((i + 1) * cs).min(a.len())]
+                .iter()
+                .any(|&x| x != 0)
+        })
+        .collect();
+    let changed: Vec<bool> = (0..clusters)
+        .map(|i| a[i * cs..((i + 1) * cs).min(a.len())] != b[i * cs..((i + 1) * cs).min(b.len())])
+        .collect();
     assert!(changed.iter().any(|&c| c), "debugfs changed nothing");
     let hdd = p.dir.path().join("root.hdd");
     fs::create_dir(&hdd).unwrap();
     ploopwriter::write_ploop(&hdd.join("root.hds"), &spec, &a, &base_alloc, 1);
     ploopwriter::write_ploop(&hdd.join("root.hds.top"), &spec, &b, &changed, 2);
-    ploopwriter::write_two_delta_descriptor(&hdd.join("DiskDescriptor.xml"), a.len() as u64 / 512, 2048, ("root.hds", "root.hds.top"), "Compressed");
-    let files: Vec<PathBuf> = ["root.hds", "root.hds.top", "DiskDescriptor.xml"].iter().map(|f| hdd.join(f)).collect();
+    ploopwriter::write_two_delta_descriptor(
+        &hdd.join("DiskDescriptor.xml"),
+        a.len() as u64 / 512,
+        2048,
+        ("root.hds", "root.hds.top"),
+        "Compressed",
+    );
+    let files: Vec<PathBuf> = ["root.hds", "root.hds.top", "DiskDescriptor.xml"]
+        .iter()
+        .map(|f| hdd.join(f))
+        .collect();
     let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
     let before = sha_all(&refs);
 
@@ -95,7 +143,20 @@ fn ploop_snapshot_chain_through_disk_descriptor() {
 fn vhd_dynamic_made_by_qemu_img() {
     let p = pair();
     let vhd = p.dir.path().join("disk.vhd");
-    must(tool("qemu-img", "qemu-utils").args(["convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic"]).arg(&p.a).arg(&vhd));
+    must(
+        tool("qemu-img", "qemu-utils")
+            .args([
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vpc",
+                "-o",
+                "subformat=dynamic",
+            ])
+            .arg(&p.a)
+            .arg(&vhd),
+    );
     let before = sha_all(&[&vhd]);
 
     check_reads(vhd.to_str().unwrap(), &p, false);
@@ -110,7 +171,15 @@ fn vhd_differencing_over_a_dynamic_parent() {
     // force_size keeps the virtual size exact, so the child's sectors line up with b.img.
     must(
         tool("qemu-img", "qemu-utils")
-            .args(["convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic,force_size=on"])
+            .args([
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vpc",
+                "-o",
+                "subformat=dynamic,force_size=on",
+            ])
             .arg(&p.a)
             .arg(&parent),
     );
@@ -120,7 +189,10 @@ fn vhd_differencing_over_a_dynamic_parent() {
     assert_eq!(info.current_size, a.len() as u64);
     let mut child = vhdwriter::VhdImage::differencing(info, 2 << 20);
     child.parent_name = "parent.vhd".into();
-    child.locators = vec![vhdwriter::w2ru(".\\parent.vhd"), vhdwriter::w2ku(parent.to_str().unwrap())];
+    child.locators = vec![
+        vhdwriter::w2ru(".\\parent.vhd"),
+        vhdwriter::w2ku(parent.to_str().unwrap()),
+    ];
     for (i, (sa, sb)) in a.chunks(512).zip(b.chunks(512)).enumerate() {
         if sa != sb {
             child.write_sectors(i as u64 * 512, sb);

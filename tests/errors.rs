@@ -26,16 +26,30 @@ fn missing_image_is_an_image_error_naming_the_file() {
 
     assert_eq!(code(&out), IMAGE);
     let line = one_line(&out);
-    assert!(line.contains("/no/such/disk.img") && line.contains("No such file"), "{line}");
+    assert!(
+        line.contains("/no/such/disk.img") && line.contains("No such file"),
+        "{line}"
+    );
     assert!(out.stdout.is_empty());
 }
 
 #[test]
 fn other_vm_image_formats_are_named_not_read_as_raw() {
     let dir = tempfile::tempdir().unwrap();
-    for (fmt, name) in [("qcow2", "qcow2 image"), ("vmdk", "VMDK image"), ("vdi", "VirtualBox VDI image"), ("vhdx", "VHDX image"), ("qed", "QED image")] {
+    for (fmt, name) in [
+        ("qcow2", "qcow2 image"),
+        ("vmdk", "VMDK image"),
+        ("vdi", "VirtualBox VDI image"),
+        ("vhdx", "VHDX image"),
+        ("qed", "QED image"),
+    ] {
         let path = dir.path().join(format!("disk.{fmt}"));
-        must(tool("qemu-img", "qemu-utils").args(["create", "-q", "-f", fmt]).arg(&path).arg("16M"));
+        must(
+            tool("qemu-img", "qemu-utils")
+                .args(["create", "-q", "-f", fmt])
+                .arg(&path)
+                .arg("16M"),
+        );
         let img = Image::new(tempfile::tempdir().unwrap(), path.clone());
 
         // ls too: refused before any VM starts.
@@ -44,7 +58,10 @@ fn other_vm_image_formats_are_named_not_read_as_raw() {
 
             assert_eq!(code(&out), IMAGE, "{fmt} {cmd}: {}", stderr(&out));
             let line = one_line(&out);
-            assert!(line.contains(&format!("a {name}, which imgsafe does not read")), "{line}");
+            assert!(
+                line.contains(&format!("a {name}, which imgsafe does not read")),
+                "{line}"
+            );
             assert!(line.contains(path.to_str().unwrap()), "{line}");
         }
         img.assert_unchanged();
@@ -71,7 +88,10 @@ fn empty_file_is_refused() {
 
     assert_eq!(code(&out), IMAGE);
     let line = one_line(&out);
-    assert!(line.contains("empty.img") && line.contains("empty"), "{line}");
+    assert!(
+        line.contains("empty.img") && line.contains("empty"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -85,14 +105,24 @@ fn disk_without_filesystem_is_a_filesystem_error() {
 
     assert_eq!(code(&out), FILESYSTEM);
     let line = one_line(&out);
-    assert!(line.contains("zeros.img") && line.contains("no filesystem"), "{line}");
+    assert!(
+        line.contains("zeros.img") && line.contains("no filesystem"),
+        "{line}"
+    );
     img.assert_unchanged();
 }
 
 #[test]
 fn path_not_found_and_directory_for_cat_are_not_found_errors() {
     let src = tempfile::tempdir().unwrap();
-    sample_tree(src.path(), TreeOpts { odd_names: false, links: false, sparse: false });
+    sample_tree(
+        src.path(),
+        TreeOpts {
+            odd_names: false,
+            links: false,
+            sparse: false,
+        },
+    );
     let img = ext4_image(src.path(), "16M");
 
     let missing = run(["ls", &img.arg(), "/no/such"]);
@@ -100,7 +130,13 @@ fn path_not_found_and_directory_for_cat_are_not_found_errors() {
 
     assert_eq!(code(&missing), NOT_FOUND);
     let line = one_line(&missing);
-    assert!(line.ends_with(&format!("{}: /no/such: no such file or directory in the image", img.arg())), "{line}");
+    assert!(
+        line.ends_with(&format!(
+            "{}: /no/such: no such file or directory in the image",
+            img.arg()
+        )),
+        "{line}"
+    );
     assert_eq!(code(&dir), NOT_FOUND);
     assert!(one_line(&dir).ends_with("/etc: is a directory"));
     img.assert_unchanged();
@@ -122,10 +158,16 @@ fn bad_command_line_is_a_usage_error() {
         let err = stderr(&out);
         assert_eq!(code(&out), USAGE, "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
-        assert!(err.starts_with("imgsafe: ") && err.contains("--help"), "{err}");
+        assert!(
+            err.starts_with("imgsafe: ") && err.contains("--help"),
+            "{err}"
+        );
     }
     let relative = stderr(&run(["cat", "disk.img", "etc/os-release"]));
-    assert!(relative.contains("'etc/os-release'") && relative.contains("absolute"), "{relative}");
+    assert!(
+        relative.contains("'etc/os-release'") && relative.contains("absolute"),
+        "{relative}"
+    );
 }
 
 #[test]
@@ -136,10 +178,22 @@ fn bad_accelerator_or_machine_setting_is_a_usage_error() {
     let img = Image::new(dir, p);
 
     for (var, value, expected) in [
-        ("IMGSAFE_ACCEL", "hvf", "IMGSAFE_ACCEL=\"hvf\": expected `kvm` or `tcg`"),
-        ("IMGSAFE_MACHINE", "pc", "IMGSAFE_MACHINE=\"pc\": expected `microvm` or `q35`"),
+        (
+            "IMGSAFE_ACCEL",
+            "hvf",
+            "IMGSAFE_ACCEL=\"hvf\": expected `kvm` or `tcg`",
+        ),
+        (
+            "IMGSAFE_MACHINE",
+            "pc",
+            "IMGSAFE_MACHINE=\"pc\": expected `microvm` or `q35`",
+        ),
     ] {
-        let out = imgsafe().env(var, value).args(["ls", &img.arg(), "/"]).output().unwrap();
+        let out = imgsafe()
+            .env(var, value)
+            .args(["ls", &img.arg(), "/"])
+            .output()
+            .unwrap();
 
         assert_eq!(code(&out), USAGE, "{var}: {}", stderr(&out));
         let line = one_line(&out);

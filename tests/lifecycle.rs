@@ -11,14 +11,24 @@ use support::*;
 
 fn small_image() -> Image {
     let src = tempfile::tempdir().unwrap();
-    sample_tree(src.path(), TreeOpts { odd_names: false, links: false, sparse: false });
+    sample_tree(
+        src.path(),
+        TreeOpts {
+            odd_names: false,
+            links: false,
+            sparse: false,
+        },
+    );
     ext4_image(src.path(), "16M")
 }
 
 /// A private TMPDIR whose path appears in QEMU's command line (its sockets live there),
 /// so the test can find the QEMU processes of one imgsafe run.
 fn marked_tmp() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("imgsafe-life-").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("imgsafe-life-")
+        .tempdir()
+        .unwrap()
 }
 
 fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -35,7 +45,9 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 fn qemus(tmp: &tempfile::TempDir) -> Vec<u32> {
     processes_mentioning(tmp.path().to_str().unwrap())
         .into_iter()
-        .filter(|pid| fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("qemu")))
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("qemu"))
+        })
         .collect()
 }
 
@@ -64,7 +76,11 @@ fn runs_as_an_ordinary_user() {
             bin.display(),
             disk.display()
         );
-        tool("runuser", "util-linux").args(["-u", &user, "--", "sh", "-c", &script]).stdin(Stdio::null()).output().unwrap()
+        tool("runuser", "util-linux")
+            .args(["-u", &user, "--", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
     };
 
     assert_eq!(ok_stdout(&out), "sample-host\n");
@@ -88,7 +104,10 @@ fn a_guest_that_does_not_answer_in_time_is_a_clear_error_and_leaves_no_qemu() {
     assert_eq!(code(&out), 6, "{err}");
     let last = err.lines().last().unwrap_or_default();
     assert!(
-        last.starts_with(&format!("imgsafe: {}: the appliance did not start within 0.05 s", img.arg())),
+        last.starts_with(&format!(
+            "imgsafe: {}: the appliance did not start within 0.05 s",
+            img.arg()
+        )),
         "{err}"
     );
     assert!(qemus(&tmp).is_empty(), "QEMU left behind after a timeout");
@@ -100,15 +119,30 @@ fn no_qemu_left_after_success_or_error() {
     let img = small_image();
     let tmp = marked_tmp();
 
-    let ok = imgsafe().env("TMPDIR", tmp.path()).args(["ls", &img.arg(), "/"]).output().unwrap();
+    let ok = imgsafe()
+        .env("TMPDIR", tmp.path())
+        .args(["ls", &img.arg(), "/"])
+        .output()
+        .unwrap();
     let left_after_ok = qemus(&tmp);
-    let err = imgsafe().env("TMPDIR", tmp.path()).args(["cat", &img.arg(), "/nope"]).output().unwrap();
+    let err = imgsafe()
+        .env("TMPDIR", tmp.path())
+        .args(["cat", &img.arg(), "/nope"])
+        .output()
+        .unwrap();
     let left_after_err = qemus(&tmp);
 
     assert_eq!(code(&ok), 0, "{}", stderr(&ok));
     assert_eq!(code(&err), 4, "{}", stderr(&err));
-    assert!(left_after_ok.is_empty() && left_after_err.is_empty(), "{left_after_ok:?} {left_after_err:?}");
-    assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 0, "temp files left behind");
+    assert!(
+        left_after_ok.is_empty() && left_after_err.is_empty(),
+        "{left_after_ok:?} {left_after_err:?}"
+    );
+    assert_eq!(
+        fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "temp files left behind"
+    );
     img.assert_unchanged();
 }
 
@@ -116,8 +150,16 @@ fn no_qemu_left_after_success_or_error() {
 fn sigint_during_a_command_kills_qemu_and_exits_130() {
     let img = small_image();
     let tmp = marked_tmp();
-    let mut child = imgsafe().env("TMPDIR", tmp.path()).args(["ls", &img.arg(), "/"]).stderr(Stdio::piped()).spawn().unwrap();
-    assert!(wait_until(Duration::from_secs(60), || !qemus(&tmp).is_empty()), "QEMU never started");
+    let mut child = imgsafe()
+        .env("TMPDIR", tmp.path())
+        .args(["ls", &img.arg(), "/"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || !qemus(&tmp).is_empty()),
+        "QEMU never started"
+    );
 
     // SAFETY: sending a signal to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -132,13 +174,24 @@ fn sigint_during_a_command_kills_qemu_and_exits_130() {
 fn qemu_dies_with_imgsafe_even_on_sigkill() {
     let img = small_image();
     let tmp = marked_tmp();
-    let mut child = imgsafe().env("TMPDIR", tmp.path()).args(["ls", &img.arg(), "/"]).stderr(Stdio::null()).spawn().unwrap();
-    assert!(wait_until(Duration::from_secs(60), || !qemus(&tmp).is_empty()), "QEMU never started");
+    let mut child = imgsafe()
+        .env("TMPDIR", tmp.path())
+        .args(["ls", &img.arg(), "/"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || !qemus(&tmp).is_empty()),
+        "QEMU never started"
+    );
 
     child.kill().unwrap();
     child.wait().unwrap();
 
-    assert!(wait_until(Duration::from_secs(5), || qemus(&tmp).is_empty()), "QEMU outlived a killed imgsafe");
+    assert!(
+        wait_until(Duration::from_secs(5), || qemus(&tmp).is_empty()),
+        "QEMU outlived a killed imgsafe"
+    );
 }
 
 #[test]

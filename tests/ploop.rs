@@ -17,7 +17,9 @@ fn qemu_img(args: &[&str]) {
     let out = Command::new("qemu-img")
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("qemu-img not runnable ({e}): install the Debian package qemu-utils"));
+        .unwrap_or_else(|e| {
+            panic!("qemu-img not runnable ({e}): install the Debian package qemu-utils")
+        });
     assert!(
         out.status.success(),
         "qemu-img {args:?}: {}",
@@ -95,7 +97,10 @@ fn qemu_made_images_read_like_the_source() {
 
         let got = read_all(&*open(&img));
 
-        assert!(got == disk, "cluster {cluster}: imgsafe differs from the source");
+        assert!(
+            got == disk,
+            "cluster {cluster}: imgsafe differs from the source"
+        );
         assert!(
             got == qemu_read(&img, dir.path()),
             "cluster {cluster}: imgsafe differs from qemu"
@@ -143,10 +148,17 @@ fn written_images_read_like_source_and_qemu() {
         let what = format!("v2={v2} cluster_sectors={cluster_sectors} size={size}");
         assert_eq!(src.size(), size, "{what}");
         assert!(got == expect, "{what}: imgsafe differs from the source");
-        assert!(got == qemu_read(&img, dir.path()), "{what}: imgsafe differs from qemu");
+        assert!(
+            got == qemu_read(&img, dir.path()),
+            "{what}: imgsafe differs from qemu"
+        );
         let layer = &src.layers()[0];
         assert_eq!(layer.cluster_size, Some(spec.cluster_size()), "{what}");
-        assert_eq!(layer.version.as_deref(), Some(if v2 { "v2" } else { "v1" }), "{what}");
+        assert_eq!(
+            layer.version.as_deref(),
+            Some(if v2 { "v2" } else { "v1" }),
+            "{what}"
+        );
     }
 }
 
@@ -186,7 +198,8 @@ fn chain_fixture() -> ChainFixture {
         for &c in mask.iter() {
             if owner[c as usize].is_none() {
                 owner[c as usize] = Some(layer);
-                let r = (c * spec.cluster_size()) as usize..((c + 1) * spec.cluster_size()) as usize;
+                let r =
+                    (c * spec.cluster_size()) as usize..((c + 1) * spec.cluster_size()) as usize;
                 expect[r.clone()].copy_from_slice(&disk[r]);
             }
         }
@@ -206,7 +219,11 @@ fn chain_fixture() -> ChainFixture {
         spec.size / 512,
         512,
         &images,
-        &[(&guids[2], NONE_GUID), (&guids[1], &guids[2]), (&guids[0], &guids[1])],
+        &[
+            (&guids[2], NONE_GUID),
+            (&guids[1], &guids[2]),
+            (&guids[0], &guids[1]),
+        ],
         None,
     );
     files.push(xml.clone());
@@ -227,7 +244,10 @@ fn depth_3_chain_reads_top_first() {
     let src = open(&fx.xml);
     let got = read_all(&*src);
 
-    assert!(got == fx.expect, "chain contents differ from the layered source");
+    assert!(
+        got == fx.expect,
+        "chain contents differ from the layered source"
+    );
     let roles: Vec<String> = src.layers().iter().map(|l| l.role.clone()).collect();
     assert_eq!(roles, ["top", "delta", "base"]);
     assert_eq!(src.layers()[0].allocated_bytes, Some(4 * (256 << 10)));
@@ -238,7 +258,12 @@ fn depth_3_chain_reads_top_first() {
 fn depth_3_chain_matches_qemu_backing_chain() {
     let fx = chain_fixture();
     let hdd = fx.xml.parent().unwrap();
-    let file = |n: &str| format!(r#"{{"driver":"file","filename":"{}"}}"#, hdd.join(n).display());
+    let file = |n: &str| {
+        format!(
+            r#"{{"driver":"file","filename":"{}"}}"#,
+            hdd.join(n).display()
+        )
+    };
     let spec = format!(
         r#"json:{{"driver":"parallels","file":{},"backing":{{"driver":"parallels","file":{},"backing":{{"driver":"parallels","file":{}}}}}}}"#,
         file("root.hds.top"),
@@ -326,7 +351,14 @@ fn single_chain(dir: &Path, disk_sectors: u64, block_sectors: u32) -> PathBuf {
         file: "root.hds",
         kind: "Compressed",
     }];
-    write_descriptor(&xml, disk_sectors, block_sectors, &images, &[(&g, NONE_GUID)], Some(&g));
+    write_descriptor(
+        &xml,
+        disk_sectors,
+        block_sectors,
+        &images,
+        &[(&g, NONE_GUID)],
+        Some(&g),
+    );
     xml
 }
 
@@ -363,7 +395,10 @@ fn refuses_encrypted_descriptor() {
     let err = open_err(&xml);
 
     assert!(
-        err.starts_with(&format!("{}: unsupported: the disk is encrypted", xml.display())),
+        err.starts_with(&format!(
+            "{}: unsupported: the disk is encrypted",
+            xml.display()
+        )),
         "{err}"
     );
 }
@@ -404,7 +439,9 @@ fn refuses_cycle_missing_delta_and_unlisted_guid() {
         "{cycle}"
     );
     assert!(
-        unlisted.contains(&format!("DiskDescriptor.xml: GUID {c} is referenced but not listed")),
+        unlisted.contains(&format!(
+            "DiskDescriptor.xml: GUID {c} is referenced but not listed"
+        )),
         "{unlisted}"
     );
     assert!(
@@ -477,7 +514,11 @@ fn refuses_chain_deeper_than_64() {
         .map(|i| {
             (
                 guids[i].as_str(),
-                if i == 0 { NONE_GUID } else { guids[i - 1].as_str() },
+                if i == 0 {
+                    NONE_GUID
+                } else {
+                    guids[i - 1].as_str()
+                },
             )
         })
         .collect();
@@ -535,7 +576,10 @@ fn corrupt_headers_and_bats_are_refused_with_the_field_named() {
     for (at, bytes, want) in &cases {
         let err = corrupt(*at, bytes);
 
-        assert!(err.contains(want), "patch at {at}: got {err:?}, want {want:?}");
+        assert!(
+            err.contains(want),
+            "patch at {at}: got {err:?}, want {want:?}"
+        );
         assert!(!err.contains('\n'), "{err}");
     }
 }
@@ -551,7 +595,13 @@ fn bat_entry_pointing_into_the_bat_is_refused() {
         size: 300 * 512,
         in_use: false,
     };
-    write_ploop(&img, &spec, &vec![5u8; spec.size as usize], &vec![true; 300], 3);
+    write_ploop(
+        &img,
+        &spec,
+        &vec![5u8; spec.size as usize],
+        &vec![true; 300],
+        3,
+    );
     let mut data = std::fs::read(&img).unwrap();
     data[64 + 4 * 7..64 + 4 * 8].copy_from_slice(&1u32.to_le_bytes());
     std::fs::write(&img, data).unwrap();
@@ -615,9 +665,18 @@ fn refuses_one_file_listed_twice_in_a_chain() {
     let dir = tempfile::tempdir().unwrap();
     let spec = small_image(&dir.path().join("root.hds"));
     let xml = dir.path().join("DiskDescriptor.xml");
-    write_two_delta_descriptor(&xml, spec.size / 512, spec.cluster_sectors, ("root.hds", "root.hds"), "Compressed");
+    write_two_delta_descriptor(
+        &xml,
+        spec.size / 512,
+        spec.cluster_sectors,
+        ("root.hds", "root.hds"),
+        "Compressed",
+    );
 
     let err = open_err(&xml);
 
-    assert!(err.contains("root.hds: listed twice in the chain of"), "{err}");
+    assert!(
+        err.contains("root.hds: listed twice in the chain of"),
+        "{err}"
+    );
 }

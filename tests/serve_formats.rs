@@ -753,7 +753,10 @@ fn vhd_differencing_chain_of_depth_3_served_equals_libvhdi() {
 
     let libvhdi = libvhdi_read(&[&top, &mid, &base]);
 
-    assert!(libvhdi == expect, "libvhdi reads the chain differently from its layers");
+    assert!(
+        libvhdi == expect,
+        "libvhdi reads the chain differently from its layers"
+    );
     assert_served_equals(s(&top), &raw);
     assert_eq!(sha_all(&[&top, &mid, &base]), before);
 }

@@ -225,13 +225,18 @@ fn qemu_cannot_write_a_file_past_the_limit() {
     let over = (imgsafe::vm::MAX_QEMU_FILE_BYTES >> 20) + 8;
     std::fs::write(
         &fake,
-        format!("#!/bin/sh\nexec head -c {over}M /dev/zero > '{}'\n", flood.display()),
+        format!(
+            "#!/bin/sh\nexec head -c {over}M /dev/zero > '{}'\n",
+            flood.display()
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     cfg.qemu = fake;
 
-    let err = Vm::launch(&cfg).err().expect("the stand-in never opens QMP");
+    let err = Vm::launch(&cfg)
+        .err()
+        .expect("the stand-in never opens QMP");
 
     let text = err.to_string();
     assert!(matches!(err, VmError::EarlyExit { .. }), "{text}");

@@ -7,7 +7,9 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(root) = parse_xml(data) else { return };
-    let Ok(desc) = Descriptor::from_xml(&root) else { return };
+    let Ok(desc) = Descriptor::from_xml(&root) else {
+        return;
+    };
     if let Ok(chain) = desc.chain() {
         assert!(!chain.is_empty() && chain.len() <= MAX_CHAIN_DEPTH);
         let mut seen = chain.clone();

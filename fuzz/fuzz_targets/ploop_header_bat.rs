@@ -6,9 +6,13 @@ use imgsafe::format::ploop::{parse_bat, Header, HEADER_SIZE};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(header) = Header::parse(data) else { return };
+    let Ok(header) = Header::parse(data) else {
+        return;
+    };
     let file_len = data.len() as u64;
-    let Ok(bat) = parse_bat(&header, &data[HEADER_SIZE as usize..], file_len) else { return };
+    let Ok(bat) = parse_bat(&header, &data[HEADER_SIZE as usize..], file_len) else {
+        return;
+    };
     assert_eq!(bat.len() as u64, header.clusters_needed());
     for (i, &entry) in bat.iter().enumerate() {
         if entry != 0 {

@@ -9,8 +9,13 @@ use std::io::Write;
 fuzz_target!(|data: &[u8]| {
     let mut file = tempfile::NamedTempFile::new().unwrap();
     file.write_all(data).unwrap();
-    let opts = OpenOptions { format: Some(Format::Ploop), ..OpenOptions::default() };
-    let Ok(src) = format::open(file.path(), &opts) else { return };
+    let opts = OpenOptions {
+        format: Some(Format::Ploop),
+        ..OpenOptions::default()
+    };
+    let Ok(src) = format::open(file.path(), &opts) else {
+        return;
+    };
     let len = src.size().min(4 << 20);
     let mut buf = vec![0u8; len as usize];
     src.read_at(&mut buf, 0).expect("a validated image reads");

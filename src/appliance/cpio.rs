@@ -26,14 +26,24 @@ pub struct Writer<W: Write> {
 impl<W: Write> Writer<W> {
     /// Start an archive.
     pub fn new(out: W) -> Self {
-        Writer { out, ino: 1, dirs: HashSet::new() }
+        Writer {
+            out,
+            ino: 1,
+            dirs: HashSet::new(),
+        }
     }
 
     fn header(&mut self, name: &str, mode: u32, size: u32) -> io::Result<()> {
         self.header_rdev(name, mode, size, (0, 0))
     }
 
-    fn header_rdev(&mut self, name: &str, mode: u32, size: u32, rdev: (u32, u32)) -> io::Result<()> {
+    fn header_rdev(
+        &mut self,
+        name: &str,
+        mode: u32,
+        size: u32,
+        rdev: (u32, u32),
+    ) -> io::Result<()> {
         let namesize = name.len() + 1;
         let hdr = format!(
             "{MAGIC}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
@@ -76,7 +86,8 @@ impl<W: Write> Writer<W> {
 
     /// Add a regular file with the given bytes.
     pub fn file(&mut self, name: &str, perm: u32, data: &[u8]) -> io::Result<()> {
-        let size = u32::try_from(data.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file over 4 GiB"))?;
+        let size = u32::try_from(data.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file over 4 GiB"))?;
         self.header(name, S_IFREG | perm, size)?;
         self.out.write_all(data)?;
         self.pad(data.len())
@@ -86,11 +97,15 @@ impl<W: Write> Writer<W> {
     pub fn file_from(&mut self, name: &str, perm: u32, src: &Path) -> io::Result<()> {
         let mut f = File::open(src)?;
         let len = f.metadata()?.len();
-        let size = u32::try_from(len).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file over 4 GiB"))?;
+        let size = u32::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file over 4 GiB"))?;
         self.header(name, S_IFREG | perm, size)?;
         let copied = io::copy(&mut io::Read::take(&mut f, len), &mut self.out)?;
         if copied != len {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{} shrank while copied", src.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{} shrank while copied", src.display()),
+            ));
         }
         self.pad(len as usize)
     }
@@ -157,7 +172,13 @@ mod tests {
             .expect("cpio not found: install the Debian package cpio");
 
         assert!(status.success());
-        assert_eq!(std::fs::read(unpack.join("a/b/c.txt")).unwrap(), b"content\n");
-        assert_eq!(std::fs::read_link(unpack.join("a/link")).unwrap(), Path::new("b/c.txt"));
+        assert_eq!(
+            std::fs::read(unpack.join("a/b/c.txt")).unwrap(),
+            b"content\n"
+        );
+        assert_eq!(
+            std::fs::read_link(unpack.join("a/link")).unwrap(),
+            Path::new("b/c.txt")
+        );
     }
 }

@@ -62,8 +62,12 @@ impl Reader<'_> {
     fn bytes(&self, off: u64, len: u64) -> io::Result<&[u8]> {
         let start = usize::try_from(off).map_err(|_| bad("offset"))?;
         let len = usize::try_from(len).map_err(|_| bad("length"))?;
-        let end = start.checked_add(len).ok_or_else(|| bad("offset overflow"))?;
-        self.0.get(start..end).ok_or_else(|| bad("offset past end of file"))
+        let end = start
+            .checked_add(len)
+            .ok_or_else(|| bad("offset overflow"))?;
+        self.0
+            .get(start..end)
+            .ok_or_else(|| bad("offset past end of file"))
     }
     fn u16(&self, off: u64) -> io::Result<u16> {
         Ok(u16::from_le_bytes(self.bytes(off, 2)?.try_into().unwrap()))
@@ -77,7 +81,11 @@ impl Reader<'_> {
     fn cstr(&self, off: u64) -> io::Result<String> {
         let start = usize::try_from(off).map_err(|_| bad("string offset"))?;
         let rest = self.0.get(start..).ok_or_else(|| bad("string past end"))?;
-        let len = rest.iter().take(4096).position(|&b| b == 0).ok_or_else(|| bad("unterminated string"))?;
+        let len = rest
+            .iter()
+            .take(4096)
+            .position(|&b| b == 0)
+            .ok_or_else(|| bad("unterminated string"))?;
         Ok(String::from_utf8_lossy(&rest[..len]).into_owned())
     }
 }
@@ -87,7 +95,10 @@ type Phdr = (u32, u64, u64, u64);
 
 /// The program headers of a 64-bit little-endian ELF file, and where their table ends.
 fn program_headers(r: &Reader) -> io::Result<(Vec<Phdr>, u64)> {
-    if r.bytes(0, 4)? != ELF_MAGIC || r.bytes(4, 1)?[0] != ELFCLASS64 || r.bytes(5, 1)?[0] != ELFDATA2LSB {
+    if r.bytes(0, 4)? != ELF_MAGIC
+        || r.bytes(4, 1)?[0] != ELFCLASS64
+        || r.bytes(5, 1)?[0] != ELFDATA2LSB
+    {
         return Err(bad("not a 64-bit little-endian ELF file"));
     }
     let phoff = r.u64(0x20)?;
@@ -98,8 +109,15 @@ fn program_headers(r: &Reader) -> io::Result<(Vec<Phdr>, u64)> {
     }
     let mut phdrs: Vec<Phdr> = Vec::new();
     for i in 0..phnum {
-        let base = phoff.checked_add(i * phentsize).ok_or_else(|| bad("program header offset"))?;
-        phdrs.push((r.u32(base)?, r.u64(base + 8)?, r.u64(base + 16)?, r.u64(base + 32)?));
+        let base = phoff
+            .checked_add(i * phentsize)
+            .ok_or_else(|| bad("program header offset"))?;
+        phdrs.push((
+            r.u32(base)?,
+            r.u64(base + 8)?,
+            r.u64(base + 16)?,
+            r.u64(base + 32)?,
+        ));
     }
     Ok((phdrs, phoff + phnum * phentsize))
 }
@@ -114,7 +132,10 @@ pub fn strip_to_segments(data: &[u8]) -> io::Result<Vec<u8>> {
     let (phdrs, table_end) = program_headers(&r)?;
     let mut end = table_end.max(64);
     for &(_, off, _, filesz) in &phdrs {
-        end = end.max(off.checked_add(filesz).ok_or_else(|| bad("segment size overflow"))?);
+        end = end.max(
+            off.checked_add(filesz)
+                .ok_or_else(|| bad("segment size overflow"))?,
+        );
     }
     let mut out = r.bytes(0, end)?.to_vec();
     // e_shoff, e_shnum, e_shstrndx: no section header table.
@@ -159,10 +180,18 @@ pub fn parse(data: &[u8]) -> io::Result<Dynamic> {
         .next()
         .ok_or_else(|| bad("DT_STRTAB outside every loaded segment"))?;
     for (tag, val) in entries {
-        let s = || r.cstr(strtab.checked_add(val).ok_or_else(|| bad("string offset overflow"))?);
+        let s = || {
+            r.cstr(
+                strtab
+                    .checked_add(val)
+                    .ok_or_else(|| bad("string offset overflow"))?,
+            )
+        };
         match tag {
             DT_NEEDED => out.needed.push(s()?),
-            DT_RUNPATH | DT_RPATH => out.runpath.extend(s()?.split(':').filter(|p| !p.is_empty()).map(String::from)),
+            DT_RUNPATH | DT_RPATH => out
+                .runpath
+                .extend(s()?.split(':').filter(|p| !p.is_empty()).map(String::from)),
             _ => {}
         }
     }
@@ -194,8 +223,11 @@ pub fn closure(program: &Path) -> io::Result<Vec<(PathBuf, PathBuf)>> {
         found.insert(interp.clone(), (fs::canonicalize(&p)?, p));
     }
     let origin = program.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let mut queue: VecDeque<(String, Vec<String>, PathBuf)> =
-        top.needed.iter().map(|n| (n.clone(), top.runpath.clone(), origin.clone())).collect();
+    let mut queue: VecDeque<(String, Vec<String>, PathBuf)> = top
+        .needed
+        .iter()
+        .map(|n| (n.clone(), top.runpath.clone(), origin.clone()))
+        .collect();
     while let Some((soname, runpath, origin)) = queue.pop_front() {
         if found.contains_key(&soname) {
             continue;
@@ -204,7 +236,13 @@ pub fn closure(program: &Path) -> io::Result<Vec<(PathBuf, PathBuf)>> {
             return Err(bad("too many shared libraries"));
         }
         let path = locate(&soname, &runpath, &origin).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("shared library {soname} needed by {} not found", program.display()))
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "shared library {soname} needed by {} not found",
+                    program.display()
+                ),
+            )
         })?;
         let d = read_elf(&path)?;
         let lib_origin = path.parent().unwrap_or(Path::new("/")).to_path_buf();
@@ -224,7 +262,9 @@ fn locate(soname: &str, runpath: &[String], origin: &Path) -> Option<PathBuf> {
         return p.is_file().then_some(p);
     }
     let origin = origin.to_string_lossy();
-    let rp = runpath.iter().map(|d| d.replace("$ORIGIN", &origin).replace("${ORIGIN}", &origin));
+    let rp = runpath
+        .iter()
+        .map(|d| d.replace("$ORIGIN", &origin).replace("${ORIGIN}", &origin));
     rp.chain(DEFAULT_DIRS.iter().map(|s| s.to_string()))
         .map(|d| Path::new(&d).join(soname))
         .find(|p| p.is_file())
@@ -237,7 +277,10 @@ mod tests {
     #[test]
     fn busybox_static_is_static() {
         let bb = Path::new("/bin/busybox");
-        assert!(bb.exists(), "/bin/busybox missing: install the Debian package busybox-static");
+        assert!(
+            bb.exists(),
+            "/bin/busybox missing: install the Debian package busybox-static"
+        );
 
         let r = is_static(bb).unwrap();
 
@@ -250,9 +293,15 @@ mod tests {
 
         let libs = closure(&exe).unwrap();
 
-        let guest: Vec<String> = libs.iter().map(|(_, g)| g.to_string_lossy().into_owned()).collect();
+        let guest: Vec<String> = libs
+            .iter()
+            .map(|(_, g)| g.to_string_lossy().into_owned())
+            .collect();
         assert!(guest.iter().any(|g| g.ends_with("/libc.so.6")), "{guest:?}");
-        assert!(guest.iter().any(|g| g.contains("ld-linux-x86-64.so.2")), "{guest:?}");
+        assert!(
+            guest.iter().any(|g| g.contains("ld-linux-x86-64.so.2")),
+            "{guest:?}"
+        );
         assert!(libs.iter().all(|(h, _)| h.is_file()));
     }
 
@@ -268,10 +317,20 @@ mod tests {
 
         fs::write(&copy, &stripped).unwrap();
         fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(stripped.len() < data.len(), "{} !< {}", stripped.len(), data.len());
+        assert!(
+            stripped.len() < data.len(),
+            "{} !< {}",
+            stripped.len(),
+            data.len()
+        );
         assert_eq!(parse(&stripped).unwrap(), parse(&data).unwrap());
         // This test binary lists its tests identically either way.
-        let list = |p: &Path| std::process::Command::new(p).args(["--list", "stripped_program"]).output().unwrap();
+        let list = |p: &Path| {
+            std::process::Command::new(p)
+                .args(["--list", "stripped_program"])
+                .output()
+                .unwrap()
+        };
         let (a, b) = (list(&exe), list(&copy));
         assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
         assert_eq!(a.stdout, b.stdout);

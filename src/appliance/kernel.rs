@@ -50,7 +50,10 @@ pub fn find() -> Result<(PathBuf, String), ApplianceError> {
             let rel = release_of(&p)?;
             let mtime = e.metadata().ok()?.modified().ok()?;
             let cloud = rel.contains("-cloud-");
-            Path::new("/lib/modules").join(&rel).is_dir().then_some((cloud, mtime, p, rel))
+            Path::new("/lib/modules")
+                .join(&rel)
+                .is_dir()
+                .then_some((cloud, mtime, p, rel))
         })
         .collect();
     candidates.sort();
@@ -65,7 +68,9 @@ pub fn find() -> Result<(PathBuf, String), ApplianceError> {
 
 fn release_of(p: &Path) -> Option<String> {
     let name = p.file_name()?.to_str()?;
-    name.strip_prefix("vmlinuz-").or_else(|| name.strip_prefix("vmlinux-")).map(String::from)
+    name.strip_prefix("vmlinuz-")
+        .or_else(|| name.strip_prefix("vmlinux-"))
+        .map(String::from)
 }
 
 fn check_readable(k: &Path) -> Result<(), ApplianceError> {
@@ -85,12 +90,18 @@ fn check_readable(k: &Path) -> Result<(), ApplianceError> {
 /// A kernel that already is an ELF file is returned unchanged if it has the note.
 pub fn extract_vmlinux(kernel: &Path) -> Result<Option<Vec<u8>>, ApplianceError> {
     let data = fs::read(kernel).map_err(|e| ApplianceError::io(kernel, e))?;
-    let elf = if data.starts_with(b"\x7fELF") { Some(data) } else { decompress_payload(&data) };
+    let elf = if data.starts_with(b"\x7fELF") {
+        Some(data)
+    } else {
+        decompress_payload(&data)
+    };
     Ok(elf.filter(|e| has_pvh_note(e)))
 }
 
 fn u32_at(d: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(d.get(off..off.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        d.get(off..off.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 fn decompress_payload(bz: &[u8]) -> Option<Vec<u8>> {
@@ -123,7 +134,9 @@ fn lz4_legacy(src: &[u8]) -> Option<Vec<u8>> {
             continue;
         }
         let size = size as usize;
-        let Some(chunk) = src.get(pos + 4..pos + 4 + size) else { break };
+        let Some(chunk) = src.get(pos + 4..pos + 4 + size) else {
+            break;
+        };
         let n = lz4_flex::block::decompress_into(chunk, &mut block).ok()?;
         if out.len() + n > MAX_VMLINUX {
             return None;
@@ -137,8 +150,12 @@ fn lz4_legacy(src: &[u8]) -> Option<Vec<u8>> {
 /// True if a 64-bit ELF file has a PT_NOTE with the Xen PVH entry note.
 fn has_pvh_note(elf: &[u8]) -> bool {
     let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
         return false;
     };
     (0..usize::from(phnum)).any(|i| {
@@ -146,11 +163,20 @@ fn has_pvh_note(elf: &[u8]) -> bool {
         if u32_at(elf, base) != Some(4) {
             return false; // not PT_NOTE
         }
-        let (Some(off), Some(size)) = (u64_at(base + 8), u64_at(base + 32)) else { return false };
-        let Some(notes) = elf.get(off as usize..(off as usize).saturating_add(size as usize)) else { return false };
+        let (Some(off), Some(size)) = (u64_at(base + 8), u64_at(base + 32)) else {
+            return false;
+        };
+        let Some(notes) = elf.get(off as usize..(off as usize).saturating_add(size as usize))
+        else {
+            return false;
+        };
         let mut p = 0;
-        while let (Some(namesz), Some(descsz), Some(kind)) = (u32_at(notes, p), u32_at(notes, p + 4), u32_at(notes, p + 8)) {
-            let name = notes.get(p + 12..p + 12 + namesz as usize).unwrap_or_default();
+        while let (Some(namesz), Some(descsz), Some(kind)) =
+            (u32_at(notes, p), u32_at(notes, p + 4), u32_at(notes, p + 8))
+        {
+            let name = notes
+                .get(p + 12..p + 12 + namesz as usize)
+                .unwrap_or_default();
             if kind == XEN_ELFNOTE_PHYS32_ENTRY && name.starts_with(b"Xen") {
                 return true;
             }
@@ -167,13 +193,18 @@ mod tests {
 
     #[test]
     fn release_is_taken_from_the_file_name() {
-        assert_eq!(release_of(Path::new("/boot/vmlinuz-6.1.0-56-cloud-amd64")).as_deref(), Some("6.1.0-56-cloud-amd64"));
+        assert_eq!(
+            release_of(Path::new("/boot/vmlinuz-6.1.0-56-cloud-amd64")).as_deref(),
+            Some("6.1.0-56-cloud-amd64")
+        );
         assert_eq!(release_of(Path::new("/boot/initrd.img-6.1")), None);
     }
 
     #[test]
     fn lz4_legacy_decodes_blocks_and_ignores_size_trailer() {
-        let plain: Vec<u8> = (0..100_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let plain: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
         let block = lz4_flex::block::compress(&plain);
         let mut src = LZ4_LEGACY_MAGIC.to_le_bytes().to_vec();
         src.extend((block.len() as u32).to_le_bytes());
@@ -195,7 +226,9 @@ mod tests {
     fn host_kernel_extracts_to_pvh_elf() {
         let (k, _) = find().expect("no kernel: install the Debian package linux-image-cloud-amd64");
 
-        let elf = extract_vmlinux(&k).unwrap().expect("Debian's LZ4 bzImage should yield a PVH vmlinux");
+        let elf = extract_vmlinux(&k)
+            .unwrap()
+            .expect("Debian's LZ4 bzImage should yield a PVH vmlinux");
 
         assert!(elf.starts_with(b"\x7fELF"));
     }

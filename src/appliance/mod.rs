@@ -25,7 +25,11 @@ use std::path::{Path, PathBuf};
 pub enum ApplianceError {
     /// A required input is not installed.
     #[error("{what} not found ({where_}): install the Debian package {package}")]
-    Missing { what: &'static str, where_: String, package: &'static str },
+    Missing {
+        what: &'static str,
+        where_: String,
+        package: &'static str,
+    },
     /// Reading an input or writing the cache failed.
     #[error("building the appliance: {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
@@ -36,7 +40,10 @@ pub enum ApplianceError {
 
 impl ApplianceError {
     fn io(path: &Path, source: io::Error) -> Self {
-        ApplianceError::Io { path: path.to_path_buf(), source }
+        ApplianceError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -70,11 +77,32 @@ pub const BOOT_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_console"
 /// `load_fs_modules`): (mount type, modules). ext2/3/4 are built into Debian kernels.
 pub const FS_MODULES: &[(&str, &[&str])] = &[
     ("xfs", &["xfs"]),
-    ("btrfs", &["crc32c_intel", "blake2b_generic", "xxhash_generic", "btrfs"]),
-    ("vfat", &["vfat", "nls_ascii", "nls_utf8", "nls_cp437", "nls_iso8859_1"]),
+    (
+        "btrfs",
+        &["crc32c_intel", "blake2b_generic", "xxhash_generic", "btrfs"],
+    ),
+    (
+        "vfat",
+        &[
+            "vfat",
+            "nls_ascii",
+            "nls_utf8",
+            "nls_cp437",
+            "nls_iso8859_1",
+        ],
+    ),
     ("iso9660", &["isofs", "nls_utf8"]),
     ("udf", &["udf", "nls_utf8"]),
-    ("dm", &["dm_mod", "dm_snapshot", "dm_mirror", "dm_zero", "dm_thin_pool"]),
+    (
+        "dm",
+        &[
+            "dm_mod",
+            "dm_snapshot",
+            "dm_mirror",
+            "dm_zero",
+            "dm_thin_pool",
+        ],
+    ),
 ];
 
 /// A host program copied into the appliance, with the shared libraries it loads.
@@ -170,7 +198,9 @@ pub fn cache_root() -> Result<PathBuf, ApplianceError> {
     if let Some(h) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(h).join(".cache").join("imgsafe"));
     }
-    Err(ApplianceError::Invalid("neither XDG_CACHE_HOME nor HOME is set: no place for the appliance cache".into()))
+    Err(ApplianceError::Invalid(
+        "neither XDG_CACHE_HOME nor HOME is set: no place for the appliance cache".into(),
+    ))
 }
 
 /// Find every input on this host.
@@ -190,7 +220,11 @@ pub fn find_inputs() -> Result<Inputs, ApplianceError> {
         .iter()
         .map(PathBuf::from)
         .find(|p| p.is_file())
-        .ok_or(ApplianceError::Missing { what: "busybox", where_: "/bin/busybox".into(), package: "busybox-static" })?;
+        .ok_or(ApplianceError::Missing {
+            what: "busybox",
+            where_: "/bin/busybox".into(),
+            package: "busybox-static",
+        })?;
     if !elf::is_static(&busybox).map_err(|e| ApplianceError::io(&busybox, e))? {
         return Err(ApplianceError::Missing {
             what: "a statically linked busybox",
@@ -198,7 +232,8 @@ pub fn find_inputs() -> Result<Inputs, ApplianceError> {
             package: "busybox-static",
         });
     }
-    let agent = std::env::current_exe().map_err(|e| ApplianceError::io(Path::new("/proc/self/exe"), e))?;
+    let agent =
+        std::env::current_exe().map_err(|e| ApplianceError::io(Path::new("/proc/self/exe"), e))?;
     let mut programs = Vec::new();
     for p in HOST_PROGRAMS {
         match find_program(p) {
@@ -207,18 +242,27 @@ pub fn find_inputs() -> Result<Inputs, ApplianceError> {
             Err(e) => return Err(e),
         }
     }
-    Ok(Inputs { kernel, kernel_release, modules_dir, busybox, agent, programs })
+    Ok(Inputs {
+        kernel,
+        kernel_release,
+        modules_dir,
+        busybox,
+        agent,
+        programs,
+    })
 }
 
 /// The host file of one [`HostProgram`].
 fn find_program(p: &HostProgram) -> Result<PathBuf, ApplianceError> {
     let data_present = p.data.iter().all(|(host, _)| Path::new(host).is_file());
     let found = p.candidates.iter().map(PathBuf::from).find(|c| c.is_file());
-    found.filter(|_| data_present).ok_or(ApplianceError::Missing {
-        what: p.guest.rsplit('/').next().unwrap_or(p.guest),
-        where_: p.candidates.join(" or "),
-        package: p.package,
-    })
+    found
+        .filter(|_| data_present)
+        .ok_or(ApplianceError::Missing {
+            what: p.guest.rsplit('/').next().unwrap_or(p.guest),
+            where_: p.candidates.join(" or "),
+            package: p.package,
+        })
 }
 
 /// Everything that goes into the initramfs, resolved but not yet written.
@@ -245,7 +289,12 @@ fn plan(inputs: &Inputs) -> Result<Plan, ApplianceError> {
     libs.sort_by(|a, b| a.1.cmp(&b.1));
     libs.dedup_by(|a, b| a.1 == b.1);
     let applets = busybox_applets(&inputs.busybox)?;
-    Ok(Plan { modules, fs_modules, libs, applets })
+    Ok(Plan {
+        modules,
+        fs_modules,
+        libs,
+        applets,
+    })
 }
 
 /// The cache key: a hash of the format version and every input's identity.
@@ -313,7 +362,9 @@ pub fn ensure() -> Result<Appliance, ApplianceError> {
         }
     }
     prune(&root, &dir);
-    load(&dir, &inputs).ok_or_else(|| ApplianceError::Invalid(format!("{} is incomplete after building", dir.display())))
+    load(&dir, &inputs).ok_or_else(|| {
+        ApplianceError::Invalid(format!("{} is incomplete after building", dir.display()))
+    })
 }
 
 /// Read a finished cache entry; `None` if it is missing or incomplete. Marks it used.
@@ -325,8 +376,17 @@ fn load(dir: &Path, inputs: &Inputs) -> Option<Appliance> {
     }
     mark_used(&complete);
     let vmlinux = dir.join("vmlinux");
-    let (kernel, pvh) = if vmlinux.is_file() { (vmlinux, true) } else { (inputs.kernel.clone(), false) };
-    Some(Appliance { kernel, pvh, initrd, kernel_release: inputs.kernel_release.clone() })
+    let (kernel, pvh) = if vmlinux.is_file() {
+        (vmlinux, true)
+    } else {
+        (inputs.kernel.clone(), false)
+    };
+    Some(Appliance {
+        kernel,
+        pvh,
+        initrd,
+        kernel_release: inputs.kernel_release.clone(),
+    })
 }
 
 /// An entry unused for this long may be removed by another imgsafe build.
@@ -386,16 +446,41 @@ fn build_into(dir: &Path, inputs: &Inputs, plan: &Plan) -> Result<(), ApplianceE
     write_tree(&mut w, inputs, plan).map_err(|e| ApplianceError::io(&initrd, e))?;
     let mut out = w.finish().map_err(|e| ApplianceError::io(&initrd, e))?;
     io::Write::flush(&mut out).map_err(|e| ApplianceError::io(&initrd, e))?;
-    out.get_ref().sync_all().map_err(|e| ApplianceError::io(&initrd, e))?;
+    out.get_ref()
+        .sync_all()
+        .map_err(|e| ApplianceError::io(&initrd, e))?;
     let done = dir.join("complete");
     fs::write(&done, b"").map_err(|e| ApplianceError::io(&done, e))?;
     let lazy: usize = plan.fs_modules.iter().map(|(_, m)| m.len()).sum();
-    stage.done(&format!("{} boot + {lazy} on-demand modules, {} libraries, pvh={pvh}", plan.modules.len(), plan.libs.len()));
+    stage.done(&format!(
+        "{} boot + {lazy} on-demand modules, {} libraries, pvh={pvh}",
+        plan.modules.len(),
+        plan.libs.len()
+    ));
     Ok(())
 }
 
-fn write_tree<W: io::Write>(w: &mut cpio::Writer<W>, inputs: &Inputs, plan: &Plan) -> io::Result<()> {
-    for d in ["bin", "sbin", "dev", "proc", "sys", "tmp", "run", "sysroot", "mnt", "etc", "etc/imgsafe", "lib", "lib64", "root"] {
+fn write_tree<W: io::Write>(
+    w: &mut cpio::Writer<W>,
+    inputs: &Inputs,
+    plan: &Plan,
+) -> io::Result<()> {
+    for d in [
+        "bin",
+        "sbin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "run",
+        "sysroot",
+        "mnt",
+        "etc",
+        "etc/imgsafe",
+        "lib",
+        "lib64",
+        "root",
+    ] {
         w.dir(d, 0o755)?;
     }
     // The kernel opens /dev/console as init's stdin/stdout/stderr only if it exists
@@ -433,7 +518,9 @@ fn write_tree<W: io::Write>(w: &mut cpio::Writer<W>, inputs: &Inputs, plan: &Pla
     let mut module_list = |w: &mut cpio::Writer<W>, mods: &[PathBuf]| -> io::Result<String> {
         let mut list = String::new();
         for m in mods {
-            let rel = Path::new("lib/modules").join(&inputs.kernel_release).join(m.strip_prefix(&inputs.modules_dir).unwrap_or(m));
+            let rel = Path::new("lib/modules")
+                .join(&inputs.kernel_release)
+                .join(m.strip_prefix(&inputs.modules_dir).unwrap_or(m));
             if copied.insert(rel.clone()) {
                 w.parents(&rel)?;
                 w.file_from(&rel.to_string_lossy(), 0o644, m)?;
@@ -465,12 +552,20 @@ fn busybox_applets(busybox: &Path) -> Result<Vec<String>, ApplianceError> {
         .output()
         .map_err(|e| ApplianceError::io(busybox, e))?;
     if !out.status.success() {
-        return Err(ApplianceError::Invalid(format!("{} --list failed", busybox.display())));
+        return Err(ApplianceError::Invalid(format!(
+            "{} --list failed",
+            busybox.display()
+        )));
     }
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::trim)
-        .filter(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' || b == b'['))
+        .filter(|a| {
+            !a.is_empty()
+                && a.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' || b == b'['
+                })
+        })
         .map(String::from)
         .collect())
 }
@@ -491,13 +586,20 @@ mod tests {
     fn prune_keeps_recently_used_appliances_and_removes_old_ones() {
         let root = tempfile::tempdir().unwrap();
         let current = entry(root.path(), "appliance-current", std::time::Duration::ZERO);
-        let other = entry(root.path(), "appliance-other-build", std::time::Duration::from_secs(60));
+        let other = entry(
+            root.path(),
+            "appliance-other-build",
+            std::time::Duration::from_secs(60),
+        );
         let old = entry(root.path(), "appliance-old", PRUNE_AFTER * 2);
 
         prune(root.path(), &current);
 
         assert!(current.exists());
-        assert!(other.exists(), "an appliance another build is using was pruned");
+        assert!(
+            other.exists(),
+            "an appliance another build is using was pruned"
+        );
         assert!(!old.exists());
     }
 }

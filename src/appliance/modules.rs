@@ -25,7 +25,9 @@ impl DepTable {
     pub fn parse(dep: &str, softdep: &str) -> Self {
         let mut by_name = HashMap::new();
         for line in dep.lines() {
-            let Some((m, deps)) = line.split_once(':') else { continue };
+            let Some((m, deps)) = line.split_once(':') else {
+                continue;
+            };
             let deps = deps.split_whitespace().map(String::from).collect();
             by_name.insert(module_name(m), (m.trim().to_string(), deps));
         }
@@ -41,7 +43,10 @@ impl DepTable {
                 match w {
                     "pre:" => pre = true,
                     "post:" => pre = false,
-                    _ if pre => softdeps.entry(module_name(m)).or_default().push(w.to_string()),
+                    _ if pre => softdeps
+                        .entry(module_name(m))
+                        .or_default()
+                        .push(w.to_string()),
                     _ => {}
                 }
             }
@@ -65,7 +70,9 @@ impl DepTable {
         if depth > 64 || !seen.insert(name.to_string()) {
             return;
         }
-        let Some((path, deps)) = self.by_name.get(name) else { return };
+        let Some((path, deps)) = self.by_name.get(name) else {
+            return;
+        };
         for s in self.softdeps.get(name).into_iter().flatten() {
             self.visit(&module_name(s), seen, out, depth + 1);
         }
@@ -83,9 +90,16 @@ pub fn resolve(dir: &Path, wanted: &[&str]) -> Result<Vec<PathBuf>, ApplianceErr
     let dep = fs::read_to_string(&dep_path).map_err(|e| ApplianceError::io(&dep_path, e))?;
     let softdep = fs::read_to_string(dir.join("modules.softdep")).unwrap_or_default();
     let table = DepTable::parse(&dep, &softdep);
-    let paths: Vec<PathBuf> = table.order(wanted).into_iter().map(|rel| dir.join(rel)).collect();
+    let paths: Vec<PathBuf> = table
+        .order(wanted)
+        .into_iter()
+        .map(|rel| dir.join(rel))
+        .collect();
     if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
-        return Err(ApplianceError::Invalid(format!("{} is listed in modules.dep but missing", missing.display())));
+        return Err(ApplianceError::Invalid(format!(
+            "{} is listed in modules.dep but missing",
+            missing.display()
+        )));
     }
     Ok(paths)
 }
@@ -130,7 +144,12 @@ kernel/fs/btrfs/btrfs.ko: kernel/lib/libcrc32c.ko\n";
 
         assert_eq!(
             order,
-            vec!["kernel/drivers/md/dm-mod.ko", "kernel/crypto/xxhash_generic.ko", "kernel/lib/libcrc32c.ko", "kernel/fs/btrfs/btrfs.ko"]
+            vec![
+                "kernel/drivers/md/dm-mod.ko",
+                "kernel/crypto/xxhash_generic.ko",
+                "kernel/lib/libcrc32c.ko",
+                "kernel/fs/btrfs/btrfs.ko"
+            ]
         );
     }
 }

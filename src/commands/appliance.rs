@@ -20,8 +20,17 @@ pub fn run(args: ApplianceArgs) -> Result<()> {
         });
         println!("{v}");
     } else {
-        println!("kernel:  {} ({}{})", a.kernel.display(), a.kernel_release, if a.pvh { ", PVH ELF" } else { ", bzImage" });
-        println!("initrd:  {} ({} bytes)", a.initrd.display(), size(&a.initrd));
+        println!(
+            "kernel:  {} ({}{})",
+            a.kernel.display(),
+            a.kernel_release,
+            if a.pvh { ", PVH ELF" } else { ", bzImage" }
+        );
+        println!(
+            "initrd:  {} ({} bytes)",
+            a.initrd.display(),
+            size(&a.initrd)
+        );
     }
     Ok(())
 }

@@ -24,7 +24,8 @@ pub fn run(args: CatArgs) -> Result<()> {
     }
     let flushed = out.flush();
     stage.done(&format!("{total} bytes"));
-    let result = result.and_then(|_| flushed.map_err(|e| Error::Other(format!("writing output: {e}"))));
+    let result =
+        result.and_then(|_| flushed.map_err(|e| Error::Other(format!("writing output: {e}"))));
     match result {
         Ok(()) => s.finish(),
         // A reader that went away (`imgsafe cat ... | head`) is not an error.

@@ -482,7 +482,11 @@ fn create_replacing<T>(
                     "{shown}: is a directory, not replacing it"
                 )));
             }
-            if parent.identity(name).map_err(err)?.is_some_and(|id| opts.protected.contains(&id)) {
+            if parent
+                .identity(name)
+                .map_err(err)?
+                .is_some_and(|id| opts.protected.contains(&id))
+            {
                 return Err(Error::Other(format!(
                     "{shown}: is a file of the image being read, not replacing it"
                 )));
@@ -627,8 +631,7 @@ fn apply(
                 tree.enter(name, open);
             }
             FileType::Regular => {
-                let mut file =
-                    create_replacing(parent, name, opts, &shown, Dir::create_file)?;
+                let mut file = create_replacing(parent, name, opts, &shown, Dir::create_file)?;
                 let copied = stream(fs, &plan.guest_path(item), &mut file, e, &shown, progress)
                     .and_then(|n| {
                         dest::set_mode_mtime(&file, e.mode & KEPT_MODE, e.mtime, e.mtime_nsec)
@@ -649,9 +652,7 @@ fn apply(
             }
             FileType::Symlink => {
                 let target = e.target.as_deref().unwrap_or_default();
-                create_replacing(parent, name, opts, &shown, |d, n| {
-                    d.make_symlink(n, target)
-                })?;
+                create_replacing(parent, name, opts, &shown, |d, n| d.make_symlink(n, target))?;
                 parent
                     .set_link_mtime(name, e.mtime, e.mtime_nsec)
                     .map_err(err)?;
@@ -773,7 +774,12 @@ pub fn run(args: CpArgs) -> Result<()> {
         .image_files()
         .iter()
         .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| (std::os::unix::fs::MetadataExt::dev(&m), std::os::unix::fs::MetadataExt::ino(&m)))
+        .map(|m| {
+            (
+                std::os::unix::fs::MetadataExt::dev(&m),
+                std::os::unix::fs::MetadataExt::ino(&m),
+            )
+        })
         .collect();
     let opts = CopyOptions {
         force: args.force,
@@ -1199,14 +1205,21 @@ mod tests {
         let m = std::fs::metadata(&image).unwrap();
         let opts = CopyOptions {
             force: true,
-            protected: vec![(std::os::unix::fs::MetadataExt::dev(&m), std::os::unix::fs::MetadataExt::ino(&m))],
+            protected: vec![(
+                std::os::unix::fs::MetadataExt::dev(&m),
+                std::os::unix::fs::MetadataExt::ino(&m),
+            )],
             ..CopyOptions::default()
         };
         let mut fs = MemFs::new().file(b"/disk.img", b"guest bytes", 0o644, 1);
 
         let err = copy_out(&mut fs, &src("/disk.img"), &a.dest, &opts).unwrap_err();
 
-        assert!(err.to_string().contains("is a file of the image being read"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("is a file of the image being read"),
+            "{err}"
+        );
         assert_eq!(std::fs::read(&image).unwrap(), b"the image");
     }
 

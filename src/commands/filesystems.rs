@@ -33,7 +33,13 @@ pub fn run(args: FilesystemsArgs) -> Result<()> {
     };
     std::io::stdout()
         .write_all(out.as_bytes())
-        .or_else(|e| if e.kind() == std::io::ErrorKind::BrokenPipe { Ok(()) } else { Err(e) })
+        .or_else(|e| {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
         .map_err(|e| Error::Other(format!("writing output: {e}")))
 }
 
@@ -55,14 +61,22 @@ pub fn human_size(n: u64) -> String {
 
 /// Strip control characters from guest-supplied text before it reaches a terminal.
 fn clean(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 fn table(list: &[FsInfo], root: Option<&str>, detected: bool) -> String {
     let rows: Vec<[String; 6]> = list
         .iter()
         .map(|f| {
-            let mut kind = f.fstype.clone().unwrap_or_else(|| if f.partitioned { "(partition table)".into() } else { "-".into() });
+            let mut kind = f.fstype.clone().unwrap_or_else(|| {
+                if f.partitioned {
+                    "(partition table)".into()
+                } else {
+                    "-".into()
+                }
+            });
             if root == Some(f.device.as_str()) {
                 kind.push_str(" *");
             }
@@ -85,7 +99,11 @@ fn table(list: &[FsInfo], root: Option<&str>, detected: bool) -> String {
     }
     let mut out = String::new();
     for r in std::iter::once(head.map(String::from)).chain(rows) {
-        let line: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
@@ -115,7 +133,8 @@ fn json(list: &[FsInfo], root: Option<&str>, detected: Option<&str>) -> String {
             })
         })
         .collect();
-    let mut s = serde_json::to_string_pretty(&serde_json::json!({ "filesystems": v })).unwrap_or_default();
+    let mut s =
+        serde_json::to_string_pretty(&serde_json::json!({ "filesystems": v })).unwrap_or_default();
     s.push('\n');
     s
 }

@@ -39,7 +39,11 @@ fn list(fs: &mut dyn GuestFs, args: &LsArgs) -> Result<()> {
     let mut out = io::BufWriter::new(stdout.lock());
     // SAFETY: isatty has no preconditions.
     let tty = unsafe { libc::isatty(libc::STDOUT_FILENO) } == 1;
-    let r = if args.json { write_json(&mut out, &args.path, &rows) } else { write_text(&mut out, &rows, args.long, tty) };
+    let r = if args.json {
+        write_json(&mut out, &args.path, &rows)
+    } else {
+        write_text(&mut out, &rows, args.long, tty)
+    };
     match r.and_then(|_| out.flush()) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
@@ -52,18 +56,34 @@ fn collect(fs: &mut dyn GuestFs, path: &[u8], recursive: bool) -> Result<Vec<Row
     let is_dir = st.kind == FileType::Directory
         || (st.kind == FileType::Symlink && fs.read_dir(path).is_ok());
     if !is_dir {
-        let name = path.rsplit(|&b| b == b'/').find(|c| !c.is_empty()).unwrap_or(path).to_vec();
-        return Ok(vec![Row { path: vec![name], entry: st }]);
+        let name = path
+            .rsplit(|&b| b == b'/')
+            .find(|c| !c.is_empty())
+            .unwrap_or(path)
+            .to_vec();
+        return Ok(vec![Row {
+            path: vec![name],
+            entry: st,
+        }]);
     }
     let mut rows: Vec<Row> = if recursive {
         let mut v = Vec::new();
         fs.walk(path, &mut |w: WalkEntry| {
-            v.push(Row { path: w.path, entry: w.entry });
+            v.push(Row {
+                path: w.path,
+                entry: w.entry,
+            });
             Ok(())
         })?;
         v
     } else {
-        fs.read_dir(path)?.into_iter().map(|e| Row { path: vec![e.name.clone()], entry: e }).collect()
+        fs.read_dir(path)?
+            .into_iter()
+            .map(|e| Row {
+                path: vec![e.name.clone()],
+                entry: e,
+            })
+            .collect()
     };
     rows.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(rows)
@@ -89,7 +109,17 @@ fn type_char(k: FileType) -> char {
 pub fn mode_string(kind: FileType, mode: u32) -> String {
     let mut s = String::with_capacity(10);
     s.push(type_char(kind));
-    let bits = [(0o400, 'r'), (0o200, 'w'), (0o100, 'x'), (0o040, 'r'), (0o020, 'w'), (0o010, 'x'), (0o004, 'r'), (0o002, 'w'), (0o001, 'x')];
+    let bits = [
+        (0o400, 'r'),
+        (0o200, 'w'),
+        (0o100, 'x'),
+        (0o040, 'r'),
+        (0o020, 'w'),
+        (0o010, 'x'),
+        (0o004, 'r'),
+        (0o002, 'w'),
+        (0o001, 'x'),
+    ];
     for (i, (bit, c)) in bits.iter().enumerate() {
         let set = mode & bit != 0;
         let special = match i {
@@ -124,7 +154,12 @@ pub fn format_time(secs: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Names as shown on a terminal: control bytes become `?` (as `ls -q` does), so a file
@@ -132,14 +167,21 @@ pub fn format_time(secs: i64) -> String {
 /// output keeps the exact bytes.
 fn shown(b: &[u8], tty: bool) -> std::borrow::Cow<'_, [u8]> {
     if tty && b.iter().any(|c| c.is_ascii_control()) {
-        b.iter().map(|&c| if c.is_ascii_control() { b'?' } else { c }).collect::<Vec<u8>>().into()
+        b.iter()
+            .map(|&c| if c.is_ascii_control() { b'?' } else { c })
+            .collect::<Vec<u8>>()
+            .into()
     } else {
         b.into()
     }
 }
 
 fn write_text(out: &mut impl Write, rows: &[Row], long: bool, tty: bool) -> io::Result<()> {
-    let width = rows.iter().map(|r| r.entry.size.to_string().len()).max().unwrap_or(1);
+    let width = rows
+        .iter()
+        .map(|r| r.entry.size.to_string().len())
+        .max()
+        .unwrap_or(1);
     for r in rows {
         if long {
             write!(
@@ -183,7 +225,10 @@ fn put_bytes(obj: &mut serde_json::Map<String, serde_json::Value>, key: &str, b:
         }
         Err(_) => {
             obj.insert(key.into(), String::from_utf8_lossy(b).into_owned().into());
-            obj.insert(format!("{key}_bytes"), b.iter().map(|&x| serde_json::Value::from(x)).collect());
+            obj.insert(
+                format!("{key}_bytes"),
+                b.iter().map(|&x| serde_json::Value::from(x)).collect(),
+            );
         }
     }
 }
@@ -193,7 +238,11 @@ fn write_json(out: &mut impl Write, dir: &str, rows: &[Row]) -> io::Result<()> {
         .iter()
         .map(|r| {
             let mut o = serde_json::Map::new();
-            put_bytes(&mut o, "name", r.path.last().map(Vec::as_slice).unwrap_or_default());
+            put_bytes(
+                &mut o,
+                "name",
+                r.path.last().map(Vec::as_slice).unwrap_or_default(),
+            );
             put_bytes(&mut o, "path", &joined(&r.path));
             o.insert("type".into(), type_name(r.entry.kind).into());
             o.insert("mode".into(), r.entry.mode.into());

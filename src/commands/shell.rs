@@ -14,8 +14,8 @@ use crate::cli::ShellArgs;
 use crate::session::{self, Session};
 use crate::{vm, Error, Result};
 use imgsafe_proto::{
-    read_shell_frame, write_data, write_msg, ErrorKind, FrameError, Request, Response, ShellFrame, ShellMount,
-    ShellStart, ShellStatus, WinSize,
+    read_shell_frame, write_data, write_msg, ErrorKind, FrameError, Request, Response, ShellFrame,
+    ShellMount, ShellStart, ShellStatus, WinSize,
 };
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -48,7 +48,13 @@ pub fn run(args: ShellArgs) -> Result<()> {
         Mode::Pipes
     };
     // A shell is useful even on a disk with no filesystem (hexdump /dev/vda).
-    let mut s = Session::open_mounted_with(&args.image, &args.image_args, &args.mount, args.overlay, true)?;
+    let mut s = Session::open_mounted_with(
+        &args.image,
+        &args.image_args,
+        &args.mount,
+        args.overlay,
+        true,
+    )?;
     let status = match drive(&mut s, &args, mode) {
         Ok(st) => st,
         Err(e) => {
@@ -101,7 +107,11 @@ fn drive(s: &mut Session, args: &ShellArgs, mode: Mode) -> Result<ShellStatus> {
     let mounts = start_shell(ch.reader, ch.writer, start)?;
     set_timeout(&ch, None)?;
     if args.overlay && mode == Mode::Pipes {
-        for m in mounts.iter().filter(|m| !m.writable).take(MAX_BANNER_MOUNTS) {
+        for m in mounts
+            .iter()
+            .filter(|m| !m.writable)
+            .take(MAX_BANNER_MOUNTS)
+        {
             eprintln!(
                 "imgsafe: warning: {}: {} ({}) stays read-only: it cannot be mounted read-write",
                 image.display(),
@@ -114,7 +124,8 @@ fn drive(s: &mut Session, args: &ShellArgs, mode: Mode) -> Result<ShellStatus> {
         Mode::Interactive => {
             eprint!("{}", banner(&image, &mounts, args.overlay));
             let _sigint = term::SignalGuard::ignore_sigint();
-            let winch = term::Winch::install().map_err(|e| Error::Other(format!("watching terminal resizes: {e}")))?;
+            let winch = term::Winch::install()
+                .map_err(|e| Error::Other(format!("watching terminal resizes: {e}")))?;
             let raw = term::RawMode::enable(libc::STDIN_FILENO)
                 .map_err(|e| Error::Other(format!("setting the terminal to raw mode: {e}")))?;
             let st = pump(ch.reader, ch.writer, Some(&winch));
@@ -148,7 +159,11 @@ fn send_error(e: io::Error) -> Error {
 }
 
 /// Send `Shell` and read its answer: the guest's mount list.
-fn start_shell<R: io::Read, W: Write>(r: &mut R, w: &mut W, start: ShellStart) -> Result<Vec<ShellMount>> {
+fn start_shell<R: io::Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    start: ShellStart,
+) -> Result<Vec<ShellMount>> {
     write_msg(w, &Request::Shell(start))
         .and_then(|()| w.flush())
         .map_err(send_error)?;
@@ -161,9 +176,10 @@ fn start_shell<R: io::Read, W: Write>(r: &mut R, w: &mut W, start: ShellStart) -
             image: Default::default(),
             what: clean(&message),
         }),
-        ShellFrame::Msg(Response::Error { message, .. }) => {
-            Err(Error::guest(format!("starting the shell: {}", clean(&message))))
-        }
+        ShellFrame::Msg(Response::Error { message, .. }) => Err(Error::guest(format!(
+            "starting the shell: {}",
+            clean(&message)
+        ))),
         _ => Err(Error::guest("unexpected answer to Shell")),
     }
 }
@@ -182,8 +198,17 @@ fn banner(image: &Path, mounts: &[ShellMount], overlay: bool) -> String {
         .iter()
         .take(MAX_BANNER_MOUNTS)
         .map(|m| {
-            let ro = if overlay && !m.writable { ", read-only" } else { "" };
-            format!("{} ({}) at {}{ro}", clean(&m.device), clean(&m.fstype), clean(&m.path))
+            let ro = if overlay && !m.writable {
+                ", read-only"
+            } else {
+                ""
+            };
+            format!(
+                "{} ({}) at {}{ro}",
+                clean(&m.device),
+                clean(&m.fstype),
+                clean(&m.path)
+            )
         })
         .collect();
     let what = if shown.is_empty() {
@@ -205,7 +230,11 @@ fn banner(image: &Path, mounts: &[ShellMount], overlay: bool) -> String {
 
 /// Move bytes until the shell exits: guest output to stdout/stderr on a thread, host
 /// stdin and resizes to the guest here. Returns the shell's status after `ShellDone`.
-fn pump<R: io::Read + Send, W: Write>(r: &mut R, w: &mut W, winch: Option<&term::Winch>) -> Result<ShellStatus> {
+fn pump<R: io::Read + Send, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    winch: Option<&term::Winch>,
+) -> Result<ShellStatus> {
     let (wake_r, wake_w) = pipe().map_err(|e| Error::Other(format!("creating a pipe: {e}")))?;
     std::thread::scope(|scope| {
         let output = scope.spawn(move || {
@@ -256,7 +285,9 @@ fn copy_output<R: io::Read>(r: &mut R, wake: &OwnedFd) -> Result<ShellStatus> {
                     _ => Ok(status),
                 };
             }
-            ShellFrame::Msg(_) => return Err(Error::guest("unexpected message during the shell session")),
+            ShellFrame::Msg(_) => {
+                return Err(Error::guest("unexpected message during the shell session"))
+            }
         }
     }
 }
@@ -403,7 +434,10 @@ mod tests {
             fstype: fstype.into(),
             writable,
         };
-        let mounts = vec![mount("/sysroot", "ext4", true), mount("/sysroot/efi", "vfat", false)];
+        let mounts = vec![
+            mount("/sysroot", "ext4", true),
+            mount("/sysroot/efi", "vfat", false),
+        ];
 
         let b = banner(Path::new("disk.img"), &mounts, true);
 

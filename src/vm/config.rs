@@ -188,7 +188,10 @@ impl VmConfig {
             // q35 hot-plugs into root ports through ACPI by default and then shows the
             // ports' native slots as empty; the guest drives them natively
             // (`pcie_ports=native`) and would power the disk's slot off.
-            a.pair("-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off");
+            a.pair(
+                "-global",
+                "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+            );
         }
         match self.accel {
             Accel::Tcg => a.words(&["-accel", "tcg", "-cpu", TCG_CPU]),
@@ -439,7 +442,14 @@ mod tests {
 
         assert_eq!(
             argv[5..11],
-            ["-M", "q35", "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off", "-accel", "tcg"]
+            [
+                "-M",
+                "q35",
+                "-global",
+                "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+                "-accel",
+                "tcg"
+            ]
         );
         assert!(!argv.iter().any(|a| a == "-sandbox"));
     }

@@ -136,7 +136,10 @@ mod tests {
 
     #[test]
     fn q35_when_qemu_has_no_qboot() {
-        assert_eq!(decide(None, None, Path::new(QEMU)), Ok((Machine::Q35, None)));
+        assert_eq!(
+            decide(None, None, Path::new(QEMU)),
+            Ok((Machine::Q35, None))
+        );
     }
 
     #[test]

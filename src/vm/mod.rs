@@ -41,8 +41,8 @@ pub mod reaper;
 pub mod tsc;
 
 pub use accel::AccelError;
-pub use machine::MachineError;
 pub use config::{Accel, Machine, VmConfig};
+pub use machine::MachineError;
 pub use process::{DiskSlot, Vm, VmError, MAX_QEMU_FILE_BYTES};
 
 impl From<VmError> for crate::Error {

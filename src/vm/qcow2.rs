@@ -34,7 +34,10 @@ pub fn create(path: &Path, size: u64) -> io::Result<()> {
     let used = 3 + l1_clusters;
     // One refcount block (16-bit entries) covers CLUSTER / 2 clusters.
     if used > CLUSTER / 2 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "overlay L1 table too large"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "overlay L1 table too large",
+        ));
     }
 
     let mut header = Vec::with_capacity(72);
@@ -86,7 +89,11 @@ mod tests {
 
         let p = path.to_str().unwrap();
         let check = qemu_img(&["check", "-f", "qcow2", p]);
-        assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stdout)
+        );
         assert!(String::from_utf8_lossy(&check.stdout).contains("No errors"));
         let info = qemu_img(&["info", "--output=json", "-f", "qcow2", p]);
         let doc: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
@@ -94,7 +101,10 @@ mod tests {
         // Empty: reading it through QEMU gives zeros only (a map with no data).
         let map = qemu_img(&["map", "--output=json", "-f", "qcow2", p]);
         let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
-        assert!(map.as_array().unwrap().iter().all(|e| e["data"] == false), "{map}");
+        assert!(
+            map.as_array().unwrap().iter().all(|e| e["data"] == false),
+            "{map}"
+        );
     }
 
     #[test]

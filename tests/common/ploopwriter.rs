@@ -85,7 +85,9 @@ pub fn write_ploop(path: &Path, spec: &Spec, disk: &[u8], allocated: &[bool], se
     let bat_end = 64 + 4 * bat_entries;
     // ploop and QEMU start the data area at a cluster boundary after the BAT.
     let data_start = bat_end.div_ceil(cs) * cs;
-    let mut order: Vec<u64> = (0..bat_entries).filter(|&i| allocated[i as usize]).collect();
+    let mut order: Vec<u64> = (0..bat_entries)
+        .filter(|&i| allocated[i as usize])
+        .collect();
     Rng::new(seed).shuffle(&mut order);
     let mut img = vec![0u8; (data_start + cs * order.len() as u64) as usize];
     img[..16].copy_from_slice(if spec.v2 {
@@ -151,7 +153,9 @@ pub fn write_descriptor(
         x += &format!("    <TopGUID>{t}</TopGUID>\n");
     }
     for (g, p) in shots {
-        x += &format!("    <Shot>\n      <GUID>{g}</GUID>\n      <ParentGUID>{p}</ParentGUID>\n    </Shot>\n");
+        x += &format!(
+            "    <Shot>\n      <GUID>{g}</GUID>\n      <ParentGUID>{p}</ParentGUID>\n    </Shot>\n"
+        );
     }
     x += "  </Snapshots>\n</Parallels_disk_image>\n";
     std::fs::write(path, x).unwrap();
@@ -168,8 +172,16 @@ pub fn write_two_delta_descriptor(
 ) {
     let g = guid(1);
     let images = [
-        DescImage { guid: &g, file: base, kind },
-        DescImage { guid: TOP_GUID, file: top, kind },
+        DescImage {
+            guid: &g,
+            file: base,
+            kind,
+        },
+        DescImage {
+            guid: TOP_GUID,
+            file: top,
+            kind,
+        },
     ];
     let shots = [(g.as_str(), NONE_GUID), (TOP_GUID, g.as_str())];
     write_descriptor(path, disk_sectors, block_sectors, &images, &shots, None);

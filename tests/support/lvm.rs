@@ -60,7 +60,11 @@ pub fn crc(data: &[u8]) -> u32 {
     for &b in data {
         c ^= u32::from(b);
         for _ in 0..8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
         }
     }
     c
@@ -132,7 +136,12 @@ fn metadata(vg: &str, pv_id: &str, dev_sectors: u64, pe_count: u64, lvs: &[(&str
 pub fn lvm_disk(vg: &str, lvs: &[Lv], out: &Path) {
     let sized: Vec<(&str, u64)> = lvs
         .iter()
-        .map(|l| (l.name, fs::metadata(l.image).unwrap().len().div_ceil(EXTENT).max(1)))
+        .map(|l| {
+            (
+                l.name,
+                fs::metadata(l.image).unwrap().len().div_ceil(EXTENT).max(1),
+            )
+        })
         .collect();
     // One spare extent, as a real VG usually has free space.
     let pe_count: u64 = sized.iter().map(|(_, n)| n).sum::<u64>() + 1;
@@ -141,7 +150,10 @@ pub fn lvm_disk(vg: &str, lvs: &[Lv], out: &Path) {
     let mut text = metadata(vg, &pv_id, dev_size / SECTOR, pe_count, &sized).into_bytes();
     text.push(0);
     let mda_size = PE_START - MDA_START;
-    assert!((text.len() as u64) < mda_size - MDA_HEADER_SIZE, "metadata too large");
+    assert!(
+        (text.len() as u64) < mda_size - MDA_HEADER_SIZE,
+        "metadata too large"
+    );
 
     let mut label = [0u8; SECTOR as usize];
     label[0..8].copy_from_slice(LABEL_ID);

@@ -92,7 +92,12 @@ impl Image {
 
     /// Panic if the image file's bytes changed since it was made.
     pub fn assert_unchanged(&self) {
-        assert_eq!(sha256(&self.path), self.sha, "{} was modified", self.path.display());
+        assert_eq!(
+            sha256(&self.path),
+            self.sha,
+            "{} was modified",
+            self.path.display()
+        );
     }
 
     /// The path as a string argument.
@@ -132,7 +137,14 @@ fn set_mtime(p: &Path) {
         tv_nsec: 0,
     }; 2];
     // SAFETY: valid NUL-terminated path and a two-element timespec array.
-    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     assert_eq!(r, 0, "utimensat {}", p.display());
 }
 
@@ -165,12 +177,19 @@ pub fn sample_tree(root: &Path, opts: TreeOpts) {
         fs::create_dir_all(p.parent().unwrap()).unwrap();
         fs::write(&p, data).unwrap();
     };
-    w("etc/os-release", b"NAME=\"Sample\"\nID=sample\nVERSION_ID=42\n");
+    w(
+        "etc/os-release",
+        b"NAME=\"Sample\"\nID=sample\nVERSION_ID=42\n",
+    );
     w("etc/hostname", b"sample-host\n");
     w("etc/fstab", b"# empty\n");
     w("home/me/letter", b"Dear imgsafe,\nplease copy me.\n");
     w("home/me/big.bin", &pseudo_random(3 << 20, 7));
-    fs::set_permissions(root.join("home/me/letter"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::set_permissions(
+        root.join("home/me/letter"),
+        fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
     let mut deep = String::from("deep");
     for i in 0..12 {
         deep.push_str(&format!("/level{i}"));
@@ -306,7 +325,10 @@ fn xfs_protofile(tree: &Path) -> String {
                 dir(&e.path(), out);
                 out.push_str("$\n");
             } else {
-                out.push_str(&format!("{name} ---{mode:03o} 0 0 {}\n", e.path().display()));
+                out.push_str(&format!(
+                    "{name} ---{mode:03o} 0 0 {}\n",
+                    e.path().display()
+                ));
             }
         }
     }
@@ -340,12 +362,26 @@ pub fn partitioned_disk(label: &str, parts: &[Part], out: &Path) {
         places.push((p.image, start_mib << 20));
         start_mib += mib;
     }
-    fs::File::create(out).unwrap().set_len((start_mib + 1) << 20).unwrap();
+    fs::File::create(out)
+        .unwrap()
+        .set_len((start_mib + 1) << 20)
+        .unwrap();
     let mut c = tool("sfdisk", "fdisk");
-    c.arg("--quiet").arg(out).stdin(Stdio::piped()).stdout(Stdio::null());
+    c.arg("--quiet")
+        .arg(out)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
     let mut child = c.spawn().unwrap();
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-    assert!(child.wait().unwrap().success(), "sfdisk failed for {script}");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "sfdisk failed for {script}"
+    );
     let disk = fs::OpenOptions::new().write(true).open(out).unwrap();
     for (img, off) in places {
         copy_sparse(img, &disk, off);

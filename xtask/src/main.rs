@@ -23,23 +23,33 @@ fn main() -> Result<()> {
 
 /// The workspace root (xtask lives one level below it).
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_path_buf()
 }
 
 /// Build the imgsafe binary with `profile` ("dev" or "release") and return its path.
 fn build_imgsafe(release: bool) -> Result<PathBuf> {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.args(["build", "--quiet", "-p", "imgsafe"]).current_dir(root());
+    c.args(["build", "--quiet", "-p", "imgsafe"])
+        .current_dir(root());
     if release {
         c.arg("--release");
     }
     run(&mut c)?;
-    let dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
-    Ok(dir.join(if release { "release" } else { "debug" }).join("imgsafe"))
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    Ok(dir
+        .join(if release { "release" } else { "debug" })
+        .join("imgsafe"))
 }
 
 fn run(c: &mut Command) -> Result<()> {
-    let status = c.status().with_context(|| format!("running {:?}", c.get_program()))?;
+    let status = c
+        .status()
+        .with_context(|| format!("running {:?}", c.get_program()))?;
     if !status.success() {
         bail!("{:?} failed: {status}", c.get_program());
     }
@@ -72,9 +82,18 @@ fn make_demo_image(dir: &Path) -> Result<PathBuf> {
         "PRETTY_NAME=\"imgsafe demo disk\"\nNAME=\"imgsafe-demo\"\nID=imgsafe-demo\nVERSION_ID=1\n",
     )?;
     std::fs::write(tree.join("etc/hostname"), "demo-host\n")?;
-    std::fs::write(tree.join("etc/fstab"), "LABEL=demo-root / ext4 defaults 0 1\n")?;
-    std::fs::write(tree.join("home/demo/letter.txt"), "Dear reader,\nthis file was read from inside a VM.\n")?;
-    std::fs::write(tree.join("home/demo/notes/todo.md"), "- look inside images without root\n")?;
+    std::fs::write(
+        tree.join("etc/fstab"),
+        "LABEL=demo-root / ext4 defaults 0 1\n",
+    )?;
+    std::fs::write(
+        tree.join("home/demo/letter.txt"),
+        "Dear reader,\nthis file was read from inside a VM.\n",
+    )?;
+    std::fs::write(
+        tree.join("home/demo/notes/todo.md"),
+        "- look inside images without root\n",
+    )?;
     std::fs::write(tree.join("var/log/boot.log"), "booted\n".repeat(100))?;
     std::os::unix::fs::symlink("/etc/hostname", tree.join("home/demo/hostname-link"))?;
     let img = dir.join("demo.img");
@@ -102,7 +121,11 @@ fn demo() -> Result<()> {
         vec!["filesystems".into(), img_s.clone()],
         vec!["ls".into(), "-l".into(), img_s.clone(), "/home/demo".into()],
         vec!["cat".into(), img_s.clone(), "/etc/os-release".into()],
-        vec!["cp".into(), format!("{img_s}:/home/demo"), out.to_string_lossy().into_owned()],
+        vec![
+            "cp".into(),
+            format!("{img_s}:/home/demo"),
+            out.to_string_lossy().into_owned(),
+        ],
     ];
     for s in steps {
         println!("\n$ imgsafe {}", s.join(" "));

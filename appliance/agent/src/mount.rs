@@ -102,7 +102,11 @@ pub fn mount(
         "mountpoint",
     )?;
     let mut last = io::Error::from_raw_os_error(libc::EINVAL);
-    let rw = if writable { writable_attempts(&fstype) } else { Vec::new() };
+    let rw = if writable {
+        writable_attempts(&fstype)
+    } else {
+        Vec::new()
+    };
     let ro = attempts(&fstype);
     let all = rw.iter().map(|a| (*a, FLAGS & !libc::MS_RDONLY));
     for ((t, opts), flags) in all.chain(ro.iter().map(|a| (*a, FLAGS))) {

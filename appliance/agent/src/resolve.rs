@@ -84,10 +84,12 @@ pub fn resolve_creating(root: &Path, path: &[u8]) -> Result<Resolved, OpError> {
     resolve_with(root, path, Final::Follow, |p| {
         // On a read-only filesystem the directory simply does not exist: say that,
         // not "read-only file system".
-        std::fs::create_dir(p).map(|_| true).or_else(|e| match e.raw_os_error() {
-            Some(libc::EROFS) => Ok(false),
-            _ => Err(e),
-        })
+        std::fs::create_dir(p)
+            .map(|_| true)
+            .or_else(|e| match e.raw_os_error() {
+                Some(libc::EROFS) => Ok(false),
+                _ => Err(e),
+            })
     })
 }
 

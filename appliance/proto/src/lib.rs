@@ -53,7 +53,12 @@ pub enum Request {
     /// `fstype` None = the type the probe found. Read-only, journals never replayed,
     /// unless `writable` (only asked when the host put a throwaway copy-on-write layer
     /// over the disk): then read-write if the filesystem allows it, else read-only.
-    Mount { device: String, mountpoint: String, fstype: Option<String>, writable: bool },
+    Mount {
+        device: String,
+        mountpoint: String,
+        fstype: Option<String>,
+        writable: bool,
+    },
     /// List a directory of the mounted tree. Answered by one or more `DirEntries` frames,
     /// the last with `done: true`.
     ReadDir { path: Vec<u8> },
@@ -209,23 +214,52 @@ pub enum ErrorKind {
 /// A response from the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
-    Hello { version: u32, kernel: String },
-    Filesystems { list: Vec<FsInfo> },
-    Mounted { device: String, fstype: String },
-    DirEntries { entries: Vec<Entry>, done: bool },
-    Stat { entry: Entry },
-    FileStart { size: u64 },
+    Hello {
+        version: u32,
+        kernel: String,
+    },
+    Filesystems {
+        list: Vec<FsInfo>,
+    },
+    Mounted {
+        device: String,
+        fstype: String,
+    },
+    DirEntries {
+        entries: Vec<Entry>,
+        done: bool,
+    },
+    Stat {
+        entry: Entry,
+    },
+    FileStart {
+        size: u64,
+    },
     FileEnd,
-    WalkEntries { entries: Vec<WalkEntry>, done: bool },
-    Link { target: Vec<u8> },
+    WalkEntries {
+        entries: Vec<WalkEntry>,
+        done: bool,
+    },
+    Link {
+        target: Vec<u8>,
+    },
     /// Answer to `Unmount`: how many mounts were removed (0 = nothing was mounted there).
-    Unmounted { count: u32 },
+    Unmounted {
+        count: u32,
+    },
     Bye,
     /// The shell runs; what is mounted where.
-    ShellStarted { mounts: Vec<ShellMount> },
+    ShellStarted {
+        mounts: Vec<ShellMount>,
+    },
     /// The shell exited and all its output was sent.
-    ShellExit { status: ShellStatus },
-    Error { kind: ErrorKind, message: String },
+    ShellExit {
+        status: ShellStatus,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
 }
 
 /// A decoded frame.
@@ -254,7 +288,8 @@ pub enum FrameError {
 
 /// Write one message frame.
 pub fn write_msg<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
-    let json = serde_json::to_vec(msg).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let json =
+        serde_json::to_vec(msg).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     write_frame(w, KIND_MSG, &json)
 }
 
@@ -266,7 +301,10 @@ pub fn write_data<W: Write>(w: &mut W, data: &[u8]) -> io::Result<()> {
 fn write_frame<W: Write>(w: &mut W, kind: u8, payload: &[u8]) -> io::Result<()> {
     let len = payload.len() + 1;
     if len > MAX_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "frame too large"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "frame too large",
+        ));
     }
     let mut head = [0u8; 5];
     head[..4].copy_from_slice(&(len as u32).to_le_bytes());
@@ -277,7 +315,9 @@ fn write_frame<W: Write>(w: &mut W, kind: u8, payload: &[u8]) -> io::Result<()> 
 }
 
 /// Read one frame, bounded by [`MAX_FRAME`], and decode a message frame as `T`.
-pub fn read_frame<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> Result<Frame<T>, FrameError> {
+pub fn read_frame<R: Read, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+) -> Result<Frame<T>, FrameError> {
     match read_shell_frame(r)? {
         ShellFrame::Msg(m) => Ok(Frame::Msg(m)),
         ShellFrame::Data(d) => Ok(Frame::Data(d)),
@@ -302,7 +342,9 @@ pub fn write_stderr<W: Write>(w: &mut W, data: &[u8]) -> io::Result<()> {
 }
 
 /// Like [`read_frame`], also accepting [`KIND_STDERR`] frames (shell sessions only).
-pub fn read_shell_frame<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> Result<ShellFrame<T>, FrameError> {
+pub fn read_shell_frame<R: Read, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+) -> Result<ShellFrame<T>, FrameError> {
     let mut head = [0u8; 5];
     r.read_exact(&mut head)?;
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
@@ -365,7 +407,9 @@ mod tests {
     #[test]
     fn message_round_trips() {
         let mut buf = Vec::new();
-        let req = Request::ReadFile { path: b"/etc/\xffname".to_vec() };
+        let req = Request::ReadFile {
+            path: b"/etc/\xffname".to_vec(),
+        };
 
         write_msg(&mut buf, &req).unwrap();
         let back: Frame<Request> = read_frame(&mut buf.as_slice()).unwrap();
@@ -415,17 +459,26 @@ mod tests {
         let mut buf = Vec::new();
         write_data(&mut buf, b"out\xff").unwrap();
         write_stderr(&mut buf, b"err\0").unwrap();
-        write_msg(&mut buf, &Response::ShellExit { status: ShellStatus::Exited(3) }).unwrap();
+        write_msg(
+            &mut buf,
+            &Response::ShellExit {
+                status: ShellStatus::Exited(3),
+            },
+        )
+        .unwrap();
         let mut r = buf.as_slice();
 
-        let frames: Vec<ShellFrame<Response>> = (0..3).map(|_| read_shell_frame(&mut r).unwrap()).collect();
+        let frames: Vec<ShellFrame<Response>> =
+            (0..3).map(|_| read_shell_frame(&mut r).unwrap()).collect();
 
         assert_eq!(
             frames,
             vec![
                 ShellFrame::Data(b"out\xff".to_vec()),
                 ShellFrame::Stderr(b"err\0".to_vec()),
-                ShellFrame::Msg(Response::ShellExit { status: ShellStatus::Exited(3) })
+                ShellFrame::Msg(Response::ShellExit {
+                    status: ShellStatus::Exited(3)
+                })
             ]
         );
     }

@@ -102,10 +102,21 @@ impl Dir {
         // SAFETY: zeroed `stat` is a valid value for this plain C struct.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: valid dirfd, NUL-terminated name, and a writable stat buffer.
-        let r = unsafe { libc::fstatat(self.fd.as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+        let r = unsafe {
+            libc::fstatat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
         if r == -1 {
             let e = io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(e) };
+            return if e.raw_os_error() == Some(libc::ENOENT) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
         }
         Ok(Some((st.st_dev, st.st_ino)))
     }

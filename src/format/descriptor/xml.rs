@@ -50,7 +50,8 @@ pub fn parse(input: &[u8]) -> Result<Element, String> {
             input.len()
         ));
     }
-    let text = std::str::from_utf8(input).map_err(|e| format!("XML is not UTF-8 (byte {})", e.valid_up_to()))?;
+    let text = std::str::from_utf8(input)
+        .map_err(|e| format!("XML is not UTF-8 (byte {})", e.valid_up_to()))?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     Parser {
         s: text,
@@ -112,7 +113,8 @@ impl Parser<'_> {
             } else {
                 let len = rest.find('<').unwrap_or(rest.len());
                 let raw = &rest[..len];
-                let decoded = decode_entities(raw).map_err(|w| format!("XML: {w} at byte {}", self.pos))?;
+                let decoded =
+                    decode_entities(raw).map_err(|w| format!("XML: {w} at byte {}", self.pos))?;
                 self.pos += len;
                 self.add_text(decoded)?;
             }
@@ -256,7 +258,10 @@ pub fn decode_entities(raw: &str) -> Result<String, String> {
 
 fn numeric_reference(name: &str) -> Option<char> {
     let digits = name.strip_prefix('#')?;
-    let code = match digits.strip_prefix('x').or_else(|| digits.strip_prefix('X')) {
+    let code = match digits
+        .strip_prefix('x')
+        .or_else(|| digits.strip_prefix('X'))
+    {
         Some(hex) => u32::from_str_radix(hex, 16).ok()?,
         None => digits.parse::<u32>().ok()?,
     };
@@ -345,7 +350,9 @@ mod tests {
 
     #[test]
     fn refuses_two_roots_and_stray_text() {
-        assert!(parse(b"<a/><b/>").unwrap_err().contains("more than one root"));
+        assert!(parse(b"<a/><b/>")
+            .unwrap_err()
+            .contains("more than one root"));
         assert!(parse(b"x<a/>").unwrap_err().contains("text outside"));
     }
 
