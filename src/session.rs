@@ -103,8 +103,7 @@ impl Session {
             eprintln!("{note}");
         }
         let mut cfg = vm::VmConfig::new(accel, &app.kernel, &app.initrd, dir.path());
-        (cfg.machine, cfg.firmware) =
-            vm::machine::choose(&cfg.qemu).map_err(|e| Error::Usage(e.to_string()))?;
+        vm::machine::apply_env(&mut cfg).map_err(|e| Error::Usage(e.to_string()))?;
         if std::env::var_os("IMGSAFE_DEBUG").is_some() {
             cfg.extra_cmdline.push("imgsafe.debug=1".into());
         }

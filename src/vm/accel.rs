@@ -60,17 +60,10 @@ pub fn probe() -> AccelProbe {
 /// Decide from probed facts. Returns the accelerator and, when imgsafe fell back to TCG
 /// on its own, the one line to print on stderr. Pure.
 pub fn decide(p: &AccelProbe) -> Result<(Accel, Option<String>), AccelError> {
-    if let Some(value) = p.env.as_ref().filter(|v| !v.is_empty()) {
-        let text = value.to_string_lossy();
-        return if text.eq_ignore_ascii_case("kvm") {
-            Ok((Accel::Kvm, None))
-        } else if text.eq_ignore_ascii_case("tcg") {
-            Ok((Accel::Tcg, None))
-        } else {
-            Err(AccelError {
-                value: text.into_owned(),
-            })
-        };
+    let named = super::env_choice(p.env.as_ref(), &[("kvm", Accel::Kvm), ("tcg", Accel::Tcg)])
+        .map_err(|value| AccelError { value })?;
+    if let Some(accel) = named {
+        return Ok((accel, None));
     }
     if p.dev_kvm_usable && (p.kvm_intel || p.kvm_amd) {
         Ok((Accel::Kvm, None))

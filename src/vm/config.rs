@@ -71,11 +71,10 @@ impl Accel {
 }
 
 /// The emulated machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Machine {
     /// QEMU's minimal `microvm` with a PCIe host bridge: no firmware tables to build,
     /// no legacy devices, fastest to boot.
-    #[default]
     Microvm,
     /// The standard `q35` PC, for QEMU builds or kernels where microvm does not work.
     Q35,

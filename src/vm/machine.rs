@@ -8,7 +8,7 @@
 //! default firmware instead: it works everywhere, and reaches the guest's /init about
 //! 0.3 s later under TCG.
 
-use super::config::Machine;
+use super::config::{Machine, VmConfig};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
@@ -79,19 +79,8 @@ pub fn decide(
     qboot: Option<PathBuf>,
     qemu: &Path,
 ) -> Result<(Machine, Option<PathBuf>), MachineError> {
-    let wanted = match env.filter(|v| !v.is_empty()) {
-        None => None,
-        Some(v) => {
-            let text = v.to_string_lossy();
-            if text.eq_ignore_ascii_case("microvm") {
-                Some(Machine::Microvm)
-            } else if text.eq_ignore_ascii_case("q35") {
-                Some(Machine::Q35)
-            } else {
-                return Err(MachineError::Unknown(text.into_owned()));
-            }
-        }
-    };
+    let wanted = super::env_choice(env, &[("microvm", Machine::Microvm), ("q35", Machine::Q35)])
+        .map_err(MachineError::Unknown)?;
     match (wanted, qboot) {
         (Some(Machine::Q35), _) | (None, None) => Ok((Machine::Q35, None)),
         (Some(Machine::Microvm) | None, Some(qboot)) => Ok((Machine::Microvm, Some(qboot))),
@@ -107,13 +96,12 @@ pub fn auto(qemu: &Path) -> (Machine, Option<PathBuf>) {
     }
 }
 
-/// The machine for `qemu` on this host, honouring `IMGSAFE_MACHINE`.
-pub fn choose(qemu: &Path) -> Result<(Machine, Option<PathBuf>), MachineError> {
-    decide(
-        std::env::var_os(MACHINE_ENV).as_ref(),
-        find_firmware(qemu, QBOOT),
-        qemu,
-    )
+/// Honour `IMGSAFE_MACHINE` in a config from [`VmConfig::new`], which already looked
+/// for qboot ([`auto`]: its firmware is qboot exactly when QEMU has it).
+pub fn apply_env(cfg: &mut VmConfig) -> Result<(), MachineError> {
+    let qboot = cfg.firmware.take();
+    (cfg.machine, cfg.firmware) = decide(std::env::var_os(MACHINE_ENV).as_ref(), qboot, &cfg.qemu)?;
+    Ok(())
 }
 
 #[cfg(test)]

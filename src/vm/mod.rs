@@ -40,6 +40,8 @@ pub mod qmp;
 pub mod reaper;
 pub mod tsc;
 
+use std::ffi::OsString;
+
 pub use accel::AccelError;
 pub use config::{Accel, Machine, VmConfig};
 pub use machine::MachineError;
@@ -63,4 +65,22 @@ impl From<AccelError> for crate::Error {
     fn from(e: AccelError) -> Self {
         crate::Error::Other(e.to_string())
     }
+}
+
+/// What a setting like `IMGSAFE_ACCEL` names among `choices` (compared ignoring ASCII
+/// case): `Ok(None)` when unset or empty, `Err` with the value (lossily decoded) when it
+/// names none of them.
+fn env_choice<T: Copy>(
+    value: Option<&OsString>,
+    choices: &[(&str, T)],
+) -> Result<Option<T>, String> {
+    let Some(value) = value.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let text = value.to_string_lossy();
+    choices
+        .iter()
+        .find(|(name, _)| text.eq_ignore_ascii_case(name))
+        .map(|&(_, choice)| Some(choice))
+        .ok_or_else(|| text.into_owned())
 }
