@@ -12,6 +12,14 @@ const IMAGE: i32 = 3;
 const NOT_FOUND: i32 = 4;
 const FILESYSTEM: i32 = 5;
 
+/// An 8 MiB disk of zeros: no partition table, no filesystem.
+fn zeros_image() -> Image {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("zeros.img");
+    fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
+    Image::new(dir, p)
+}
+
 fn one_line(out: &std::process::Output) -> String {
     let e = stderr(out);
     let lines: Vec<&str> = e.lines().filter(|l| !l.contains("using TCG")).collect();
@@ -96,10 +104,7 @@ fn empty_file_is_refused() {
 
 #[test]
 fn disk_without_filesystem_is_a_filesystem_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("zeros.img");
-    fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
-    let img = Image::new(dir, p);
+    let img = zeros_image();
 
     let out = run(["ls", &img.arg(), "/"]);
 
@@ -172,10 +177,7 @@ fn bad_command_line_is_a_usage_error() {
 
 #[test]
 fn bad_accelerator_or_machine_setting_is_a_usage_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("zeros.img");
-    fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
-    let img = Image::new(dir, p);
+    let img = zeros_image();
 
     for (var, value, expected) in [
         (

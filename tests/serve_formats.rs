@@ -703,20 +703,32 @@ fn vhd_differencing_with_partial_bitmaps_and_junk_served_equals_layers() {
     assert_eq!(sha_all(&[&top, &parent]), before);
 }
 
+/// A VHD chain of depth 3 in `dir`: `mid.vhd` holding `w1` over a qemu-made base, and
+/// `top.vhd` holding `w2` over mid. Returns the files (top first), the disk the chain
+/// must read as, and that disk written out as a raw file.
+fn vhd_chain_of_3(
+    dir: &Path,
+    w1: &[(u64, Vec<u8>)],
+    w2: &[(u64, Vec<u8>)],
+) -> ([PathBuf; 3], Vec<u8>, PathBuf) {
+    let (base, mut expect) = qemu_vhd_parent(dir, 14 * MIB);
+    let mid = dir.join("mid.vhd");
+    let top = dir.join("top.vhd");
+    vhdwriter::write_differencing(&mid, &base, w1).unwrap();
+    vhdwriter::write_differencing(&top, &mid, w2).unwrap();
+    apply(&mut expect, w1);
+    apply(&mut expect, w2);
+    let raw = write_raw(&dir.join("expect.raw"), &expect);
+    ([top, mid, base], expect, raw)
+}
+
 #[test]
 fn vhd_differencing_chain_of_depth_3_served_equals_layers() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, mut expect) = qemu_vhd_parent(dir.path(), 14 * MIB);
-    let mid = dir.path().join("mid.vhd");
-    let top = dir.path().join("top.vhd");
     let w1 = partial_writes(60);
     // The top overwrites some of mid's sectors and leaves sector 0 to it.
     let w2: Vec<_> = partial_writes(70).into_iter().skip(1).collect();
-    vhdwriter::write_differencing(&mid, &base, &w1).unwrap();
-    vhdwriter::write_differencing(&top, &mid, &w2).unwrap();
-    apply(&mut expect, &w1);
-    apply(&mut expect, &w2);
-    let raw = write_raw(&dir.path().join("expect.raw"), &expect);
+    let ([top, mid, base], _, raw) = vhd_chain_of_3(dir.path(), &w1, &w2);
     let before = sha_all(&[&top, &mid, &base]);
 
     assert_served_equals(s(&top), &raw);
@@ -728,9 +740,6 @@ fn vhd_differencing_chain_of_depth_3_served_equals_layers() {
 #[test]
 fn vhd_differencing_chain_of_depth_3_served_equals_libvhdi() {
     let dir = tempfile::tempdir().unwrap();
-    let (base, mut expect) = qemu_vhd_parent(dir.path(), 14 * MIB);
-    let mid = dir.path().join("mid.vhd");
-    let top = dir.path().join("top.vhd");
     // Whole 4 KiB runs (see libvhdi_read): at the start, across the first block edge,
     // in a block that is a hole of the base, and one the top writes over mid's.
     let kib = 1024;
@@ -744,11 +753,7 @@ fn vhd_differencing_chain_of_depth_3_served_equals_libvhdi() {
         (2 * MIB as u64, sectors(8, 94)),
         (5 * MIB as u64 + 4 * kib, sectors(8, 95)),
     ];
-    vhdwriter::write_differencing(&mid, &base, &w1).unwrap();
-    vhdwriter::write_differencing(&top, &mid, &w2).unwrap();
-    apply(&mut expect, &w1);
-    apply(&mut expect, &w2);
-    let raw = write_raw(&dir.path().join("expect.raw"), &expect);
+    let ([top, mid, base], expect, raw) = vhd_chain_of_3(dir.path(), &w1, &w2);
     let before = sha_all(&[&top, &mid, &base]);
 
     let libvhdi = libvhdi_read(&[&top, &mid, &base]);
