@@ -87,14 +87,7 @@ fn whole_image_copies_out_as_the_tree_it_was_built_from() {
 #[test]
 fn several_sources_go_into_a_directory_and_existing_files_need_force() {
     let src = tempfile::tempdir().unwrap();
-    sample_tree(
-        src.path(),
-        TreeOpts {
-            odd_names: false,
-            links: false,
-            sparse: false,
-        },
-    );
+    sample_tree(src.path(), TreeOpts::PLAIN);
     let img = ext4_image(src.path(), "16M");
     let out = tempfile::tempdir().unwrap();
     fs::write(out.path().join("hostname"), b"mine\n").unwrap();
@@ -129,14 +122,7 @@ fn several_sources_go_into_a_directory_and_existing_files_need_force() {
 #[test]
 fn missing_path_exits_4_naming_the_image() {
     let src = tempfile::tempdir().unwrap();
-    sample_tree(
-        src.path(),
-        TreeOpts {
-            odd_names: false,
-            links: false,
-            sparse: false,
-        },
-    );
+    sample_tree(src.path(), TreeOpts::PLAIN);
     let img = ext4_image(src.path(), "16M");
     let out = tempfile::tempdir().unwrap();
 

@@ -120,14 +120,7 @@ fn disk_without_filesystem_is_a_filesystem_error() {
 #[test]
 fn path_not_found_and_directory_for_cat_are_not_found_errors() {
     let src = tempfile::tempdir().unwrap();
-    sample_tree(
-        src.path(),
-        TreeOpts {
-            odd_names: false,
-            links: false,
-            sparse: false,
-        },
-    );
+    sample_tree(src.path(), TreeOpts::PLAIN);
     let img = ext4_image(src.path(), "16M");
 
     let missing = run(["ls", &img.arg(), "/no/such"]);

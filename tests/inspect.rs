@@ -32,14 +32,7 @@ fn linux_disk() -> Image {
         t.path().join("boot"),
         t.path().join("home"),
     );
-    sample_tree(
-        &root,
-        TreeOpts {
-            odd_names: false,
-            links: false,
-            sparse: false,
-        },
-    );
+    sample_tree(&root, TreeOpts::PLAIN);
     fs::remove_dir_all(root.join("home/me")).unwrap();
     fs::create_dir_all(root.join("boot")).unwrap();
     fs::create_dir_all(root.join("srv")).unwrap();
@@ -176,14 +169,7 @@ fn filesystems_marks_the_detected_root() {
 fn lvm_image() -> Image {
     let t = tempfile::tempdir().unwrap();
     let (root, data) = (t.path().join("root"), t.path().join("data"));
-    sample_tree(
-        &root,
-        TreeOpts {
-            odd_names: false,
-            links: false,
-            sparse: false,
-        },
-    );
+    sample_tree(&root, TreeOpts::PLAIN);
     fs::create_dir_all(root.join("data")).unwrap();
     fs::write(root.join("etc/fstab"), "/dev/vgtest/root / ext4 defaults 0 1\n/dev/mapper/vgtest-my--data /data ext4 defaults 0 2\n").unwrap();
     fs::create_dir_all(&data).unwrap();
@@ -295,14 +281,7 @@ fn lvm_on_a_partition_beside_boot_is_assembled_from_fstab() {
     // The usual installer layout: p1 /boot (ext4, by UUID), p2 an LVM PV holding root.
     let t = tempfile::tempdir().unwrap();
     let (root, boot) = (t.path().join("root"), t.path().join("boot"));
-    sample_tree(
-        &root,
-        TreeOpts {
-            odd_names: false,
-            links: false,
-            sparse: false,
-        },
-    );
+    sample_tree(&root, TreeOpts::PLAIN);
     fs::create_dir_all(root.join("boot")).unwrap();
     fs::write(root.join("etc/fstab"), format!("/dev/mapper/vgpart-root / ext4 defaults 0 1\nUUID={BOOT_UUID} /boot ext4 defaults 0 2\n")).unwrap();
     fs::create_dir_all(&boot).unwrap();

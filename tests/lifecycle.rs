@@ -11,14 +11,7 @@ use support::*;
 
 fn small_image() -> Image {
     let src = tempfile::tempdir().unwrap();
-    sample_tree(
-        src.path(),
-        TreeOpts {
-            odd_names: false,
-            links: false,
-            sparse: false,
-        },
-    );
+    sample_tree(src.path(), TreeOpts::PLAIN);
     ext4_image(src.path(), "16M")
 }
 

@@ -143,14 +143,7 @@ fn cat_follows_symlinks_inside_the_image_and_reads_odd_names() {
 #[test]
 fn mbr_disk_with_vfat_and_ext4_mounts_linux_root_by_default_and_vfat_with_m() {
     let src = tempfile::tempdir().unwrap();
-    sample_tree(
-        src.path(),
-        TreeOpts {
-            odd_names: false,
-            links: false,
-            sparse: false,
-        },
-    );
+    sample_tree(src.path(), TreeOpts::PLAIN);
     let boot = tempfile::tempdir().unwrap();
     fs::write(boot.path().join("BOOTX64.EFI"), b"not really a boot loader").unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -309,14 +302,7 @@ fn gpt_disk_with_btrfs() {
 #[test]
 fn iso9660_image() {
     let src = tempfile::tempdir().unwrap();
-    sample_tree(
-        src.path(),
-        TreeOpts {
-            odd_names: false,
-            links: false,
-            sparse: false,
-        },
-    );
+    sample_tree(src.path(), TreeOpts::PLAIN);
     let dir = tempfile::tempdir().unwrap();
     let iso = dir.path().join("cd.iso");
     must(
@@ -371,14 +357,7 @@ fn xfs_unpartitioned() {
 #[test]
 fn ext2_and_ext3_images_list_and_cat() {
     let src = tempfile::tempdir().unwrap();
-    sample_tree(
-        src.path(),
-        TreeOpts {
-            odd_names: false,
-            links: false,
-            sparse: false,
-        },
-    );
+    sample_tree(src.path(), TreeOpts::PLAIN);
     let images: Vec<(&str, Image)> = ["ext2", "ext3"]
         .into_iter()
         .map(|fstype| {
@@ -432,14 +411,7 @@ fn ext4_with_a_dirty_journal_is_read_without_replaying_it() {
     // needs_recovery set: a read-only mount that tried to replay the journal would fail
     // (the NBD disk is read-only), so the agent must mount with `noload`.
     let src = tempfile::tempdir().unwrap();
-    sample_tree(
-        src.path(),
-        TreeOpts {
-            odd_names: false,
-            links: false,
-            sparse: false,
-        },
-    );
+    sample_tree(src.path(), TreeOpts::PLAIN);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dirty.img");
     fs_image("ext4", src.path(), 16, &path);

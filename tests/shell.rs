@@ -13,14 +13,7 @@ use support::*;
 
 fn sample() -> (tempfile::TempDir, Image) {
     let src = tempfile::tempdir().unwrap();
-    sample_tree(
-        src.path(),
-        TreeOpts {
-            odd_names: false,
-            links: false,
-            sparse: false,
-        },
-    );
+    sample_tree(src.path(), TreeOpts::PLAIN);
     let img = ext4_image(src.path(), "24M");
     (src, img)
 }
@@ -163,14 +156,7 @@ fn a_reader_that_stops_reading_ends_the_guest_command_like_a_pipe() {
 fn overlay_takes_more_writes_than_guest_memory_and_leaves_nothing_behind() {
     // 256 MiB written: more than the appliance's RAM, so the layer must be on the host.
     let src = tempfile::tempdir().unwrap();
-    sample_tree(
-        src.path(),
-        TreeOpts {
-            odd_names: false,
-            links: false,
-            sparse: false,
-        },
-    );
+    sample_tree(src.path(), TreeOpts::PLAIN);
     let img = ext4_image(src.path(), "400M");
     let tmp = tempfile::tempdir().unwrap();
 
@@ -198,14 +184,7 @@ fn overlay_makes_vfat_writable_and_keeps_iso9660_read_only_with_a_warning() {
     // An EFI-style disk: vfat beside ext4; and a CD image, which cannot be written.
     let t = tempfile::tempdir().unwrap();
     let (root, efi) = (t.path().join("root"), t.path().join("efi"));
-    sample_tree(
-        &root,
-        TreeOpts {
-            odd_names: false,
-            links: false,
-            sparse: false,
-        },
-    );
+    sample_tree(&root, TreeOpts::PLAIN);
     std::fs::create_dir_all(root.join("efi")).unwrap();
     std::fs::create_dir_all(&efi).unwrap();
     std::fs::write(efi.join("BOOT.TXT"), b"efi file\n").unwrap();

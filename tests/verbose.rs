@@ -29,14 +29,7 @@ fn parse_stage(line: &str) -> Option<StageLine> {
 #[test]
 fn verbose_prints_each_stage_with_its_timing_in_order_and_leaves_stdout_alone() {
     let src = tempfile::tempdir().unwrap();
-    sample_tree(
-        src.path(),
-        TreeOpts {
-            odd_names: false,
-            links: false,
-            sparse: false,
-        },
-    );
+    sample_tree(src.path(), TreeOpts::PLAIN);
     let img = ext4_image(src.path(), "16M");
 
     let out = run(["-v", "ls", &img.arg(), "/"]);

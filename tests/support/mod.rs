@@ -159,6 +159,15 @@ pub struct TreeOpts {
     pub sparse: bool,
 }
 
+impl TreeOpts {
+    /// Plain names only, no links, no sparse file: what every filesystem holds.
+    pub const PLAIN: TreeOpts = TreeOpts {
+        odd_names: false,
+        links: false,
+        sparse: false,
+    };
+}
+
 /// Every name of the sample tree's awkward directory when `odd_names` is set.
 pub fn odd_names() -> Vec<Vec<u8>> {
     vec![
