@@ -98,55 +98,41 @@ impl Dir {
     /// What is present under `name` (not following a symlink), or None.
     /// (device, inode) of `name` in this directory, not following a symlink.
     pub fn identity(&self, name: &[u8]) -> io::Result<Option<(u64, u64)>> {
-        let c = cstr(name)?;
-        // SAFETY: zeroed `stat` is a valid value for this plain C struct.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: valid dirfd, NUL-terminated name, and a writable stat buffer.
-        let r = unsafe {
-            libc::fstatat(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                &mut st,
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
-        if r == -1 {
-            let e = io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENOENT) {
-                Ok(None)
-            } else {
-                Err(e)
-            };
-        }
-        Ok(Some((st.st_dev, st.st_ino)))
+        Ok(self.stat(name)?.map(|st| (st.st_dev, st.st_ino)))
     }
 
     pub fn lookup(&self, name: &[u8]) -> io::Result<Option<Present>> {
-        let c = cstr(name)?;
-        // SAFETY: zeroed `stat` is a valid value for this plain C struct.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: valid dirfd, NUL-terminated name, and a writable stat buffer.
-        let r = unsafe {
-            libc::fstatat(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                &mut st,
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
-        if r == -1 {
-            let e = io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENOENT) {
-                Ok(None)
-            } else {
-                Err(e)
-            };
-        }
-        Ok(Some(match st.st_mode & libc::S_IFMT {
+        Ok(self.stat(name)?.map(|st| match st.st_mode & libc::S_IFMT {
             libc::S_IFDIR => Present::Directory,
             libc::S_IFLNK => Present::Symlink,
             _ => Present::Other,
         }))
+    }
+
+    /// `fstatat(AT_SYMLINK_NOFOLLOW)` of `name` in this directory; `None` if nothing is
+    /// there.
+    fn stat(&self, name: &[u8]) -> io::Result<Option<libc::stat>> {
+        let c = cstr(name)?;
+        // SAFETY: zeroed `stat` is a valid value for this plain C struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid dirfd, NUL-terminated name, and a writable stat buffer.
+        let r = unsafe {
+            libc::fstatat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r == -1 {
+            let e = io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ENOENT) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(st))
     }
 
     /// Create the subdirectory `name` with `mode` (before the umask); EEXIST if anything
