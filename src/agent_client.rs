@@ -82,9 +82,33 @@ fn agent_error(kind: ErrorKind, message: String, path: &[u8]) -> Error {
     }
 }
 
+/// Bytes of entropy each session gives the guest (the kernel credits at most 256 bits
+/// at a time to its pool; more is harmless).
+const HELLO_ENTROPY: usize = 32;
+
+/// Fill `buf` from the host kernel's CSPRNG.
+fn random_bytes(buf: &mut [u8]) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: writes at most the remaining length into our buffer.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::Other(format!("getrandom: {e}")));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
 impl AgentClient {
-    /// Handshake on a connected stream.
-    pub fn connect(stream: UnixStream) -> Result<Self> {
+    /// Handshake on a connected stream: a fresh nonce, entropy and the time for the
+    /// guest (which may be a restored copy of an earlier one), and the serials of the
+    /// disks it must see before it answers.
+    pub fn connect(stream: UnixStream, disks: &[String]) -> Result<Self> {
         let reader = BufReader::new(
             stream
                 .try_clone()
@@ -97,13 +121,28 @@ impl AgentClient {
             kernel: String::new(),
             writable_mounts: false,
         };
+        let mut fresh = [0u8; 8 + HELLO_ENTROPY];
+        random_bytes(&mut fresh)?;
+        let (nonce, entropy) = fresh.split_at(8);
+        let nonce = u64::from_le_bytes(nonce.try_into().expect("8 bytes"));
         match c.call(&Request::Hello {
             version: proto::PROTOCOL_VERSION,
+            nonce,
+            entropy: entropy.to_vec(),
+            time: proto::WallClock::now(),
+            disks: disks.to_vec(),
         })? {
-            Response::Hello { version, kernel } if version == proto::PROTOCOL_VERSION => {
+            Response::Hello {
+                version,
+                kernel,
+                nonce: echoed,
+            } if version == proto::PROTOCOL_VERSION && echoed == nonce => {
                 c.kernel = kernel.chars().take(256).collect();
                 Ok(c)
             }
+            Response::Hello { version, .. } if version == proto::PROTOCOL_VERSION => Err(
+                Error::guest("the agent answered the handshake of another session"),
+            ),
             Response::Hello { version, .. } => Err(Error::guest(format!(
                 "protocol version {version}, expected {}",
                 proto::PROTOCOL_VERSION
@@ -428,12 +467,16 @@ mod tests {
         let (host, guest) = UnixStream::pair().unwrap();
         thread::spawn(move || {
             let mut g = guest;
-            let _: Frame<Request> = proto::read_frame(&mut g).unwrap();
+            let Frame::Msg(Request::Hello { nonce, .. }) = proto::read_frame(&mut g).unwrap()
+            else {
+                panic!("the first request is not Hello");
+            };
             proto::write_msg(
                 &mut g,
                 &Response::Hello {
                     version: proto::PROTOCOL_VERSION,
                     kernel: "k".into(),
+                    nonce,
                 },
             )
             .unwrap();
@@ -444,7 +487,7 @@ mod tests {
                 let _ = g.write_all(&head).and_then(|_| g.write_all(&payload));
             }
         });
-        AgentClient::connect(host).unwrap()
+        AgentClient::connect(host, &[]).unwrap()
     }
 
     fn msg(r: &Response) -> (u8, Vec<u8>) {

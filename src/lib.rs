@@ -17,6 +17,7 @@ pub mod nbd;
 pub mod session;
 pub mod trace;
 pub mod vm;
+pub mod warm;
 
 pub use error::{Error, Result};
 

@@ -6,7 +6,7 @@ use crate::cli::{ImageArgs, MountArgs};
 use crate::format::BlockSource;
 use crate::inspect::{self, Planned};
 use crate::vm::{self, Vm};
-use crate::{appliance, image, nbd, trace, Error, Result};
+use crate::{appliance, image, nbd, trace, warm, Error, Result};
 use imgsafe_proto::{FileType, FsInfo};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -98,15 +98,7 @@ impl Session {
         let app = appliance::ensure()?;
         stage.done(&format!("{} (pvh={})", app.kernel_release, app.pvh));
 
-        let (accel, note) = vm::accel::choose().map_err(|e| Error::Usage(e.to_string()))?;
-        if let Some(note) = note {
-            eprintln!("{note}");
-        }
-        let mut cfg = vm::VmConfig::new(accel, &app.kernel, &app.initrd, dir.path());
-        vm::machine::apply_env(&mut cfg).map_err(|e| Error::Usage(e.to_string()))?;
-        if std::env::var_os("IMGSAFE_DEBUG").is_some() {
-            cfg.extra_cmdline.push("imgsafe.debug=1".into());
-        }
+        let mut cfg = vm_config(&app, dir.path())?;
         if trace::verbose() {
             let argv: Vec<String> = cfg
                 .argv()
@@ -115,9 +107,6 @@ impl Session {
                 .collect();
             trace::note(&format!("qemu: {} {}", cfg.qemu.display(), argv.join(" ")));
         }
-        let stage = trace::stage("boot");
-        // Sub-stage times for `-v`: QEMU start-up (until QMP answers), plugging the
-        // disk in and resuming, then the guest's own boot until the agent answers.
         let overlay_file = dir.path().join("overlay.qcow2");
         if overlay {
             vm::qcow2::create(&overlay_file, disk_size).map_err(|e| {
@@ -134,26 +123,14 @@ impl Session {
                     .saturating_add(64 << 20),
             );
         }
-        let t0 = std::time::Instant::now();
-        let mut vm = Vm::launch(&cfg)?;
-        let t_qemu = t0.elapsed();
-        if overlay {
-            vm.attach_nbd_disk_with_overlay(&nbd_sock, "", &overlay_file)?;
-        } else {
-            vm.attach_nbd_disk(&nbd_sock, "", true)?;
-        }
-        vm.start()?;
-        let t_plug = t0.elapsed();
-        let mut agent = connect_agent(&mut vm, timeout)?;
+        let disk = vm::DiskSpec {
+            nbd_socket: nbd_sock.clone(),
+            export: String::new(),
+            read_only: true,
+            overlay: overlay.then(|| overlay_file.clone()),
+        };
+        let (vm, mut agent) = boot(&cfg, &disk, timeout)?;
         agent.writable_mounts = overlay;
-        let t_all = t0.elapsed();
-        stage.done(&format!(
-            "{accel:?}, guest kernel {} (qemu {:.3}s, plug {:.3}s, guest {:.3}s)",
-            agent.kernel,
-            t_qemu.as_secs_f64(),
-            (t_plug - t_qemu).as_secs_f64(),
-            (t_all - t_plug).as_secs_f64()
-        ));
         Ok(Session {
             image: image_arg.to_path_buf(),
             image_files,
@@ -492,21 +469,225 @@ fn diagnostics(vm: &mut Vm) -> String {
     format!("{status}{said}")
 }
 
-/// Connect to the agent's socket and handshake, failing early if QEMU dies.
-fn connect_agent(vm: &mut Vm, timeout: Duration) -> Result<AgentClient> {
+/// Connect to the agent's socket and handshake (waiting for `disks`), failing early if
+/// QEMU dies. Later answers get `timeout` each.
+fn connect_agent(
+    vm: &mut Vm,
+    timeout: Duration,
+    hello_timeout: Duration,
+    disks: &[String],
+) -> Result<AgentClient> {
     let stream = vm.connect_agent()?;
     stream
-        .set_read_timeout(Some(timeout))
+        .set_read_timeout(Some(hello_timeout))
         .map_err(|e| Error::appliance(e.to_string()))?;
-    match AgentClient::connect(stream) {
-        Ok(c) => Ok(c),
+    match AgentClient::connect(stream, disks) {
+        Ok(c) => {
+            c.set_timeout(Some(timeout))?;
+            Ok(c)
+        }
         Err(_) if vm::reaper::interrupted() => Err(Error::Interrupted),
         Err(e) => Err(Error::appliance(format!(
             "the appliance did not start within {} s (IMGSAFE_TIMEOUT): {e}{}",
-            timeout.as_secs_f64(),
+            hello_timeout.as_secs_f64(),
             diagnostics(vm)
         ))),
     }
+}
+
+/// The VM config for this host and environment: accelerator (said once on stderr
+/// when it is TCG), machine, debug flag; sockets and console log in `run_dir`.
+pub fn vm_config(app: &appliance::Appliance, run_dir: &Path) -> Result<vm::VmConfig> {
+    let (accel, note) = vm::accel::choose().map_err(|e| Error::Usage(e.to_string()))?;
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
+    let mut cfg = vm::VmConfig::new(accel, &app.kernel, &app.initrd, run_dir);
+    vm::machine::apply_env(&mut cfg).map_err(|e| Error::Usage(e.to_string()))?;
+    if std::env::var_os("IMGSAFE_DEBUG").is_some() {
+        cfg.extra_cmdline.push("imgsafe.debug=1".into());
+    }
+    Ok(cfg)
+}
+
+/// How long a restored guest may take to answer its hello (it answers in well under
+/// a second; the bound is for a host busy with many sessions).
+const RESTORED_HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long QEMU may take to save or to load a device state (tens of ms).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running VM with `disk` attached and the agent answering: restored from the saved
+/// state for this configuration when there is one, else booted cold. The first cold
+/// boot of a configuration boots without the disk, saves the state, and restores it.
+/// Whatever goes wrong on the warm path is said in one `-v` line and ends in a plain
+/// cold boot: the user never sees it fail.
+fn boot(cfg: &vm::VmConfig, disk: &vm::DiskSpec, timeout: Duration) -> Result<(Vm, AgentClient)> {
+    if !warm::enabled().map_err(Error::Usage)? {
+        return cold_boot(cfg, disk, timeout);
+    }
+    let store = match appliance::cache_root()
+        .map_err(|e| e.to_string())
+        .and_then(|root| warm::Store::open(&root).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(why) => {
+            trace::note(&format!("warm start: {why}; booting cold"));
+            return cold_boot(cfg, disk, timeout);
+        }
+    };
+    let key = warm::key(cfg);
+    let memory = u64::from(cfg.memory_mib) << 20;
+    let state = match store.lookup(&key, memory) {
+        Ok(Some(state)) => Some(state),
+        Ok(None) => None,
+        Err(why) => {
+            trace::note(&format!("warm start: {why}; removed"));
+            store.discard_key(&key);
+            None
+        }
+    };
+    if let Some(state) = state {
+        return match restore(cfg, &state, disk, timeout) {
+            Ok(booted) => Ok(booted),
+            Err(_) if vm::reaper::interrupted() => Err(Error::Interrupted),
+            Err(e) => {
+                trace::note(&format!(
+                    "warm start failed ({e}); the saved state is removed, booting cold"
+                ));
+                store.discard(&state);
+                cold_boot(cfg, disk, timeout)
+            }
+        };
+    }
+    let pending = match store.begin_save(&key, memory) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            trace::note("warm start: another imgsafe is saving the state; booting cold");
+            return cold_boot(cfg, disk, timeout);
+        }
+        Err(why) => {
+            trace::note(&format!("warm start: {why}; booting cold"));
+            return cold_boot(cfg, disk, timeout);
+        }
+    };
+    let saved = save(cfg, &pending, timeout).and_then(|()| {
+        store
+            .publish(pending)
+            .map_err(|e| Error::appliance(e.to_string()))
+    });
+    match saved {
+        Ok(state) => match restore(cfg, &state, disk, timeout) {
+            Ok(booted) => Ok(booted),
+            Err(_) if vm::reaper::interrupted() => Err(Error::Interrupted),
+            Err(e) => {
+                trace::note(&format!(
+                    "restoring the state just saved failed ({e}); it is removed, booting cold"
+                ));
+                store.discard(&state);
+                cold_boot(cfg, disk, timeout)
+            }
+        },
+        Err(_) if vm::reaper::interrupted() => Err(Error::Interrupted),
+        Err(e) => {
+            trace::note(&format!(
+                "saving the appliance state failed ({e}); booting cold"
+            ));
+            cold_boot(cfg, disk, timeout)
+        }
+    }
+}
+
+/// Boot with the disk attached from the start (no saved state involved).
+fn cold_boot(
+    cfg: &vm::VmConfig,
+    disk: &vm::DiskSpec,
+    timeout: Duration,
+) -> Result<(Vm, AgentClient)> {
+    let stage = trace::stage("boot");
+    // Sub-stage times for `-v`: QEMU start-up (until QMP answers), plugging the disk
+    // in and resuming, then the guest's own boot until the agent answers.
+    let t0 = std::time::Instant::now();
+    let mut vm = Vm::launch(cfg)?;
+    let t_qemu = t0.elapsed();
+    match &disk.overlay {
+        Some(overlay) => {
+            vm.attach_nbd_disk_with_overlay(&disk.nbd_socket, &disk.export, overlay)?
+        }
+        None => vm.attach_nbd_disk(&disk.nbd_socket, &disk.export, disk.read_only)?,
+    };
+    vm.start()?;
+    let t_plug = t0.elapsed();
+    let agent = connect_agent(&mut vm, timeout, timeout, &[vm::DiskSpec::serial(0)])?;
+    let t_all = t0.elapsed();
+    stage.done(&format!(
+        "{:?}, guest kernel {} (qemu {:.3}s, plug {:.3}s, guest {:.3}s)",
+        cfg.accel,
+        agent.kernel,
+        t_qemu.as_secs_f64(),
+        (t_plug - t_qemu).as_secs_f64(),
+        (t_all - t_plug).as_secs_f64()
+    ));
+    Ok((vm, agent))
+}
+
+/// Boot with no disk until the agent answers, save the state into `pending`, and stop
+/// that VM (the state is restored next, with the disk).
+fn save(cfg: &vm::VmConfig, pending: &warm::Pending, timeout: Duration) -> Result<()> {
+    let stage = trace::stage("boot");
+    let mut c = cfg.clone();
+    c.ram = vm::GuestRam::SaveTo(pending.ram.clone());
+    let t0 = std::time::Instant::now();
+    let mut vm = Vm::launch(&c)?;
+    vm.start()?;
+    let agent = connect_agent(&mut vm, timeout, timeout, &[])?;
+    let t_boot = t0.elapsed();
+    vm.save_state(&pending.dev, MIGRATION_TIMEOUT)?;
+    vm.kill()?;
+    stage.done(&format!(
+        "{:?}, guest kernel {}, no disk; state saved (boot {:.3}s, save {:.3}s)",
+        c.accel,
+        agent.kernel,
+        t_boot.as_secs_f64(),
+        (t0.elapsed() - t_boot).as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// Start QEMU on a saved state with `disk` on its command line, let the guest run, and
+/// handshake; the agent rescans PCI and waits for the disk.
+fn restore(
+    cfg: &vm::VmConfig,
+    state: &warm::State,
+    disk: &vm::DiskSpec,
+    timeout: Duration,
+) -> Result<(Vm, AgentClient)> {
+    let stage = trace::stage("restore");
+    let mut c = cfg.clone();
+    c.ram = vm::GuestRam::RestoreFrom(state.ram.clone());
+    c.incoming = true;
+    c.disks = vec![disk.clone()];
+    let t0 = std::time::Instant::now();
+    let mut vm = Vm::launch(&c)?;
+    let t_qemu = t0.elapsed();
+    vm.restore_state(&state.dev, MIGRATION_TIMEOUT)?;
+    vm.start()?;
+    let t_restore = t0.elapsed();
+    let agent = connect_agent(
+        &mut vm,
+        timeout,
+        timeout.min(RESTORED_HELLO_TIMEOUT),
+        &[vm::DiskSpec::serial(0)],
+    )?;
+    let t_all = t0.elapsed();
+    stage.done(&format!(
+        "{:?}, guest kernel {} (qemu {:.3}s, restore {:.3}s, guest and disk {:.3}s)",
+        c.accel,
+        agent.kernel,
+        t_qemu.as_secs_f64(),
+        (t_restore - t_qemu).as_secs_f64(),
+        (t_all - t_restore).as_secs_f64()
+    ));
+    Ok((vm, agent))
 }
 
 /// Pick the filesystem to mount at `/`.

@@ -32,7 +32,12 @@ fn verbose_prints_each_stage_with_its_timing_in_order_and_leaves_stdout_alone() 
     sample_tree(src.path(), TreeOpts::PLAIN);
     let img = ext4_image(src.path(), "16M");
 
-    let out = run(["-v", "ls", &img.arg(), "/"]);
+    // A cold boot (warm starts have their own stages, see tests/warm.rs).
+    let out = imgsafe()
+        .env("IMGSAFE_WARM", "0")
+        .args(["-v", "ls", &img.arg(), "/"])
+        .output()
+        .unwrap();
 
     assert_eq!(ok_stdout(&out), "deep\netc\nhome\nlost+found\n");
     let err = stderr(&out);

@@ -1,8 +1,8 @@
 //! `imgsafe appliance`: build the appliance ahead of time and show what it is made of.
 
-use crate::appliance;
 use crate::cli::ApplianceArgs;
 use crate::Result;
+use crate::{appliance, warm};
 
 /// Run `imgsafe appliance`.
 pub fn run(args: ApplianceArgs) -> Result<()> {
@@ -10,6 +10,18 @@ pub fn run(args: ApplianceArgs) -> Result<()> {
     let a = appliance::ensure()?;
     stage.done("");
     let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    // The saved state a command would restore with this environment's settings.
+    let cfg = crate::session::vm_config(&a, &std::env::temp_dir())?;
+    let key = warm::key(&cfg);
+    let state = appliance::cache_root()
+        .ok()
+        .and_then(|root| warm::Store::open(&root).ok())
+        .and_then(|store| {
+            store
+                .lookup(&key, u64::from(cfg.memory_mib) << 20)
+                .ok()
+                .flatten()
+        });
     if args.json {
         let v = serde_json::json!({
             "kernel": a.kernel,
@@ -17,6 +29,11 @@ pub fn run(args: ApplianceArgs) -> Result<()> {
             "pvh": a.pvh,
             "initrd": a.initrd,
             "initrd_size": size(&a.initrd),
+            "warm_state": {
+                "key": key,
+                "path": state.as_ref().map(|s| &s.dir),
+                "bytes": state.as_ref().map(warm::State::disk_usage),
+            },
         });
         println!("{v}");
     } else {
@@ -31,6 +48,14 @@ pub fn run(args: ApplianceArgs) -> Result<()> {
             a.initrd.display(),
             size(&a.initrd)
         );
+        match &state {
+            Some(s) => println!(
+                "warm state: {} ({} bytes on disk, key {key})",
+                s.dir.display(),
+                s.disk_usage()
+            ),
+            None => println!("warm state: none yet for key {key} (the next command saves one)"),
+        }
     }
     Ok(())
 }

@@ -51,6 +51,94 @@ pub const BASE_CMDLINE: &[&str] = &[
 /// emulated, and the kernel spends boot time setting them up.
 pub const TCG_CPU: &str = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt";
 
+/// Id of the memory backend object when guest RAM is a file (see [`GuestRam`]).
+pub const RAM_BACKEND_ID: &str = "ram";
+
+/// Where guest RAM lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestRam {
+    /// Anonymous memory of the QEMU process (the default).
+    Anonymous,
+    /// A file mapped shared: every page the guest writes lands in it, so once the VM
+    /// is stopped the file *is* the RAM of a saved state, and only the device state
+    /// needs migrating (`x-ignore-shared`).
+    SaveTo(PathBuf),
+    /// A saved RAM file, opened read-only and mapped private: pages are read from the
+    /// file (through the page cache, so concurrent sessions share them) and the guest's
+    /// writes are copy-on-write in this process only. The file never changes.
+    RestoreFrom(PathBuf),
+}
+
+/// A disk given on the command line (cold-plugged): an NBD export, optionally under a
+/// copy-on-write overlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The Unix socket the NBD server listens on.
+    pub nbd_socket: PathBuf,
+    /// Export name.
+    pub export: String,
+    /// Open the export read-only (the device then has `VIRTIO_BLK_F_RO`).
+    pub read_only: bool,
+    /// An empty qcow2 file to take the guest's writes (see [`super::qcow2`]).
+    pub overlay: Option<PathBuf>,
+}
+
+impl DiskSpec {
+    /// Block node name of disk `index`.
+    pub fn node(index: u32) -> String {
+        format!("disk{index}")
+    }
+
+    /// Device id of disk `index`.
+    pub fn device_id(index: u32) -> String {
+        format!("vd{index}")
+    }
+
+    /// The virtio-blk serial of disk `index` (`/sys/block/vdX/serial` in the guest).
+    pub fn serial(index: u32) -> String {
+        format!("imgsafe{index}")
+    }
+
+    /// The `blockdev-add` arguments for disk `index`, bottom node first. `None` when a
+    /// path is not UTF-8 (QMP and JSON options are text).
+    pub fn blockdevs(&self, index: u32) -> Option<Vec<serde_json::Value>> {
+        let node = Self::node(index);
+        let mut nodes = vec![serde_json::json!({
+            "driver": "nbd",
+            "node-name": node,
+            "server": {"type": "unix", "path": self.nbd_socket.to_str()?},
+            "export": self.export,
+            "read-only": self.read_only,
+        })];
+        if let Some(overlay) = &self.overlay {
+            nodes.push(serde_json::json!({
+                "driver": "qcow2",
+                "node-name": format!("{node}-overlay"),
+                "file": {"driver": "file", "filename": overlay.to_str()?},
+                "backing": node,
+                "read-only": false,
+            }));
+        }
+        Some(nodes)
+    }
+
+    /// The `device_add` arguments for disk `index`, in root port `index`.
+    pub fn device(&self, index: u32) -> serde_json::Value {
+        let node = Self::node(index);
+        let drive = match self.overlay {
+            Some(_) => format!("{node}-overlay"),
+            None => node,
+        };
+        serde_json::json!({
+            "driver": "virtio-blk-pci",
+            "drive": drive,
+            "bus": root_port_id(index),
+            "id": Self::device_id(index),
+            "serial": Self::serial(index),
+        })
+    }
+}
+
 /// How QEMU runs guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -119,6 +207,13 @@ pub struct VmConfig {
     /// Confine QEMU with its seccomp filter (`-sandbox on`, denying obsolete calls,
     /// privilege changes, spawning processes and resource control).
     pub sandbox: bool,
+    /// Where guest RAM lives (a file when saving or restoring a state).
+    pub ram: GuestRam,
+    /// Wait for an incoming migration (`-incoming defer`): the VM is restored from a
+    /// saved state over QMP instead of booting.
+    pub incoming: bool,
+    /// Disks plugged in on the command line, into root ports 0, 1, ...
+    pub disks: Vec<DiskSpec>,
 }
 
 impl VmConfig {
@@ -153,6 +248,9 @@ impl VmConfig {
             max_file_bytes: super::process::MAX_QEMU_FILE_BYTES,
             root_ports: 1,
             sandbox: true,
+            ram: GuestRam::Anonymous,
+            incoming: false,
+            disks: Vec::new(),
         }
     }
 
@@ -179,7 +277,11 @@ impl VmConfig {
             "-display",
             "none",
         ]);
-        a.pair("-M", self.machine_arg());
+        let mut machine = OsString::from(self.machine_arg());
+        if self.ram != GuestRam::Anonymous {
+            machine.push(format!(",memory-backend={RAM_BACKEND_ID}"));
+        }
+        a.pair("-M", machine);
         if let Some(firmware) = &self.firmware {
             a.pair("-bios", firmware.as_os_str());
         }
@@ -197,6 +299,25 @@ impl VmConfig {
             Accel::Kvm => a.words(&["-accel", "kvm", "-cpu", "host"]),
         }
         a.pair("-m", self.memory_mib.to_string());
+        let backend = format!(
+            "memory-backend-file,id={RAM_BACKEND_ID},size={}M,mem-path=",
+            self.memory_mib
+        );
+        match &self.ram {
+            GuestRam::Anonymous => {}
+            GuestRam::SaveTo(file) => {
+                let mut v = keyval(&backend, file);
+                v.push(",share=on");
+                a.pair("-object", v);
+            }
+            GuestRam::RestoreFrom(file) => {
+                // readonly=on + rom=off: the file is opened read-only but mapped
+                // writable and private, so the guest runs and the file stays as saved.
+                let mut v = keyval(&backend, file);
+                v.push(",share=off,readonly=on,rom=off");
+                a.pair("-object", v);
+            }
+        }
         a.pair("-smp", self.cpus.max(1).to_string());
         a.pair("-kernel", self.kernel.as_os_str());
         a.pair("-initrd", self.initrd.as_os_str());
@@ -212,6 +333,9 @@ impl VmConfig {
         a.word("-no-reboot");
         // Start paused: the disk is plugged over QMP before the guest looks for it.
         a.word("-S");
+        if self.incoming {
+            a.pair("-incoming", "defer");
+        }
         a.pair(
             "-chardev",
             keyval("socket,id=qmp,server=on,wait=off,path=", &self.qmp_socket),
@@ -239,11 +363,28 @@ impl VmConfig {
                 imgsafe_proto::PORT_NAME
             ),
         );
+        // No power controller: QEMU powers an empty slot with one off, and a slot that
+        // was empty when a state was saved would keep the disk plugged in after the
+        // restore unpowered and invisible. Without one the disk shows up on a PCI
+        // rescan, with no hot-plug event and none of the slot's settle delays.
         for i in 0..self.root_ports.max(1) {
             a.pair(
                 "-device",
-                format!("pcie-root-port,id={},chassis={}", root_port_id(i), i + 1),
+                format!(
+                    "pcie-root-port,id={},chassis={},power_controller_present=off",
+                    root_port_id(i),
+                    i + 1
+                ),
             );
+        }
+        for (i, disk) in (0u32..).zip(&self.disks) {
+            // Paths were checked to be UTF-8 when the config was made (see
+            // `Vm::launch`); a disk that cannot be described is left out and the
+            // guest's wait for it fails.
+            for node in disk.blockdevs(i).unwrap_or_default() {
+                a.pair("-blockdev", node.to_string());
+            }
+            a.pair("-device", disk.device(i).to_string());
         }
         a.pair("-nic", "none");
         if self.sandbox {
@@ -331,6 +472,9 @@ mod tests {
             max_file_bytes: 1 << 20,
             root_ports: 1,
             sandbox: true,
+            ram: GuestRam::Anonymous,
+            incoming: false,
+            disks: Vec::new(),
         }
     }
 
@@ -362,7 +506,7 @@ mod tests {
             "-device", "virtio-serial-pci,id=vser0,max_ports=2",
             "-chardev", "socket,id=agent,server=on,wait=off,path=/run/x/agent.sock",
             "-device", "virtserialport,bus=vser0.0,chardev=agent,name=org.imgsafe.agent",
-            "-device", "pcie-root-port,id=rp0,chassis=1",
+            "-device", "pcie-root-port,id=rp0,chassis=1,power_controller_present=off",
             "-nic", "none",
             "-sandbox", SANDBOX,
         ];
@@ -419,9 +563,9 @@ mod tests {
             "-device",
             "virtserialport,bus=vser0.0,chardev=agent,name=org.imgsafe.agent",
             "-device",
-            "pcie-root-port,id=rp0,chassis=1",
+            "pcie-root-port,id=rp0,chassis=1,power_controller_present=off",
             "-device",
-            "pcie-root-port,id=rp1,chassis=2",
+            "pcie-root-port,id=rp1,chassis=2,power_controller_present=off",
             "-nic",
             "none",
             "-sandbox",
@@ -486,6 +630,65 @@ mod tests {
             .count();
 
         assert_eq!(ports, 1);
+    }
+
+    #[test]
+    fn saving_maps_ram_from_a_shared_file() {
+        let mut cfg = sample(Accel::Tcg);
+        cfg.ram = GuestRam::SaveTo(PathBuf::from("/cache/w/ram,1"));
+
+        let argv = strings(cfg.argv());
+
+        assert!(argv.contains(&format!("{MICROVM},memory-backend=ram")));
+        assert!(argv.contains(
+            &"memory-backend-file,id=ram,size=192M,mem-path=/cache/w/ram,,1,share=on".to_string()
+        ));
+        assert!(!argv.contains(&"-incoming".to_string()));
+    }
+
+    #[test]
+    fn restoring_maps_the_saved_ram_private_and_read_only_and_waits_for_migration() {
+        let mut cfg = sample(Accel::Tcg);
+        cfg.ram = GuestRam::RestoreFrom(PathBuf::from("/cache/w/ram"));
+        cfg.incoming = true;
+
+        let argv = strings(cfg.argv());
+
+        assert!(argv.contains(
+            &"memory-backend-file,id=ram,size=192M,mem-path=/cache/w/ram,share=off,readonly=on,rom=off"
+                .to_string()
+        ));
+        let i = argv.iter().position(|a| a == "-incoming").unwrap();
+        assert_eq!(argv[i + 1], "defer");
+    }
+
+    #[test]
+    fn command_line_disks_are_blockdevs_in_root_ports() {
+        let mut cfg = sample(Accel::Tcg);
+        cfg.disks = vec![DiskSpec {
+            nbd_socket: PathBuf::from("/run/x/nbd.sock"),
+            export: String::new(),
+            read_only: true,
+            overlay: Some(PathBuf::from("/run/x/overlay.qcow2")),
+        }];
+
+        let argv = strings(cfg.argv());
+
+        let blockdevs: Vec<serde_json::Value> = argv
+            .windows(2)
+            .filter(|w| w[0] == "-blockdev")
+            .map(|w| serde_json::from_str(&w[1]).unwrap())
+            .collect();
+        assert_eq!(blockdevs[0]["driver"], "nbd");
+        assert_eq!(blockdevs[0]["read-only"], true);
+        assert_eq!(blockdevs[0]["server"]["path"], "/run/x/nbd.sock");
+        assert_eq!(blockdevs[1]["driver"], "qcow2");
+        assert_eq!(blockdevs[1]["backing"], "disk0");
+        let device = argv.iter().find(|a| a.contains("virtio-blk-pci")).unwrap();
+        let device: serde_json::Value = serde_json::from_str(device).unwrap();
+        assert_eq!(device["drive"], "disk0-overlay");
+        assert_eq!(device["bus"], "rp0");
+        assert_eq!(device["serial"], "imgsafe0");
     }
 
     #[test]

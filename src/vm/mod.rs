@@ -43,7 +43,7 @@ pub mod tsc;
 use std::ffi::OsString;
 
 pub use accel::AccelError;
-pub use config::{Accel, Machine, VmConfig};
+pub use config::{Accel, DiskSpec, GuestRam, Machine, VmConfig};
 pub use machine::MachineError;
 pub use process::{DiskSlot, Vm, VmError, MAX_QEMU_FILE_BYTES};
 

@@ -1,6 +1,6 @@
 //! One QEMU process: spawn, QMP, disk hot-plug, start, watch, shut down, always reap.
 
-use super::config::{root_port_id, VmConfig};
+use super::config::{DiskSpec, VmConfig};
 use super::qmp::{Qmp, QmpError};
 use super::reaper;
 use serde_json::json;
@@ -81,6 +81,31 @@ pub enum VmError {
     /// waitpid failed.
     #[error("waiting for QEMU: {0}")]
     Wait(io::Error),
+    /// Saving or restoring the VM state failed.
+    #[error("{step}: {what}")]
+    Migration { step: &'static str, what: String },
+}
+
+/// How often a running migration is polled (saving and restoring take tens of ms).
+const MIGRATION_POLL: Duration = Duration::from_millis(2);
+
+/// A `file:` migration URI for `path` (QMP is JSON text: the path must be UTF-8).
+fn file_uri(path: &Path) -> Result<String, VmError> {
+    path.to_str()
+        .map(|p| format!("file:{p}"))
+        .ok_or_else(|| VmError::NonUtf8Path {
+            path: path.to_path_buf(),
+        })
+}
+
+/// Every path of a disk must be UTF-8 to be described to QEMU.
+fn check_utf8(disk: &DiskSpec) -> Result<(), VmError> {
+    for p in std::iter::once(&disk.nbd_socket).chain(&disk.overlay) {
+        if p.to_str().is_none() {
+            return Err(VmError::NonUtf8Path { path: p.clone() });
+        }
+    }
+    Ok(())
 }
 
 /// A disk plugged into the VM.
@@ -114,6 +139,9 @@ pub struct Vm {
 impl Vm {
     /// Spawn QEMU (paused, `-S`) and connect to its QMP socket.
     pub fn launch(cfg: &VmConfig) -> Result<Vm, VmError> {
+        for disk in &cfg.disks {
+            check_utf8(disk)?;
+        }
         for path in [&cfg.qmp_socket, &cfg.agent_socket] {
             let len = path.as_os_str().as_bytes().len();
             if len > MAX_SOCKET_PATH {
@@ -192,7 +220,7 @@ impl Vm {
             console_log: cfg.console_log.clone(),
             messages,
             root_ports: cfg.root_ports.max(1),
-            disks: 0,
+            disks: u32::try_from(cfg.disks.len()).unwrap_or(u32::MAX),
             exited: None,
         };
         if !reaper::register(pid) {
@@ -293,51 +321,95 @@ impl Vm {
                 ports: self.root_ports,
             });
         }
-        let socket = nbd_socket.to_str().ok_or_else(|| VmError::NonUtf8Path {
-            path: nbd_socket.to_path_buf(),
-        })?;
+        let spec = DiskSpec {
+            nbd_socket: nbd_socket.to_path_buf(),
+            export: export.to_string(),
+            read_only,
+            overlay: overlay.map(Path::to_path_buf),
+        };
+        check_utf8(&spec)?;
         let n = self.disks;
-        let slot = DiskSlot {
-            node: format!("disk{n}"),
-            device: format!("vd{n}"),
-            serial: format!("imgsafe{n}"),
-        };
-        let blockdev = json!({
-            "driver": "nbd",
-            "node-name": slot.node,
-            "server": {"type": "unix", "path": socket},
-            "export": export,
-            "read-only": read_only,
-        });
-        self.qmp_step("attaching the disk", "blockdev-add", blockdev)?;
-        let drive = match overlay {
-            None => slot.node.clone(),
-            Some(path) => {
-                let file = path.to_str().ok_or_else(|| VmError::NonUtf8Path {
-                    path: path.to_path_buf(),
-                })?;
-                let node = format!("{}-overlay", slot.node);
-                let layer = json!({
-                    "driver": "qcow2",
-                    "node-name": node,
-                    "file": {"driver": "file", "filename": file},
-                    "backing": slot.node,
-                    "read-only": false,
-                });
-                self.qmp_step("adding the copy-on-write overlay", "blockdev-add", layer)?;
-                node
-            }
-        };
-        let device = json!({
-            "driver": "virtio-blk-pci",
-            "drive": drive,
-            "bus": root_port_id(n),
-            "id": slot.device,
-            "serial": slot.serial,
-        });
-        self.qmp_step("plugging the disk in", "device_add", device)?;
+        let nodes = spec.blockdevs(n).unwrap_or_default();
+        for (i, node) in nodes.into_iter().enumerate() {
+            let step = if i == 0 {
+                "attaching the disk"
+            } else {
+                "adding the copy-on-write overlay"
+            };
+            self.qmp_step(step, "blockdev-add", node)?;
+        }
+        self.qmp_step("plugging the disk in", "device_add", spec.device(n))?;
         self.disks += 1;
-        Ok(slot)
+        Ok(DiskSlot {
+            node: DiskSpec::node(n),
+            device: DiskSpec::device_id(n),
+            serial: DiskSpec::serial(n),
+        })
+    }
+
+    /// Save the VM's device state to `file` (`migrate` to a `file:` URI) and leave QEMU
+    /// stopped. Guest RAM is not in it: it must live in a shared file
+    /// ([`GuestRam::SaveTo`]), which `x-ignore-shared` leaves out of the stream.
+    pub fn save_state(&mut self, file: &Path, timeout: Duration) -> Result<(), VmError> {
+        let uri = file_uri(file)?;
+        self.qmp_call("stopping the VM to save it", "stop", None)?;
+        self.set_ignore_shared("saving the VM state")?;
+        self.qmp_step("saving the VM state", "migrate", json!({ "uri": uri }))?;
+        self.wait_migration("saving the VM state", timeout)
+    }
+
+    /// Restore the device state saved by [`Vm::save_state`] into a QEMU launched with
+    /// `incoming` and the saved RAM file ([`GuestRam::RestoreFrom`](super::config::GuestRam::RestoreFrom)). The VM stays
+    /// paused; [`Vm::start`] runs it.
+    pub fn restore_state(&mut self, file: &Path, timeout: Duration) -> Result<(), VmError> {
+        let uri = file_uri(file)?;
+        self.set_ignore_shared("restoring the VM state")?;
+        self.qmp_step(
+            "restoring the VM state",
+            "migrate-incoming",
+            json!({ "uri": uri }),
+        )?;
+        self.wait_migration("restoring the VM state", timeout)
+    }
+
+    fn set_ignore_shared(&mut self, step: &'static str) -> Result<(), VmError> {
+        self.qmp_step(
+            step,
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+        )
+    }
+
+    /// Poll `query-migrate` until the migration completed, failed, or `timeout` passed.
+    fn wait_migration(&mut self, step: &'static str, timeout: Duration) -> Result<(), VmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.qmp_call(step, "query-migrate", None)?;
+            match info.get("status").and_then(serde_json::Value::as_str) {
+                Some("completed") => return Ok(()),
+                Some(status @ ("failed" | "cancelled")) => {
+                    let why = info
+                        .get("error-desc")
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or(status);
+                    return Err(VmError::Migration {
+                        step,
+                        what: why.chars().take(500).collect(),
+                    });
+                }
+                _ => {}
+            }
+            if reaper::interrupted() {
+                return Err(VmError::Interrupted);
+            }
+            if Instant::now() >= deadline {
+                return Err(VmError::Migration {
+                    step,
+                    what: format!("not done within {:.1} s", timeout.as_secs_f64()),
+                });
+            }
+            std::thread::sleep(MIGRATION_POLL);
+        }
     }
 
     /// Let the guest run (QMP `cont`).

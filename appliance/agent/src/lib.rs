@@ -31,6 +31,8 @@ pub fn run() -> ! {
         },
         debug: init::debug_requested(),
         lvm: Some(PathBuf::from(lvm::LVM_BINARY)),
+        disk_wait: hello::DISK_WAIT,
+        is_init: true,
     };
     loop {
         let reader = port.try_clone().map(BufReader::new);
@@ -50,6 +52,7 @@ pub fn run() -> ! {
 pub mod devices;
 pub mod entry;
 pub mod error;
+pub mod hello;
 pub mod init;
 pub mod lvm;
 pub mod mount;

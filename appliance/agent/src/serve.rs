@@ -30,6 +30,11 @@ pub struct Agent {
     pub debug: bool,
     /// The lvm tool that activates volume groups found on the disks (None: never run it).
     pub lvm: Option<PathBuf>,
+    /// How long `Hello` waits for the disks the host names.
+    pub disk_wait: std::time::Duration,
+    /// Running as the appliance's init: `Hello` may set the clock and feed the kernel's
+    /// random pool (never in tests, which run on the host).
+    pub is_init: bool,
 }
 
 /// Why [`Agent::serve`] returned.
@@ -124,15 +129,26 @@ impl Agent {
         }
         let root = self.sysroot.as_path();
         match req {
-            Request::Hello { .. } => {
+            Request::Hello {
+                version: _,
+                nonce,
+                entropy,
+                time,
+                disks,
+            } => {
+                if self.is_init {
+                    crate::hello::refresh(&entropy, time, &|m| crate::init::log(m));
+                }
                 // The host checks the version; answering with ours lets it say which side is stale.
-                answer(
-                    w,
-                    Ok(Response::Hello {
-                        version: PROTOCOL_VERSION,
-                        kernel: kernel_release(),
-                    }),
-                )?
+                let r =
+                    crate::hello::wait_for_disks(&self.devices, &disks, self.disk_wait).map(|()| {
+                        Response::Hello {
+                            version: PROTOCOL_VERSION,
+                            kernel: kernel_release(),
+                            nonce,
+                        }
+                    });
+                answer(w, r)?
             }
             Request::ListFilesystems => {
                 let list =
@@ -216,6 +232,8 @@ mod tests {
             },
             debug: false,
             lvm: None,
+            disk_wait: std::time::Duration::from_millis(50),
+            is_init: false,
         };
         let handle = std::thread::spawn(move || {
             let mut r = io::BufReader::new(guest.try_clone().unwrap());
@@ -351,13 +369,18 @@ mod tests {
 
         let r = h.call(Request::Hello {
             version: PROTOCOL_VERSION,
+            nonce: 0x1234_5678_9abc_def0,
+            entropy: vec![7; 32],
+            time: imgsafe_proto::WallClock::now(),
+            disks: Vec::new(),
         });
 
         assert_eq!(
             r,
             Response::Hello {
                 version: PROTOCOL_VERSION,
-                kernel: kernel_release()
+                kernel: kernel_release(),
+                nonce: 0x1234_5678_9abc_def0,
             }
         );
         assert!(!kernel_release().is_empty());

@@ -21,7 +21,7 @@ mod escape;
 pub use escape::unescape_octal;
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame (kind byte + payload) either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest data chunk the agent sends in one `KIND_DATA` frame.
@@ -42,11 +42,63 @@ pub const KIND_STDERR: u8 = 3;
 /// Name of the virtio-serial port the agent opens (`/dev/virtio-ports/<name>`).
 pub const PORT_NAME: &str = "org.imgsafe.agent";
 
+/// Most bytes of entropy one `Hello` carries.
+pub const MAX_ENTROPY: usize = 256;
+/// Most disks one `Hello` asks the agent to wait for.
+pub const MAX_HELLO_DISKS: usize = 16;
+/// Longest virtio-blk serial (the device's ID string is 20 bytes).
+pub const MAX_DISK_SERIAL: usize = 20;
+
+/// Wall-clock time as seconds and nanoseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WallClock {
+    pub secs: u64,
+    pub nanos: u32,
+}
+
+impl WallClock {
+    /// The current time of this machine.
+    pub fn now() -> WallClock {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        WallClock {
+            secs: d.as_secs(),
+            nanos: d.subsec_nanos(),
+        }
+    }
+}
+
+/// Whether `s` is a disk serial the agent may look for: 1 to [`MAX_DISK_SERIAL`] ASCII
+/// letters, digits, `-` or `_` (it is compared with sysfs text, never used as a path).
+pub fn valid_disk_serial(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_DISK_SERIAL
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// A request from the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// First message; the agent answers `Hello` with its own version.
-    Hello { version: u32 },
+    /// First message of every session; the agent answers `Hello` with its own version
+    /// and the same `nonce`. A guest restored from a saved state is a copy of one that
+    /// already said hello, so this message is also what makes it fresh: it credits
+    /// `entropy` to the guest's random pool, sets the clock to `time`, and waits for the
+    /// disks named in `disks` (hot-added after the restore) before it answers.
+    Hello {
+        version: u32,
+        /// Chosen at random per session and echoed: an answer that does not carry it
+        /// belongs to another session (or to the saved guest's past) and is refused.
+        nonce: u64,
+        /// Fresh random bytes from the host, at most [`MAX_ENTROPY`].
+        entropy: Vec<u8>,
+        /// The host's wall-clock time.
+        time: WallClock,
+        /// Serials of the virtio disks the agent must see before it answers (at most
+        /// [`MAX_HELLO_DISKS`], each a short ASCII name, see [`valid_disk_serial`]).
+        disks: Vec<String>,
+    },
     /// Probe every block device and partition (and LVM volume) the guest sees.
     ListFilesystems,
     /// Mount `device` at the guest's sysroot + `mountpoint` ("/" for the root).
@@ -217,6 +269,8 @@ pub enum Response {
     Hello {
         version: u32,
         kernel: String,
+        /// The request's nonce, echoed.
+        nonce: u64,
     },
     Filesystems {
         list: Vec<FsInfo>,

@@ -1,0 +1,186 @@
+//! `Hello`: start of a session. The same guest may answer many sessions, because the
+//! host restores it from a saved state taken right after its first hello; so each hello
+//! makes it fresh (entropy, clock) and waits for the disks the host plugged in after
+//! the restore.
+
+use crate::devices::DeviceRoots;
+use crate::error::OpError;
+use imgsafe_proto::{valid_disk_serial, ErrorKind, WallClock, MAX_ENTROPY, MAX_HELLO_DISKS};
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How long the disks may take to appear after a PCI rescan (they take ~0.1 s under
+/// TCG; the bound is for a host so busy that the guest barely runs).
+pub const DISK_WAIT: Duration = Duration::from_secs(20);
+/// Poll interval while waiting for the disks.
+const DISK_POLL: Duration = Duration::from_millis(2);
+/// `RNDADDENTROPY`, `_IOW('R', 0x03, int[2])` in linux/random.h: add bytes to the input
+/// pool and credit them as entropy.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG`, `_IO('R', 0x07)`: reseed the CRNG from the input pool now, so the
+/// next random bytes no longer follow from the saved state's pool.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Make the guest fresh: credit `entropy` to the kernel's pool, reseed the CRNG and set
+/// the clock. Failures are logged only: a guest that cannot do this is still usable
+/// (the host never trusts it for randomness or time).
+pub fn refresh(entropy: &[u8], time: WallClock, log: &dyn Fn(&str)) {
+    if !entropy.is_empty() {
+        if let Err(e) = add_entropy(&entropy[..entropy.len().min(MAX_ENTROPY)]) {
+            log(&format!("adding entropy: {e}"));
+        }
+    }
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(time.secs).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(time.nanos.min(999_999_999) as i32),
+    };
+    // SAFETY: clock_settime reads the timespec we own.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        log(&format!(
+            "setting the clock: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+}
+
+fn add_entropy(bytes: &[u8]) -> std::io::Result<()> {
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    let bits = i32::try_from(bytes.len() * 8).unwrap_or(i32::MAX);
+    let len = i32::try_from(bytes.len()).unwrap_or(i32::MAX);
+    info.extend_from_slice(&bits.to_ne_bytes());
+    info.extend_from_slice(&len.to_ne_bytes());
+    info.extend_from_slice(bytes);
+    // The ioctl reads whole u32 words.
+    info.resize(8 + bytes.len().div_ceil(4) * 4, 0);
+    let f = File::options().write(true).open("/dev/urandom")?;
+    // SAFETY: the buffer is a valid rand_pool_info of buf_size bytes and outlives the call.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Wait until a block device with each of `serials` exists. A disk plugged in after a
+/// restore is not seen by the guest on its own (no hot-plug event is sent, which would
+/// cost the PCIe slot's settle delays), so the PCI buses are rescanned once first.
+pub fn wait_for_disks(
+    roots: &DeviceRoots,
+    serials: &[String],
+    timeout: Duration,
+) -> Result<(), OpError> {
+    if serials.len() > MAX_HELLO_DISKS || !serials.iter().all(|s| valid_disk_serial(s)) {
+        return Err(OpError::new(
+            ErrorKind::BadRequest,
+            "bad list of disks to wait for",
+        ));
+    }
+    let missing = |roots: &DeviceRoots| -> Vec<&String> {
+        let present = present_serials(&roots.sys);
+        serials.iter().filter(|s| !present.contains(s)).collect()
+    };
+    if missing(roots).is_empty() {
+        return Ok(());
+    }
+    let rescan = roots.sys.join("bus/pci/rescan");
+    if let Err(e) = std::fs::write(&rescan, b"1") {
+        return Err(OpError::new(
+            ErrorKind::Other,
+            format!("rescanning PCI ({}): {e}", rescan.display()),
+        ));
+    }
+    let start = Instant::now();
+    loop {
+        let left = missing(roots);
+        if left.is_empty() {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            let names: Vec<&str> = left.iter().map(|s| s.as_str()).collect();
+            return Err(OpError::new(
+                ErrorKind::Other,
+                format!(
+                    "disk {} did not appear within {} s",
+                    names.join(", "),
+                    timeout.as_secs()
+                ),
+            ));
+        }
+        std::thread::sleep(DISK_POLL);
+    }
+}
+
+/// The serials of the block devices in `sys/block` (virtio-blk exposes `serial`).
+fn present_serials(sys: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(sys.join("block")) else {
+        return Vec::new();
+    };
+    rd.filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_to_string(e.path().join("serial")).ok())
+        .map(|s| s.trim().to_string())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roots(dir: &Path) -> DeviceRoots {
+        DeviceRoots {
+            sys: dir.join("sys"),
+            dev: dir.join("dev"),
+        }
+    }
+
+    fn add_disk(dir: &Path, name: &str, serial: &str) {
+        let d = dir.join("sys/block").join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("serial"), format!("{serial}\n")).unwrap();
+    }
+
+    #[test]
+    fn present_disks_need_no_rescan() {
+        let dir = tempfile::tempdir().unwrap();
+        add_disk(dir.path(), "vda", "imgsafe0");
+
+        let r = wait_for_disks(&roots(dir.path()), &["imgsafe0".into()], DISK_WAIT);
+
+        assert!(r.is_ok());
+        assert!(!dir.path().join("sys/bus/pci/rescan").exists());
+    }
+
+    #[test]
+    fn a_missing_disk_triggers_one_rescan_then_times_out_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("sys/bus/pci")).unwrap();
+        add_disk(dir.path(), "vda", "imgsafe0");
+
+        let err = wait_for_disks(
+            &roots(dir.path()),
+            &["imgsafe0".into(), "imgsafe1".into()],
+            Duration::from_millis(30),
+        )
+        .unwrap_err();
+
+        assert!(err.message.contains("imgsafe1"), "{}", err.message);
+        assert_eq!(
+            std::fs::read(dir.path().join("sys/bus/pci/rescan")).unwrap(),
+            b"1"
+        );
+    }
+
+    #[test]
+    fn serials_that_are_not_short_names_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+
+        let r = wait_for_disks(&roots(dir.path()), &["../x".into()], DISK_WAIT);
+
+        assert_eq!(r.unwrap_err().kind, ErrorKind::BadRequest);
+    }
+}
