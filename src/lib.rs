@@ -14,6 +14,7 @@ pub mod format;
 pub mod image;
 pub mod inspect;
 pub mod nbd;
+pub mod rundir;
 pub mod session;
 pub mod trace;
 pub mod vm;

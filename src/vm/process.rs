@@ -139,7 +139,7 @@ impl Vm {
         let parent = unsafe { libc::getpid() };
         let max_file = cfg.max_file_bytes;
         // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-        // functions (prctl, setrlimit, getppid), allocating nothing.
+        // functions (prctl, setrlimit, umask, getppid), allocating nothing.
         unsafe {
             command.pre_exec(move || {
                 if libc::prctl(
@@ -166,6 +166,9 @@ impl Vm {
                 {
                     return Err(io::Error::last_os_error());
                 }
+                // QEMU creates the QMP and agent sockets and the console log: owner-only
+                // whatever umask imgsafe was started with.
+                libc::umask(0o077);
                 // imgsafe died before prctl took effect: do not start an orphan.
                 if libc::getppid() != parent {
                     return Err(io::Error::from_raw_os_error(libc::ESRCH));
