@@ -34,7 +34,6 @@ use dest::{Dir, Present};
 use imgsafe_proto::{validate_name, Entry, FileType, MAX_PATH};
 use order::{OrderError, Tree};
 use progress::Progress;
-use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{self, IsTerminal, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -78,23 +77,9 @@ pub struct CopyStats {
     pub bytes: u64,
 }
 
-/// A name or path for a one-line message: control characters and bytes that are not
-/// UTF-8 are escaped.
+/// A name or path for a one-line message, safe for a terminal.
 fn show(bytes: &[u8]) -> String {
-    let mut s = String::new();
-    for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if c.is_control() {
-                s.extend(c.escape_default());
-            } else {
-                s.push(c);
-            }
-        }
-        for b in chunk.invalid() {
-            let _ = write!(s, "\\x{b:02x}");
-        }
-    }
-    s
+    crate::terminal::printable(bytes)
 }
 
 /// One source as the copy sees it.
@@ -1660,6 +1645,6 @@ mod tests {
 
     #[test]
     fn show_escapes_control_and_invalid_bytes() {
-        assert_eq!(show(b"a\nb\xffc d"), "a\\nb\\xffc d");
+        assert_eq!(show(b"a\nb\xffc d"), "a?b?c d");
     }
 }

@@ -539,14 +539,9 @@ fn tail_text(file: &mut File) -> Option<Vec<String>> {
         .ok()?;
     let mut bytes = Vec::new();
     file.take(TAIL_BYTES).read_to_end(&mut bytes).ok()?;
-    let text = String::from_utf8_lossy(&bytes);
-    let lines: Vec<String> = text
-        .split(['\n', '\r'])
-        .map(|l| {
-            l.chars()
-                .map(|c| if c.is_control() { '?' } else { c })
-                .collect::<String>()
-        })
+    let lines: Vec<String> = bytes
+        .split(|&b| b == b'\n' || b == b'\r')
+        .map(crate::terminal::printable)
         .map(|l| l.trim().to_string())
         .filter(|l| !l.is_empty())
         .collect();
