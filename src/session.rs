@@ -83,6 +83,7 @@ impl Session {
         let image_files = source.layers().into_iter().map(|l| l.path).collect();
         let dir = crate::rundir::create().map_err(|e| Error::Other(e.to_string()))?;
         let disk_size = source.size();
+        image::check_vm_size(image_arg, disk_size)?;
         let nbd_sock = dir.path().join("nbd.sock");
         let nbd = nbd::Server::start(source, &nbd_sock, "").map_err(|e| {
             Error::Other(format!(

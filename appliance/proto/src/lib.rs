@@ -21,7 +21,7 @@ mod escape;
 pub use escape::unescape_octal;
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame (kind byte + payload) either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest data chunk the agent sends in one `KIND_DATA` frame.
@@ -203,6 +203,9 @@ pub enum ErrorKind {
     IsDirectory,
     /// A non-directory where a directory was needed.
     NotDirectory,
+    /// Resolving the path met a symlink loop (ELOOP, or more links than the agent
+    /// follows).
+    TooManyLinks,
     /// Nothing mountable, or mount failed.
     Mount,
     /// The request was malformed or out of order.
