@@ -25,9 +25,9 @@ const FILE_MODE: u32 = 0o600;
 /// lock file; sweeping leaves it for next time.
 const FRESH_GRACE: Duration = Duration::from_secs(2);
 /// A run directory without a lock file is a command killed between creating the
-/// directory and its lock (or one from a version without locks); once this old it is
-/// certainly not being set up any more.
-const UNLOCKED_GRACE: Duration = Duration::from_secs(600);
+/// directory and its lock, or one of an older imgsafe that made no lock and may still be
+/// running a long command; untouched this long, it is certainly stale.
+const UNLOCKED_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// Why the run directory could not be made.
 #[derive(Debug, thiserror::Error)]
