@@ -964,11 +964,13 @@ fn clients_that_never_read_cannot_grow_the_server_past_its_reply_budget() {
     let mut stalled = Vec::new();
     for i in 0..CLIENTS as u64 {
         let mut c = Client::connect(&fx.socket());
-        // Simple replies: every byte asked for is sent as data, holes included.
-        c.go("", false);
+        // Structured replies with DF, the costliest form: every byte asked for is sent
+        // as data (holes included), and the pieces of one reply do not wait for each
+        // other.
+        c.go("", true);
         for r in 0..READS {
             let offset = (i * READS + r) * u64::from(MAX_PAYLOAD);
-            c.request(CMD_READ, 0, r, offset, MAX_PAYLOAD);
+            c.request(CMD_READ, CMD_FLAG_DF, r, offset, MAX_PAYLOAD);
         }
         stalled.push(c);
     }
