@@ -260,6 +260,11 @@ fn the_run_directory_and_all_in_it_are_owner_only_even_with_umask_000() {
 
     assert!(ready, "the run directory never held {names:?}");
     assert_eq!(dir_mode, Some(0o700));
+    assert_eq!(
+        mode(&test_cache().join("imgsafe")),
+        0o700,
+        "the appliance cache"
+    );
     assert!(modes.len() >= names.len(), "{modes:?}");
     assert!(
         modes.iter().all(|(_, m)| m & 0o077 == 0),
