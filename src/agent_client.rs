@@ -51,6 +51,9 @@ pub struct AgentClient {
     pub writable_mounts: bool,
 }
 
+/// Most characters of a guest error message shown to the user.
+const MAX_GUEST_MESSAGE: usize = 300;
+
 /// Map an agent-side error to the host error, naming `path`.
 fn agent_error(kind: ErrorKind, message: String, path: &[u8]) -> Error {
     let shown = String::from_utf8_lossy(path).into_owned();
@@ -59,10 +62,14 @@ fn agent_error(kind: ErrorKind, message: String, path: &[u8]) -> Error {
         ErrorKind::NotFound => Some("no such file or directory in the image"),
         ErrorKind::IsDirectory => Some("is a directory"),
         ErrorKind::NotDirectory => Some("not a directory"),
+        ErrorKind::TooManyLinks => Some("too many levels of symbolic links"),
         _ => None,
     };
     match kind {
-        ErrorKind::NotFound | ErrorKind::IsDirectory | ErrorKind::NotDirectory => Error::NotFound {
+        ErrorKind::NotFound
+        | ErrorKind::IsDirectory
+        | ErrorKind::NotDirectory
+        | ErrorKind::TooManyLinks => Error::NotFound {
             image: Default::default(),
             path: shown,
             what: fixed.unwrap_or_default().to_string(),
@@ -72,12 +79,12 @@ fn agent_error(kind: ErrorKind, message: String, path: &[u8]) -> Error {
             what: message,
         },
         ErrorKind::BadRequest | ErrorKind::Other => {
-            let message: String = message
-                .chars()
-                .take(300)
-                .map(|c| if c.is_control() { '?' } else { c })
-                .collect();
-            Error::guest(format!("{shown}: {message}"))
+            let message = crate::terminal::printable_max(&message, MAX_GUEST_MESSAGE);
+            // The agent's messages name the path already.
+            match message.strip_prefix(&format!("{shown}: ")) {
+                Some(rest) => Error::guest(format!("{shown}: {rest}")),
+                None => Error::guest(format!("{shown}: {message}")),
+            }
         }
     }
 }

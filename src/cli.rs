@@ -199,6 +199,18 @@ pub struct ServeArgs {
     /// Export name announced to clients.
     #[arg(long, default_value = "")]
     pub export_name: String,
+    /// Permission bits of the socket, in octal (default 600: only you may connect;
+    /// 660 lets your group in too). Set outright, whatever the umask.
+    #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_socket_mode)]
+    pub socket_mode: u32,
     #[command(flatten)]
     pub image_args: ImageArgs,
+}
+
+/// Parse `--socket-mode`: octal permission bits, at most 777.
+fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode from 0 to 777 (e.g. 600)"))
 }

@@ -40,6 +40,12 @@ pub enum Error {
     /// No filesystem could be chosen or mounted.
     #[error("{}: {what}", image.display())]
     Filesystem { image: PathBuf, what: String },
+    /// The image is larger than the VM can attach.
+    #[error(
+        "{}: the disk is {size} bytes, more than QEMU can attach (at most {max} bytes, about 8 EiB)",
+        image.display()
+    )]
+    TooLarge { image: PathBuf, size: u64, max: u64 },
     /// The appliance or the VM failed.
     #[error("{what}")]
     Appliance { what: String },
@@ -61,7 +67,7 @@ impl Error {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Image(_) => exit::IMAGE,
+            Error::Image(_) | Error::TooLarge { .. } => exit::IMAGE,
             Error::NotFound { .. } => exit::NOT_FOUND,
             Error::Filesystem { .. } => exit::FILESYSTEM,
             Error::Appliance { .. } | Error::Guest { .. } => exit::APPLIANCE,

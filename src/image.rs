@@ -7,6 +7,23 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Largest disk QEMU's block layer takes: `BDRV_MAX_LENGTH`, INT64_MAX rounded down to
+/// `BDRV_MAX_ALIGNMENT` (1 GiB) (QEMU include/block/block_int-common.h). A larger
+/// export fails `blockdev-add` with "File too large".
+pub const MAX_VM_DISK_BYTES: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
+/// Refuse, before anything boots, a decoded disk of `size` bytes the VM cannot attach.
+pub fn check_vm_size(image: &Path, size: u64) -> Result<()> {
+    if size > MAX_VM_DISK_BYTES {
+        return Err(crate::Error::TooLarge {
+            image: image.to_path_buf(),
+            size,
+            max: MAX_VM_DISK_BYTES,
+        });
+    }
+    Ok(())
+}
+
 /// Name of the ploop descriptor inside a ploop image directory.
 pub const DESCRIPTOR_NAME: &str = "DiskDescriptor.xml";
 
@@ -80,6 +97,19 @@ pub fn open(arg: &Path, args: &ImageArgs) -> Result<Arc<dyn BlockSource>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_disk_qemu_takes_passes_and_one_more_byte_does_not() {
+        let at_max = check_vm_size(Path::new("d.img"), MAX_VM_DISK_BYTES);
+        let over = check_vm_size(Path::new("d.img"), MAX_VM_DISK_BYTES + 1);
+
+        assert!(at_max.is_ok());
+        assert_eq!(
+            over.map_err(|e| e.exit_code()),
+            Err(crate::error::exit::IMAGE)
+        );
+        assert_eq!(MAX_VM_DISK_BYTES, (1 << 63) - (1 << 30));
+    }
 
     #[test]
     fn directory_with_descriptor_resolves_to_it() {

@@ -167,10 +167,7 @@ fn depth(mountpoint: &str) -> usize {
 
 /// Image text made safe for one line on a terminal.
 pub fn shown(s: &str) -> String {
-    s.chars()
-        .take(MAX_SHOWN)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    crate::terminal::printable_max(s, MAX_SHOWN)
 }
 
 /// True if the agent can mount what it found on `f`.

@@ -14,7 +14,9 @@ pub mod format;
 pub mod image;
 pub mod inspect;
 pub mod nbd;
+pub mod rundir;
 pub mod session;
+pub mod terminal;
 pub mod trace;
 pub mod vm;
 pub mod warm;
@@ -69,19 +71,10 @@ fn usage_line(rendered: &str) -> String {
 /// Most characters of one error line.
 const MAX_MESSAGE: usize = 2000;
 
-/// Make text that may carry guest- or image-supplied bytes safe for a terminal: control
-/// characters (escape sequences, newlines) become `?`, and the length is bounded, so an
-/// error stays one line and cannot drive the user's terminal.
-pub fn printable(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .take(MAX_MESSAGE)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
-    if s.chars().nth(MAX_MESSAGE).is_some() {
-        out.push_str("...");
-    }
-    out
+/// An error message, which may carry guest- or image-supplied bytes, as one bounded
+/// line that cannot drive the user's terminal.
+fn printable(s: &str) -> String {
+    terminal::printable_max(s, MAX_MESSAGE)
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ pub struct Session {
     agent: AgentClient,
     vm: Vm,
     nbd: Option<nbd::Server>,
-    _dir: tempfile::TempDir,
+    _dir: crate::rundir::RunDir,
     filesystems: Option<Vec<FsInfo>>,
 }
 
@@ -81,11 +81,9 @@ impl Session {
     ) -> Result<Session> {
         let timeout = timeout()?;
         let image_files = source.layers().into_iter().map(|l| l.path).collect();
-        let dir = tempfile::Builder::new()
-            .prefix("imgsafe-")
-            .tempdir()
-            .map_err(|e| Error::Other(format!("creating a private temp dir: {e}")))?;
+        let dir = crate::rundir::create().map_err(|e| Error::Other(e.to_string()))?;
         let disk_size = source.size();
+        image::check_vm_size(image_arg, disk_size)?;
         let nbd_sock = dir.path().join("nbd.sock");
         let nbd = nbd::Server::start(source, &nbd_sock, "").map_err(|e| {
             Error::Other(format!(

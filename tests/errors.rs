@@ -196,3 +196,58 @@ fn bad_accelerator_or_machine_setting_is_a_usage_error() {
     }
     img.assert_unchanged();
 }
+
+/// Regression: an image of 2^63-1 bytes booted the appliance and then failed with exit 6
+/// (`QMP blockdev-add failed: ... File too large`).
+#[test]
+fn an_image_larger_than_qemu_can_attach_is_an_image_error_before_booting() {
+    // tmpfs holds sparse files up to 2^63-1 bytes; ext4 stops at 16 TiB.
+    let dir = tempfile::Builder::new()
+        .prefix("imgsafe-huge-")
+        .tempdir_in("/dev/shm")
+        .expect("a tmpfs at /dev/shm");
+    let path = dir.path().join("huge.img");
+    fs::File::create(&path)
+        .unwrap()
+        .set_len(i64::MAX as u64)
+        .unwrap();
+    let started = std::time::Instant::now();
+
+    let out = run(["ls".as_ref(), path.as_os_str(), "/".as_ref()]);
+
+    let line = one_line(&out);
+    assert_eq!(code(&out), IMAGE, "{line}");
+    assert!(
+        line.contains(path.to_str().unwrap()) && line.contains("more than QEMU can attach"),
+        "{line}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}: the VM was booted",
+        started.elapsed()
+    );
+}
+
+/// Regression: a symlink loop in the image exited 6 ("appliance or VM failure") with the
+/// path repeated.
+#[test]
+fn a_symlink_loop_in_the_image_is_a_path_error_naming_the_path_once() {
+    let src = tempfile::tempdir().unwrap();
+    let links = src.path().join("links");
+    fs::create_dir(&links).unwrap();
+    std::os::unix::fs::symlink("self", links.join("self")).unwrap();
+    std::os::unix::fs::symlink("b", links.join("a")).unwrap();
+    std::os::unix::fs::symlink("a", links.join("b")).unwrap();
+    let img = ext4_image(src.path(), "8M");
+
+    let looped = run(["cat", &img.arg(), "/links/self"]);
+    let pair = run(["cat", &img.arg(), "/links/a"]);
+
+    for (out, path) in [(&looped, "/links/self"), (&pair, "/links/a")] {
+        let line = one_line(out);
+        assert_eq!(code(out), NOT_FOUND, "{line}");
+        assert_eq!(line.matches(path).count(), 1, "{line}");
+        assert!(line.contains("too many levels of symbolic links"), "{line}");
+    }
+    img.assert_unchanged();
+}

@@ -202,3 +202,105 @@ fn q35_machine_serves_where_qemu_has_no_qboot() {
     assert!(err.contains(" -M q35 ") && !err.contains("-bios"), "{err}");
     img.assert_unchanged();
 }
+
+/// The run directories (`imgsafe-*`) in `tmp`.
+fn run_dirs(tmp: &tempfile::TempDir) -> Vec<std::path::PathBuf> {
+    let mut dirs: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("imgsafe-"))
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// Regression: with umask 000 the run directory was drwxrwxrwx and its sockets
+/// srwxrwxrwx, so another user could read the image over nbd.sock and drive the VM over
+/// qmp.sock.
+#[test]
+fn the_run_directory_and_all_in_it_are_owner_only_even_with_umask_000() {
+    let img = small_image();
+    let tmp = marked_tmp();
+    let mut command = imgsafe();
+    command
+        .env("TMPDIR", tmp.path())
+        .args(["shell", &img.arg(), "-c", "sleep 30"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: umask is async-signal-safe and allocates nothing.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let names = ["nbd.sock", "qmp.sock", "agent.sock", "console.log", ".lock"];
+    let ready = wait_until(Duration::from_secs(120), || {
+        run_dirs(&tmp)
+            .first()
+            .is_some_and(|d| names.iter().all(|n| d.join(n).exists()))
+    });
+    let dir = run_dirs(&tmp).first().cloned();
+    let mode = |p: &std::path::Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+    let modes: Vec<(String, u32)> = dir
+        .iter()
+        .flat_map(|d| fs::read_dir(d).unwrap().flatten())
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                mode(&e.path()),
+            )
+        })
+        .collect();
+    let dir_mode = dir.as_deref().map(mode);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    assert!(ready, "the run directory never held {names:?}");
+    assert_eq!(dir_mode, Some(0o700));
+    assert_eq!(
+        mode(&test_cache().join("imgsafe")),
+        0o700,
+        "the appliance cache"
+    );
+    assert!(modes.len() >= names.len(), "{modes:?}");
+    assert!(
+        modes.iter().all(|(_, m)| m & 0o077 == 0),
+        "not owner-only: {modes:?}"
+    );
+}
+
+/// Regression: a SIGKILLed imgsafe left its run directory (sockets, console log) behind
+/// for good.
+#[test]
+fn a_run_directory_left_by_a_killed_imgsafe_is_swept_by_the_next_command() {
+    let img = small_image();
+    let tmp = marked_tmp();
+    let mut child = imgsafe()
+        .env("TMPDIR", tmp.path())
+        .args(["ls", &img.arg(), "/"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || !qemus(&tmp).is_empty()),
+        "QEMU never started"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = run_dirs(&tmp);
+    // Directories changed in the last two seconds may still be being set up.
+    std::thread::sleep(Duration::from_millis(2500));
+
+    let out = imgsafe()
+        .env("TMPDIR", tmp.path())
+        .args(["ls", &img.arg(), "/"])
+        .output()
+        .unwrap();
+
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(ok_stdout(&out).contains("etc\n"));
+    assert_eq!(run_dirs(&tmp), Vec::<std::path::PathBuf>::new());
+}

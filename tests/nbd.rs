@@ -104,15 +104,27 @@ struct Serve {
 
 impl Serve {
     fn start(fx: &Fixture, name: &str) -> Serve {
-        let child = Command::new(env!("CARGO_BIN_EXE_imgsafe"))
+        Serve::start_with(fx, &fx.image, &["--export-name", name], 0o022)
+    }
+
+    /// `imgsafe serve IMAGE --socket <fx's> ARGS...` started with umask `umask`.
+    fn start_with(fx: &Fixture, image: &Path, args: &[&str], umask: u32) -> Serve {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_imgsafe"));
+        command
             .arg("serve")
-            .arg(&fx.image)
+            .arg(image)
             .arg("--socket")
             .arg(fx.socket())
-            .args(["--export-name", name])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .args(args)
+            .stderr(Stdio::piped());
+        // SAFETY: umask is async-signal-safe and allocates nothing.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                libc::umask(umask as libc::mode_t);
+                Ok(())
+            });
+        }
+        let child = command.spawn().unwrap();
         let mut serve = Serve { child };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !fx.socket().exists() {
@@ -130,9 +142,24 @@ impl Serve {
     }
 
     fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM)
+    }
+
+    /// Send `signal` and reap.
+    fn signal(&mut self, signal: i32) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
         self.child.wait().unwrap()
+    }
+
+    /// A line of the server's /proc status, in KiB (e.g. `VmHWM`, its peak RSS).
+    fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(&format!("{field}:")))
+            .unwrap_or_else(|| panic!("no {field} in /proc/PID/status"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 }
 
@@ -798,5 +825,211 @@ fn serve_exits_zero_on_sigterm_and_removes_its_socket() {
     assert!(!fx.socket().exists());
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains(fx.socket().to_str().unwrap()), "{stderr}");
+    fx.assert_unchanged();
+}
+
+#[test]
+fn serve_exits_zero_on_sigint_too() {
+    let fx = Fixture::new();
+    let mut serve = Serve::start(&fx, "");
+
+    let status = serve.signal(libc::SIGINT);
+
+    assert!(status.success(), "{status:?}");
+    assert!(!fx.socket().exists());
+}
+
+// ---------------------------------------------------------------- hostile clients
+
+/// Permission bits of `path`.
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Regression: with umask 000 the socket was created srwxrwxrwx, so any user could read
+/// the image through it.
+#[test]
+fn serve_socket_is_owner_only_even_with_umask_000() {
+    let fx = Fixture::new();
+
+    let _serve = Serve::start_with(&fx, &fx.image, &[], 0o000);
+
+    assert_eq!(mode_of(&fx.socket()), 0o600);
+}
+
+#[test]
+fn serve_socket_mode_sets_the_bits_asked_for_whatever_the_umask() {
+    let fx = Fixture::new();
+
+    let _serve = Serve::start_with(&fx, &fx.image, &["--socket-mode", "660"], 0o077);
+
+    assert_eq!(mode_of(&fx.socket()), 0o660);
+}
+
+#[test]
+fn serve_socket_mode_that_is_not_octal_is_a_usage_error() {
+    let fx = Fixture::new();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_imgsafe"))
+        .arg("serve")
+        .arg(&fx.image)
+        .arg("--socket")
+        .arg(fx.socket())
+        .args(["--socket-mode", "0o999"])
+        .output()
+        .unwrap();
+
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!fx.socket().exists());
+}
+
+/// Whether the server closes `s` within `within` (reading and dropping what it sent).
+fn closed_within(s: &mut UnixStream, within: Duration) -> bool {
+    // At least a moment, so a close already made is seen once the deadline has passed.
+    let deadline = Instant::now() + within.max(Duration::from_millis(50));
+    let mut sink = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut sink) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Regression: 64 connections that never sent a byte made every further client fail for
+/// as long as they were held.
+#[test]
+fn idle_connections_neither_lock_clients_out_nor_stay_past_the_handshake_timeout() {
+    let fx = Fixture::new();
+    let _serve = Serve::start(&fx, "");
+    let connected = Instant::now();
+    let mut idle: Vec<UnixStream> = (0..imgsafe::nbd::MAX_HANDSHAKES * 2)
+        .map(|_| UnixStream::connect(fx.socket()).unwrap())
+        .collect();
+
+    let mut c = Client::connect(&fx.socket());
+    let size = c.go("", true);
+    c.request(CMD_READ, CMD_FLAG_DF, 1, 0, 4096);
+    let chunk = c.chunk();
+    let deadline = connected + imgsafe::nbd::HANDSHAKE_TIMEOUT + Duration::from_secs(3);
+    let still_open = idle
+        .iter_mut()
+        .map(|s| closed_within(s, deadline.saturating_duration_since(Instant::now())))
+        .filter(|closed| !closed)
+        .count();
+
+    c.request(CMD_READ, CMD_FLAG_DF, 2, 4096, 4096);
+    let later = c.chunk();
+
+    assert_eq!(size, SIZE);
+    assert_eq!(chunk.kind, REPLY_TYPE_OFFSET_DATA);
+    assert_eq!(
+        still_open, 0,
+        "idle connections outlived the handshake timeout"
+    );
+    assert_eq!(
+        (later.kind, later.cookie),
+        (REPLY_TYPE_OFFSET_DATA, 2),
+        "the negotiated client was dropped with the idle ones"
+    );
+    fx.assert_unchanged();
+}
+
+/// Regression: clients sending 32 MiB reads and never reading the replies pinned ~66 MiB
+/// each (63 clients: 4.2 GB of server memory).
+#[test]
+fn clients_that_never_read_cannot_grow_the_server_past_its_reply_budget() {
+    const CLIENTS: usize = 48;
+    const READS: u64 = 4;
+    let fx = Fixture::new();
+    let big = fx.dir.path().join("big.img");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(CLIENTS as u64 * READS * u64::from(MAX_PAYLOAD))
+        .unwrap();
+    let serve = Serve::start_with(&fx, &big, &[], 0o022);
+    let base = serve.status_kib("VmRSS");
+    let mut stalled = Vec::new();
+    for i in 0..CLIENTS as u64 {
+        let mut c = Client::connect(&fx.socket());
+        // Structured replies with DF, the costliest form: every byte asked for is sent
+        // as data (holes included), and the pieces of one reply do not wait for each
+        // other.
+        c.go("", true);
+        for r in 0..READS {
+            let offset = (i * READS + r) * u64::from(MAX_PAYLOAD);
+            c.request(CMD_READ, CMD_FLAG_DF, r, offset, MAX_PAYLOAD);
+        }
+        stalled.push(c);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+
+    let mut fresh = Client::connect(&fx.socket());
+    fresh.go("", false);
+    fresh.request(CMD_READ, 0, 7, 0, 4096);
+    let (error, cookie) = fresh.simple();
+    let data = fresh.read(4096);
+    let peak_kib = serve.status_kib("VmHWM");
+
+    assert_eq!((error, cookie), (0, 7));
+    assert!(data.iter().all(|&b| b == 0));
+    let grown = (peak_kib.saturating_sub(base) << 10) as usize;
+    assert!(
+        grown <= imgsafe::nbd::MAX_REPLY_BYTES,
+        "server grew by {} MiB with {CLIENTS} stalled clients (peak RSS {} MiB)",
+        grown >> 20,
+        peak_kib >> 10
+    );
+    drop(stalled);
+}
+
+/// Reads longer than one reply piece come back whole and exact, in both reply forms.
+#[test]
+fn raw_reads_longer_than_a_piece_are_exact() {
+    let fx = Fixture::new();
+    let _server = fx.server("");
+    let image = std::fs::read(&fx.image).unwrap();
+    let len = SIZE as u32 - 512;
+    let mut simple = Client::connect(&fx.socket());
+    simple.go("", false);
+    let mut structured = Client::connect(&fx.socket());
+    structured.go("", true);
+
+    simple.request(CMD_READ, 0, 1, 512, len);
+    let (error, cookie) = simple.simple();
+    let simple_data = simple.read(len as usize);
+    structured.request(CMD_READ, CMD_FLAG_DF, 2, 512, len);
+    let mut chunks = Vec::new();
+    loop {
+        let chunk = structured.chunk();
+        let done = chunk.flags & REPLY_FLAG_DONE != 0;
+        chunks.push(chunk);
+        if done {
+            break;
+        }
+    }
+    let mut structured_data = vec![0u8; len as usize];
+    for c in &chunks {
+        assert_eq!(c.kind, REPLY_TYPE_OFFSET_DATA, "{c:?}");
+        let at = u64::from_be_bytes(c.payload[0..8].try_into().unwrap()) as usize - 512;
+        structured_data[at..at + c.payload.len() - 8].copy_from_slice(&c.payload[8..]);
+    }
+
+    assert_eq!((error, cookie), (0, 1));
+    assert!(simple_data == image[512..], "simple read differs");
+    assert!(chunks.len() > 1, "one chunk: the read was not split");
+    assert!(structured_data == image[512..], "structured read differs");
     fx.assert_unchanged();
 }

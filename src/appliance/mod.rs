@@ -17,7 +17,7 @@ pub mod modules;
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Why the appliance could not be built or found.
@@ -340,11 +340,15 @@ pub fn ensure() -> Result<Appliance, ApplianceError> {
     let key = cache_key(&inputs, &plan)?;
     let root = cache_root()?;
     let dir = root.join(format!("appliance-{key}"));
+    // The cache is this user's alone (0700, whatever the umask), also when it was made
+    // by an older version or by hand.
+    if let Some(parent) = root.parent() {
+        fs::create_dir_all(parent).map_err(|e| ApplianceError::io(parent, e))?;
+    }
+    crate::rundir::private_dir(&root).map_err(|e| ApplianceError::io(&root, e))?;
     if let Some(a) = load(&dir, &inputs) {
         return Ok(a);
     }
-    fs::create_dir_all(&root).map_err(|e| ApplianceError::io(&root, e))?;
-    let _ = fs::set_permissions(&root, fs::Permissions::from_mode(0o700));
     let tmp = tempfile::Builder::new()
         .prefix(".building-")
         .tempdir_in(&root)

@@ -21,6 +21,12 @@
 //! privilege-related bits. Directories are created owner-only while they are filled and
 //! get their final mode and mtime once their contents are done. Directories that
 //! already existed in DEST are merged into and keep their own mode and mtime.
+//!
+//! A file is written under a temporary name ([`PART_PREFIX`]) and renamed into place
+//! once complete, with its mode and mtime, so a copy cut short (an error, a full disk,
+//! SIGKILL) never leaves a partial file under the final name. When a copy fails, what
+//! it completed stays, with final modes: the directories it created get their modes and
+//! mtimes then too, and the file being written is removed.
 
 mod dest;
 mod order;
@@ -34,7 +40,6 @@ use dest::{Dir, Present};
 use imgsafe_proto::{validate_name, Entry, FileType, MAX_PATH};
 use order::{OrderError, Tree};
 use progress::Progress;
-use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{self, IsTerminal, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -48,6 +53,8 @@ pub const MAX_WALK_BYTES: u64 = 1 << 30;
 const KEPT_MODE: u32 = 0o777;
 /// Mode of a directory while the copy fills it.
 const WORK_DIR_MODE: u32 = 0o700;
+/// Name prefix of a file being written, until it is renamed to its own name.
+pub const PART_PREFIX: &str = ".imgsafe-part-";
 /// Granularity at which runs of zeros become holes in the destination file.
 const HOLE_BLOCK: usize = 4096;
 
@@ -78,23 +85,9 @@ pub struct CopyStats {
     pub bytes: u64,
 }
 
-/// A name or path for a one-line message: control characters and bytes that are not
-/// UTF-8 are escaped.
+/// A name or path for a one-line message, safe for a terminal.
 fn show(bytes: &[u8]) -> String {
-    let mut s = String::new();
-    for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if c.is_control() {
-                s.extend(c.escape_default());
-            } else {
-                s.push(c);
-            }
-        }
-        for b in chunk.invalid() {
-            let _ = write!(s, "\\x{b:02x}");
-        }
-    }
-    s
+    crate::terminal::printable(bytes)
 }
 
 /// One source as the copy sees it.
@@ -459,8 +452,34 @@ fn make_dir(parent: &Dir, name: &[u8], entry: &Entry, shown: String) -> Result<(
     Ok((OpenDir { dir, finish, shown }, created))
 }
 
-/// Run `create` for `name`; if something is there, and `force`, remove it (unless it is a
-/// directory) and try once more.
+/// Whether `name`, already present, may be replaced: only with `--force`, never a
+/// directory, never a file of the image being read.
+fn check_replaceable(parent: &Dir, name: &[u8], opts: &CopyOptions, shown: &str) -> Result<()> {
+    let err = |e: io::Error| Error::Other(format!("{shown}: {e}"));
+    if !opts.force {
+        return Err(Error::Other(format!(
+            "{shown}: already exists (use --force to replace it)"
+        )));
+    }
+    if parent.lookup(name).map_err(err)? == Some(Present::Directory) {
+        return Err(Error::Other(format!(
+            "{shown}: is a directory, not replacing it"
+        )));
+    }
+    if parent
+        .identity(name)
+        .map_err(err)?
+        .is_some_and(|id| opts.protected.contains(&id))
+    {
+        return Err(Error::Other(format!(
+            "{shown}: is a file of the image being read, not replacing it"
+        )));
+    }
+    Ok(())
+}
+
+/// Run `create` for `name`; if something is there, and it may be replaced, remove it
+/// and try once more.
 fn create_replacing<T>(
     parent: &Dir,
     name: &[u8],
@@ -468,34 +487,70 @@ fn create_replacing<T>(
     shown: &str,
     create: impl Fn(&Dir, &[u8]) -> io::Result<T>,
 ) -> Result<T> {
-    let force = opts.force;
     let err = |e: io::Error| Error::Other(format!("{shown}: {e}"));
     match create(parent, name) {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-            if !force {
-                return Err(Error::Other(format!(
-                    "{shown}: already exists (use --force to replace it)"
-                )));
-            }
-            if parent.lookup(name).map_err(err)? == Some(Present::Directory) {
-                return Err(Error::Other(format!(
-                    "{shown}: is a directory, not replacing it"
-                )));
-            }
-            if parent
-                .identity(name)
-                .map_err(err)?
-                .is_some_and(|id| opts.protected.contains(&id))
-            {
-                return Err(Error::Other(format!(
-                    "{shown}: is a file of the image being read, not replacing it"
-                )));
-            }
+            check_replaceable(parent, name, opts, shown)?;
             parent.unlink(name).map_err(err)?;
             create(parent, name).map_err(err)
         }
         other => other.map_err(err),
     }
+}
+
+/// Create a new file under a fresh temporary name in `parent`; returns the name too.
+fn create_part(parent: &Dir) -> io::Result<(Vec<u8>, File)> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{PART_PREFIX}{}-{n}", std::process::id()).into_bytes();
+        match parent.create_file(&name) {
+            Ok(file) => return Ok((name, file)),
+            // Left by an earlier copy (killed) or made by someone else: take the next.
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Copy the regular file `item` to `name` in `parent`: written under a temporary name,
+/// given its mode and mtime, then renamed into place. On failure nothing is left.
+fn copy_file(
+    fs: &mut dyn GuestFs,
+    plan: &Plan,
+    item: &Item,
+    parent: &Dir,
+    opts: &CopyOptions,
+    progress: &mut Progress,
+) -> Result<u64> {
+    let (name, e, shown) = (leaf(item), &item.entry, plan.shown(item));
+    let err = |x: io::Error| Error::Other(format!("{shown}: {x}"));
+    if parent.lookup(name).map_err(err)?.is_some() {
+        check_replaceable(parent, name, opts, &shown)?;
+    }
+    let (part, mut file) = create_part(parent).map_err(err)?;
+    let copied = stream(fs, &plan.guest_path(item), &mut file, e, &shown, progress)
+        .and_then(|n| {
+            dest::set_mode_mtime(&file, e.mode & KEPT_MODE, e.mtime, e.mtime_nsec)
+                .map(|_| n)
+                .map_err(err)
+        })
+        .and_then(|n| {
+            parent
+                .rename(&part, name, opts.force)
+                .map(|_| n)
+                .map_err(|x| match x.raw_os_error() {
+                    // Appeared since the check above.
+                    Some(libc::EEXIST) => Error::Other(format!(
+                        "{shown}: already exists (use --force to replace it)"
+                    )),
+                    _ => err(x),
+                })
+        });
+    if copied.is_err() {
+        let _ = parent.unlink(&part);
+    }
+    copied
 }
 
 /// The destination file being written: bounded by the announced size, holes for zeros.
@@ -602,15 +657,37 @@ fn stream(
     Ok(n)
 }
 
-/// Second pass: create everything.
+/// Second pass: create everything. On failure too, the directories this copy created
+/// get their final modes and mtimes (see the module doc).
 fn apply(
     fs: &mut dyn GuestFs,
     plan: &Plan,
     opts: &CopyOptions,
     progress: &mut Progress,
 ) -> Result<CopyStats> {
-    let mut stats = CopyStats::default();
     let mut tree: Tree<OpenDir> = Tree::new();
+    let result = apply_items(fs, plan, opts, progress, &mut tree);
+    let mut finished = Ok(());
+    for d in tree.finish() {
+        let r = finish_dir(d);
+        if finished.is_ok() {
+            finished = r;
+        }
+    }
+    let stats = result?;
+    finished?;
+    Ok(stats)
+}
+
+/// Create every item of the plan in order, leaving the directories still open in `tree`.
+fn apply_items(
+    fs: &mut dyn GuestFs,
+    plan: &Plan,
+    opts: &CopyOptions,
+    progress: &mut Progress,
+    tree: &mut Tree<OpenDir>,
+) -> Result<CopyStats> {
+    let mut stats = CopyStats::default();
     for item in &plan.items {
         for d in tree
             .step(&item.path)
@@ -631,24 +708,8 @@ fn apply(
                 tree.enter(name, open);
             }
             FileType::Regular => {
-                let mut file = create_replacing(parent, name, opts, &shown, Dir::create_file)?;
-                let copied = stream(fs, &plan.guest_path(item), &mut file, e, &shown, progress)
-                    .and_then(|n| {
-                        dest::set_mode_mtime(&file, e.mode & KEPT_MODE, e.mtime, e.mtime_nsec)
-                            .map(|_| n)
-                            .map_err(err)
-                    });
-                match copied {
-                    Ok(n) => {
-                        stats.files += 1;
-                        stats.bytes += n;
-                    }
-                    Err(x) => {
-                        // Do not leave a truncated or unchecked file behind.
-                        let _ = parent.unlink(name);
-                        return Err(x);
-                    }
-                }
+                stats.bytes += copy_file(fs, plan, item, parent, opts, progress)?;
+                stats.files += 1;
             }
             FileType::Symlink => {
                 let target = e.target.as_deref().unwrap_or_default();
@@ -667,9 +728,6 @@ fn apply(
                 stats.skipped += 1;
             }
         }
-    }
-    for d in tree.finish() {
-        finish_dir(d)?;
     }
     Ok(stats)
 }
@@ -821,6 +879,10 @@ mod tests {
         walk_script: Option<Vec<WalkEntry>>,
         /// Bytes added to every file stream (a guest sending more than announced).
         extra: Vec<u8>,
+        /// A file whose stream fails halfway (the destination filling up, say).
+        fail: Option<Key>,
+        /// A directory listed in the middle of every file stream, and what it held.
+        peek: Option<(PathBuf, Vec<Vec<String>>)>,
     }
 
     fn key(path: &[u8]) -> Key {
@@ -866,6 +928,8 @@ mod tests {
                 nodes,
                 walk_script: None,
                 extra: Vec::new(),
+                fail: None,
+                peek: None,
             }
         }
 
@@ -949,9 +1013,17 @@ mod tests {
             let mut all = data.clone();
             all.extend_from_slice(&self.extra);
             // Odd-sized chunks, so hole detection sees runs crossing chunk boundaries.
-            for chunk in all.chunks(3000) {
+            for (i, chunk) in all.chunks(3000).enumerate() {
                 out.write_all(chunk)
                     .map_err(|e| Error::Other(format!("writing output: {e}")))?;
+                if i == 0 {
+                    if let Some((dir, seen)) = &mut self.peek {
+                        seen.push(listing(dir));
+                    }
+                    if self.fail.as_ref() == Some(&key(path)) {
+                        return Err(Error::Other("No space left on device".into()));
+                    }
+                }
             }
             Ok(all.len() as u64)
         }
@@ -1474,6 +1546,65 @@ mod tests {
         assert!(listing(&a.dest).is_empty());
     }
 
+    /// `len` bytes without runs of zeros (so none of it becomes a hole).
+    fn pseudo(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8 | 1).collect()
+    }
+
+    /// Regression: a copy killed mid-file left a partial file under its final name.
+    #[test]
+    fn a_file_being_written_never_has_its_final_name() {
+        let a = area();
+        let data = pseudo(20_000);
+        let mut fs = MemFs::new().file(b"/f", &data, 0o644, 1);
+        fs.peek = Some((a.dest.clone(), Vec::new()));
+
+        copy_out(&mut fs, &src("/f"), &a.dest, &opts()).unwrap();
+
+        let seen = fs.peek.map(|(_, s)| s).unwrap_or_default();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].len(), 1, "{seen:?}");
+        assert!(seen[0][0].starts_with(PART_PREFIX), "{seen:?}");
+        assert_eq!(listing(&a.dest), vec!["f"]);
+        assert_eq!(std::fs::read(a.dest.join("f")).unwrap(), data);
+    }
+
+    /// Regression: a tree copy that failed left its directories at mode 0700.
+    #[test]
+    fn a_failed_tree_copy_leaves_complete_files_and_final_modes_only() {
+        let a = area();
+        let mut fs = MemFs::new()
+            .dir(b"/t", 0o755, 5)
+            .dir(b"/t/sub", 0o750, 6)
+            .file(b"/t/sub/a", b"first", 0o640, 7)
+            .file(b"/t/sub/b", &pseudo(10_000), 0o644, 8)
+            .file(b"/t/z", b"never", 0o644, 9);
+        fs.fail = Some(key(b"/t/sub/b"));
+
+        let err = copy_out(&mut fs, &src("/t"), &a.dest, &opts()).unwrap_err();
+
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let t = a.dest.join("t");
+        assert!(err.to_string().contains("No space left"), "{err}");
+        assert_eq!(listing(&t), vec!["sub"]);
+        assert_eq!(listing(&t.join("sub")), vec!["a"]);
+        assert_eq!(std::fs::read(t.join("sub/a")).unwrap(), b"first");
+        assert_eq!((mode(&t), mode(&t.join("sub"))), (0o755, 0o750));
+        assert_eq!(std::fs::metadata(t.join("sub")).unwrap().mtime(), 6);
+    }
+
+    #[test]
+    fn force_replaces_a_file_by_renaming_over_it() {
+        let a = area();
+        std::fs::write(a.dest.join("f"), b"old").unwrap();
+        let mut fs = MemFs::new().file(b"/f", b"new", 0o600, 1);
+
+        copy_out(&mut fs, &src("/f"), &a.dest, &force()).unwrap();
+
+        assert_eq!(listing(&a.dest), vec!["f"]);
+        assert_eq!(std::fs::read(a.dest.join("f")).unwrap(), b"new");
+    }
+
     #[test]
     fn hostile_stream_shorter_than_announced_is_refused() {
         let a = area();
@@ -1660,6 +1791,6 @@ mod tests {
 
     #[test]
     fn show_escapes_control_and_invalid_bytes() {
-        assert_eq!(show(b"a\nb\xffc d"), "a\\nb\\xffc d");
+        assert_eq!(show(b"a\nb\xffc d"), "a?b?c d");
     }
 }

@@ -59,11 +59,9 @@ pub fn human_size(n: u64) -> String {
     }
 }
 
-/// Strip control characters from guest-supplied text before it reaches a terminal.
+/// Guest-supplied text made safe before it reaches a terminal.
 fn clean(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    crate::terminal::printable(s)
 }
 
 fn table(list: &[FsInfo], root: Option<&str>, detected: bool) -> String {

@@ -138,7 +138,8 @@ impl Info {
                         .map_or_else(|| "-".into(), |c| format!("cluster {}", human(c))),
                     l.allocated_bytes
                         .map_or_else(|| "-".into(), |a| format!("allocated {}", human(a))),
-                    l.path.display().to_string(),
+                    // Parent names come from the image (locators, descriptors).
+                    crate::terminal::printable(l.path.as_os_str().as_encoded_bytes()),
                 ]
             })
             .collect();
@@ -254,6 +255,16 @@ mod tests {
             text.contains("  image  ploop v2  cluster 1 MiB  allocated 3 MiB  /x/root.hds\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn parent_names_from_the_image_are_shown_printable() {
+        let mut info = sample();
+        info.chain[0].path = std::path::PathBuf::from("/x/\u{1b}]0;t\u{7}\u{9b}2J.hds");
+
+        let text = info.to_text();
+
+        assert!(text.contains("/x/?]0;t??2J.hds\n"), "{text:?}");
     }
 
     #[test]

@@ -162,15 +162,12 @@ pub fn format_time(secs: i64) -> String {
     )
 }
 
-/// Names as shown on a terminal: control bytes become `?` (as `ls -q` does), so a file
-/// name from the image cannot send escape sequences to the user's terminal. Piped
-/// output keeps the exact bytes.
+/// Names as shown on a terminal: made printable (as `ls -q` does), so a file name from
+/// the image cannot send escape sequences to the user's terminal. Piped output keeps
+/// the exact bytes.
 fn shown(b: &[u8], tty: bool) -> std::borrow::Cow<'_, [u8]> {
-    if tty && b.iter().any(|c| c.is_ascii_control()) {
-        b.iter()
-            .map(|&c| if c.is_ascii_control() { b'?' } else { c })
-            .collect::<Vec<u8>>()
-            .into()
+    if tty {
+        crate::terminal::printable(b).into_bytes().into()
     } else {
         b.into()
     }

@@ -24,7 +24,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         })
         .map_err(|e| Error::Other(format!("cannot install signal handlers: {e}")))?;
 
-    let server = Server::start(source, &args.socket, &args.export_name)
+    let server = Server::start_with_mode(source, &args.socket, &args.export_name, args.socket_mode)
         .map_err(|e| Error::Other(format!("{}: cannot listen: {e}", args.socket.display())))?;
     eprintln!(
         "imgsafe: serving {} ({size} bytes, read-only) on {}",

@@ -186,10 +186,7 @@ fn start_shell<R: io::Read, W: Write>(
 
 /// Guest text made safe to print: control characters replaced, length bounded.
 fn clean(s: &str) -> String {
-    s.chars()
-        .take(MAX_BANNER_FIELD)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    crate::terminal::printable_max(s, MAX_BANNER_FIELD)
 }
 
 /// The banner printed on stderr before an interactive session.

@@ -458,16 +458,18 @@ pub fn structured_read_len(runs: &[Run]) -> usize {
 /// Lay out a structured read reply for `runs` in `out` (exactly
 /// [`structured_read_len`] bytes): headers and hole chunks are written, data chunks get
 /// their header and offset. Returns, for each data chunk, where its bytes go in `out` and
-/// which export offset they come from. The last chunk carries NBD_REPLY_FLAG_DONE.
+/// which export offset they come from. With `done`, the last chunk carries
+/// NBD_REPLY_FLAG_DONE.
 pub fn layout_structured_read(
     out: &mut [u8],
     cookie: u64,
     runs: &[Run],
+    done: bool,
 ) -> Vec<(std::ops::Range<usize>, u64)> {
     let mut data = Vec::new();
     let mut at = 0;
     for (i, run) in runs.iter().enumerate() {
-        let flags = if i + 1 == runs.len() {
+        let flags = if done && i + 1 == runs.len() {
             REPLY_FLAG_DONE
         } else {
             0
@@ -737,7 +739,7 @@ mod tests {
         ];
         let mut out = vec![0u8; structured_read_len(&runs)];
 
-        let data = layout_structured_read(&mut out, 9, &runs);
+        let data = layout_structured_read(&mut out, 9, &runs, true);
 
         assert_eq!(out.len(), 28 + 4 + 32);
         assert_eq!(data, vec![(28..32, 0)]);

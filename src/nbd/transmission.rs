@@ -1,10 +1,14 @@
-//! Transmission phase: read requests, answer them concurrently, one write per reply.
+//! Transmission phase: read requests, answer them concurrently, one write per reply piece.
 //!
 //! The reader loop validates every request before doing any work; reads and block status
 //! queries then run as their own tasks (the decoder is synchronous, so the actual I/O goes
-//! to the blocking pool) and each task writes its whole reply under the writer lock, so
-//! replies go out as they finish, never interleaved. A per-connection byte budget bounds
-//! the memory held by in-flight requests.
+//! to the blocking pool). A read is answered piece by piece, each at most [`PIECE`] bytes
+//! of data: structured replies as one or more chunks per piece (other replies' chunks may
+//! come between them), simple replies as the header and then the data in a row under the
+//! writer lock. Each task holds a share of the connection's byte budget while it runs;
+//! the reader waits for a share before taking the next request, so a client that does
+//! not read its replies stops being read (backpressure), and the server's reply buffers
+//! never exceed [`super::MAX_REPLY_BYTES`] whatever its clients do.
 
 use super::handshake::Negotiated;
 use super::proto::*;
@@ -14,34 +18,72 @@ use std::sync::{Arc, Mutex as SyncMutex};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Mutex, Semaphore};
 
+/// Most data bytes read and sent in one piece of a read reply.
+pub const PIECE: u32 = 1 << 20;
 /// Accounting unit of the in-flight budget.
-const BUDGET_UNIT: u32 = 64 << 10;
-/// In-flight budget per connection, in units (64 MiB: two maximal reads).
-const BUDGET_UNITS: u32 = 1024;
-/// Reply buffers kept for reuse per connection.
+const BUDGET_UNIT: usize = 64 << 10;
+/// Reply buffers kept for reuse, for the whole process.
 const POOL_BUFFERS: usize = 8;
-/// Reply buffers larger than this are freed rather than kept.
-const POOL_MAX_BUFFER: usize = (4 << 20) + (64 << 10);
+/// Reply buffers larger than this are freed rather than kept (a piece, plus the chunk
+/// headers of up to [`MAX_READ_CHUNKS`] holes).
+const POOL_MAX_BUFFER: usize = PIECE as usize + BUDGET_UNIT;
+/// In-flight budget per connection, in units: an equal share of what the whole server
+/// may hold, less the pool. Every connection has its own, so a stalled client can only
+/// ever block itself.
+const BUDGET_UNITS: u32 = ((super::MAX_REPLY_BYTES - POOL_BUFFERS * POOL_MAX_BUFFER)
+    / super::MAX_CONNECTIONS
+    / BUDGET_UNIT) as u32;
+/// Units one read piece takes: its data, plus one for its headers.
+const PIECE_UNITS: u32 = (POOL_MAX_BUFFER / BUDGET_UNIT) as u32;
+const _: () = assert!(
+    BUDGET_UNITS >= PIECE_UNITS,
+    "a connection must fit one piece"
+);
 /// Block status asks the decoder about at most this much at a time, so a fragmented
 /// image cannot make one request build an enormous extent list.
 const STATUS_WINDOW: u64 = crate::format::EXTENT_WINDOW;
+
+/// Reply buffers kept for reuse (sparing the zeroing and page faults of a fresh one).
+static POOL: SyncMutex<Vec<Vec<u8>>> = SyncMutex::new(Vec::new());
+
+/// A reply buffer from the pool, or a new one.
+fn take_buffer() -> Vec<u8> {
+    POOL.lock()
+        .ok()
+        .and_then(|mut p| p.pop())
+        .unwrap_or_default()
+}
+
+/// Keep `buf` for reuse if it is not too large and the pool has room.
+fn return_buffer(buf: Vec<u8>) {
+    if buf.capacity() <= POOL_MAX_BUFFER {
+        if let Ok(mut p) = POOL.lock() {
+            if p.len() < POOL_BUFFERS {
+                p.push(buf);
+            }
+        }
+    }
+}
 
 /// State shared by the reader loop and the request tasks of one connection.
 struct Conn<W> {
     writer: Mutex<W>,
     source: Arc<dyn BlockSource>,
     neg: Negotiated,
-    pool: SyncMutex<Vec<Vec<u8>>>,
+}
+
+/// Write `bytes` whole. A failed write means the client is gone; the reader loop
+/// notices on its own, so the error is only traced.
+async fn write_traced<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) {
+    if let Err(e) = w.write_all(bytes).await {
+        crate::trace::note(&format!("nbd: reply not sent: {e}"));
+    }
 }
 
 impl<W: AsyncWrite + Unpin> Conn<W> {
-    /// Write one whole reply. A failed write means the client is gone; the reader loop
-    /// notices on its own, so the error is only traced.
+    /// Write one whole reply (or structured chunk).
     async fn send(&self, bytes: &[u8]) {
-        let mut w = self.writer.lock().await;
-        if let Err(e) = w.write_all(bytes).await {
-            crate::trace::note(&format!("nbd: reply not sent: {e}"));
-        }
+        write_traced(&mut *self.writer.lock().await, bytes).await;
     }
 
     /// Send an error reply for `req`.
@@ -57,23 +99,70 @@ impl<W: AsyncWrite + Unpin> Conn<W> {
         put_simple_reply(&mut buf, 0, req.cookie);
         self.send(&buf).await;
     }
+}
 
-    fn take_buffer(&self) -> Vec<u8> {
-        self.pool
-            .lock()
-            .ok()
-            .and_then(|mut p| p.pop())
-            .unwrap_or_default()
-    }
-
-    fn return_buffer(&self, buf: Vec<u8>) {
-        if buf.capacity() <= POOL_MAX_BUFFER {
-            if let Ok(mut p) = self.pool.lock() {
-                if p.len() < POOL_BUFFERS {
-                    p.push(buf);
+impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
+    /// Answer a validated read, piece by piece (see the module doc).
+    async fn answer_read(&self, req: Request) {
+        let structured = self.neg.structured;
+        let src = self.source.clone();
+        let Ok(pieces) =
+            tokio::task::spawn_blocking(move || read_pieces(&*src, &req, structured)).await
+        else {
+            self.send_error(&req, EIO, "read failed").await;
+            return;
+        };
+        // A simple reply is one header and then all its data: nothing may come between.
+        let mut held = if structured {
+            None
+        } else {
+            Some(self.writer.lock().await)
+        };
+        let mut buf = take_buffer();
+        let count = pieces.len();
+        for (i, runs) in pieces.into_iter().enumerate() {
+            let (first, last) = (i == 0, i + 1 == count);
+            let src = self.source.clone();
+            let filled = tokio::task::spawn_blocking(move || {
+                let piece = Piece {
+                    req: &req,
+                    structured,
+                    runs: &runs,
+                    first,
+                    last,
+                };
+                let len = fill_piece(&*src, &mut buf, piece);
+                (buf, len)
+            })
+            .await;
+            let (b, len) = match filled {
+                Ok((b, Ok(len))) => (b, len),
+                failed => {
+                    if let Ok((_, Err(e))) = failed {
+                        crate::trace::note(&format!("nbd: read at {}: {e}", req.offset));
+                    }
+                    let mut err = Vec::with_capacity(64);
+                    put_error_reply(&mut err, structured, req.cookie, EIO, "read failed");
+                    match held.as_mut() {
+                        None => self.send(&err).await,
+                        Some(w) if first => write_traced(&mut **w, &err).await,
+                        // The header already said success: all the protocol allows now
+                        // is hanging up (proto.md "Simple reply message").
+                        Some(w) => {
+                            crate::trace::note("nbd: read failed mid-reply, disconnecting");
+                            let _ = w.shutdown().await;
+                        }
+                    }
+                    return;
                 }
+            };
+            match held.as_mut() {
+                Some(w) => write_traced(&mut **w, &b[..len]).await,
+                None => self.send(&b[..len]).await,
             }
+            buf = b;
         }
+        return_buffer(buf);
     }
 }
 
@@ -94,7 +183,6 @@ where
         writer: Mutex::new(writer),
         source,
         neg,
-        pool: SyncMutex::new(Vec::new()),
     });
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     let result = loop {
@@ -142,26 +230,13 @@ where
                     conn.send_error(&req, error, msg).await;
                     continue;
                 }
-                let units = req.length.div_ceil(BUDGET_UNIT).max(1);
+                let units = PIECE_UNITS.min(req.length.div_ceil(BUDGET_UNIT as u32) + 1);
                 let Ok(permit) = budget.clone().acquire_many_owned(units).await else {
                     break Ok(());
                 };
                 let conn = conn.clone();
                 tokio::spawn(async move {
-                    let buf = conn.take_buffer();
-                    let src = conn.source.clone();
-                    let structured = conn.neg.structured;
-                    match tokio::task::spawn_blocking(move || {
-                        read_reply(&*src, buf, &req, structured)
-                    })
-                    .await
-                    {
-                        Ok((buf, len)) => {
-                            conn.send(&buf[..len]).await;
-                            conn.return_buffer(buf);
-                        }
-                        Err(_) => conn.send_error(&req, EIO, "read failed").await,
-                    }
+                    conn.answer_read(req).await;
                     drop(permit);
                 });
             }
@@ -236,62 +311,145 @@ fn runs_of(source: &dyn BlockSource, runs: &mut Vec<Run>, offset: u64, end: u64)
     }
 }
 
-/// Build the reply to a validated read in `buf` (reused, grown as needed). Returns the
-/// buffer and the reply length. A decoder error becomes an EIO reply.
-pub fn read_reply(
-    source: &dyn BlockSource,
-    mut buf: Vec<u8>,
-    req: &Request,
-    structured: bool,
-) -> (Vec<u8>, usize) {
+/// The pieces a validated read is answered in, each a list of runs holding at most
+/// [`PIECE`] data bytes (holes take none). Simple replies have only data runs; a
+/// zero-length read is one piece without runs.
+pub fn read_pieces(source: &dyn BlockSource, req: &Request, structured: bool) -> Vec<Vec<Run>> {
     let offset = req.offset;
-    let len = u64::from(req.length);
-    if !structured {
-        let total = SIMPLE_REPLY_LEN + req.length as usize;
-        if buf.len() < total {
-            buf.resize(total, 0);
-        }
-        put_simple_reply(&mut buf, 0, req.cookie);
-        if let Err(e) = source.read_at(&mut buf[SIMPLE_REPLY_LEN..total], offset) {
-            crate::trace::note(&format!("nbd: read at {offset}: {e}"));
-            put_simple_reply(&mut buf, EIO, req.cookie);
-            return (buf, SIMPLE_REPLY_LEN);
-        }
-        return (buf, total);
-    }
-    if len == 0 {
-        if buf.len() < CHUNK_HEADER_LEN {
-            buf.resize(CHUNK_HEADER_LEN, 0);
-        }
-        put_chunk_header(&mut buf, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
-        return (buf, CHUNK_HEADER_LEN);
-    }
+    let end = offset + u64::from(req.length);
     let mut runs = Vec::new();
-    if req.flags & CMD_FLAG_DF == 0 {
-        runs_of(source, &mut runs, offset, offset + len);
+    if structured && req.flags & CMD_FLAG_DF == 0 && req.length > 0 {
+        runs_of(source, &mut runs, offset, end);
     }
-    if req.flags & CMD_FLAG_DF != 0 || runs.len() > MAX_READ_CHUNKS {
+    if runs.is_empty() || runs.len() > MAX_READ_CHUNKS {
         runs.clear();
-        runs.push(Run {
-            offset,
-            length: len,
-            hole: false,
-        });
-    }
-    let total = structured_read_len(&runs);
-    if buf.len() < total {
-        buf.resize(total, 0);
-    }
-    for (range, at) in layout_structured_read(&mut buf[..total], req.cookie, &runs) {
-        if let Err(e) = source.read_at(&mut buf[range], at) {
-            crate::trace::note(&format!("nbd: read at {at}: {e}"));
-            let mut err = Vec::new();
-            put_error_chunk(&mut err, req.cookie, EIO, "read failed");
-            let n = err.len();
-            return (err, n);
+        if req.length > 0 {
+            runs.push(Run {
+                offset,
+                length: end - offset,
+                hole: false,
+            });
         }
     }
-    (buf, total)
+    let mut pieces = vec![Vec::new()];
+    let mut room = u64::from(PIECE);
+    for mut run in runs {
+        loop {
+            let take = if run.hole {
+                run.length
+            } else {
+                run.length.min(room)
+            };
+            if take == 0 {
+                pieces.push(Vec::new());
+                room = u64::from(PIECE);
+                continue;
+            }
+            if let Some(piece) = pieces.last_mut() {
+                piece.push(Run {
+                    length: take,
+                    ..run
+                });
+            }
+            if !run.hole {
+                room -= take;
+            }
+            if take == run.length {
+                break;
+            }
+            run.offset += take;
+            run.length -= take;
+        }
+    }
+    pieces
+}
+
+/// Which piece of which read reply [`fill_piece`] builds.
+#[derive(Clone, Copy)]
+pub struct Piece<'a> {
+    /// The validated read request.
+    pub req: &'a Request,
+    /// Whether the connection negotiated structured replies.
+    pub structured: bool,
+    /// This piece's runs, from [`read_pieces`].
+    pub runs: &'a [Run],
+    /// The reply's first piece (a simple reply's header goes in it).
+    pub first: bool,
+    /// The reply's last piece (its last structured chunk is marked done).
+    pub last: bool,
+}
+
+/// Build `piece` in `buf` (reused, grown as needed) and return its length: for a simple
+/// reply the header (first piece only) and the data, for a structured one its chunks.
+/// Fails with the decoder's error (the reply is then an error, or a hang-up).
+pub fn fill_piece(
+    source: &dyn BlockSource,
+    buf: &mut Vec<u8>,
+    piece: Piece,
+) -> std::io::Result<usize> {
+    let Piece {
+        req,
+        structured,
+        runs,
+        first,
+        last,
+    } = piece;
+    let (total, data) = if structured {
+        if runs.is_empty() {
+            buf.resize(buf.len().max(CHUNK_HEADER_LEN), 0);
+            put_chunk_header(buf, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
+            return Ok(CHUNK_HEADER_LEN);
+        }
+        let total = structured_read_len(runs);
+        buf.resize(buf.len().max(total), 0);
+        (
+            total,
+            layout_structured_read(&mut buf[..total], req.cookie, runs, last),
+        )
+    } else {
+        let header = if first { SIMPLE_REPLY_LEN } else { 0 };
+        let mut at = header;
+        let mut data = Vec::new();
+        for run in runs {
+            let len = run.length as usize;
+            data.push((at..at + len, run.offset));
+            at += len;
+        }
+        buf.resize(buf.len().max(at), 0);
+        if first {
+            put_simple_reply(buf, 0, req.cookie);
+        }
+        (at, data)
+    };
+    for (range, at) in data {
+        source.read_at(&mut buf[range], at)?;
+    }
+    Ok(total)
+}
+
+/// The whole reply to a validated read, all pieces in a row, or the error reply its
+/// first failure gives. For tests and tools; the server sends piece by piece.
+pub fn read_reply(source: &dyn BlockSource, req: &Request, structured: bool) -> Vec<u8> {
+    let pieces = read_pieces(source, req, structured);
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    for (i, runs) in pieces.iter().enumerate() {
+        let piece = Piece {
+            req,
+            structured,
+            runs,
+            first: i == 0,
+            last: i + 1 == pieces.len(),
+        };
+        match fill_piece(source, &mut buf, piece) {
+            Ok(len) => out.extend_from_slice(&buf[..len]),
+            Err(_) => {
+                put_error_reply(&mut out, structured, req.cookie, EIO, "read failed");
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// Build the reply to a validated block status request.
@@ -390,7 +548,8 @@ mod tests {
     fn simple_read_reply_is_header_then_data() {
         let r = req(CMD_READ, 0, 1000, 16);
 
-        let (buf, len) = read_reply(&Mem, Vec::new(), &r, false);
+        let buf = read_reply(&Mem, &r, false);
+        let len = buf.len();
 
         assert_eq!(len, 32);
         assert_eq!(&buf[0..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
@@ -407,7 +566,8 @@ mod tests {
             (HOLE.end - HOLE.start + 1024) as u32,
         );
 
-        let (buf, len) = read_reply(&Mem, Vec::new(), &r, true);
+        let buf = read_reply(&Mem, &r, true);
+        let len = buf.len();
 
         assert_eq!(len, 28 + 512 + 32 + 28 + 512);
         let types: Vec<u16> = [0, 28 + 512, 28 + 512 + 32]
@@ -428,13 +588,60 @@ mod tests {
     fn df_read_is_one_data_chunk() {
         let r = req(CMD_READ, CMD_FLAG_DF, 0, SIZE as u32);
 
-        let (buf, len) = read_reply(&Mem, Vec::new(), &r, true);
+        let buf = read_reply(&Mem, &r, true);
+        let len = buf.len();
 
         assert_eq!(len, 28 + SIZE as usize);
         assert_eq!(&buf[4..6], &REPLY_FLAG_DONE.to_be_bytes());
         assert!(buf[28 + HOLE.start as usize..28 + HOLE.end as usize]
             .iter()
             .all(|&b| b == 0));
+    }
+
+    /// 8 MiB of allocated zeros.
+    struct Zeros;
+
+    impl BlockSource for Zeros {
+        fn size(&self) -> u64 {
+            8 << 20
+        }
+        fn read_at(&self, buf: &mut [u8], _offset: u64) -> io::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn layers(&self) -> Vec<LayerInfo> {
+            Vec::new()
+        }
+    }
+
+    #[test]
+    fn a_long_read_is_answered_in_pieces_of_at_most_piece_bytes() {
+        let r = req(CMD_READ, 0, 5, 3 * PIECE + 7);
+
+        let pieces = read_pieces(&Zeros, &r, false);
+
+        let sizes: Vec<u64> = pieces
+            .iter()
+            .map(|p| p.iter().map(|run| run.length).sum())
+            .collect();
+        let p = u64::from(PIECE);
+        assert_eq!(sizes, vec![p, p, p, 7]);
+        assert_eq!(pieces[1][0].offset, 5 + p);
+    }
+
+    #[test]
+    fn only_the_last_piece_of_a_structured_read_is_done() {
+        let r = req(CMD_READ, 0, 0, 2 * PIECE + 1);
+
+        let buf = read_reply(&Zeros, &r, true);
+
+        let piece = 28 + PIECE as usize;
+        let flags: Vec<u16> = [0, piece, 2 * piece]
+            .iter()
+            .map(|&at| u16::from_be_bytes([buf[at + 4], buf[at + 5]]))
+            .collect();
+        assert_eq!(buf.len(), 2 * piece + 28 + 1);
+        assert_eq!(flags, vec![0, 0, REPLY_FLAG_DONE]);
     }
 
     #[test]

@@ -167,7 +167,7 @@ impl Vm {
         let parent = unsafe { libc::getpid() };
         let max_file = cfg.max_file_bytes;
         // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-        // functions (prctl, setrlimit, getppid), allocating nothing.
+        // functions (prctl, setrlimit, umask, getppid), allocating nothing.
         unsafe {
             command.pre_exec(move || {
                 if libc::prctl(
@@ -194,6 +194,9 @@ impl Vm {
                 {
                     return Err(io::Error::last_os_error());
                 }
+                // QEMU creates the QMP and agent sockets and the console log: owner-only
+                // whatever umask imgsafe was started with.
+                libc::umask(0o077);
                 // imgsafe died before prctl took effect: do not start an orphan.
                 if libc::getppid() != parent {
                     return Err(io::Error::from_raw_os_error(libc::ESRCH));
@@ -608,14 +611,9 @@ fn tail_text(file: &mut File) -> Option<Vec<String>> {
         .ok()?;
     let mut bytes = Vec::new();
     file.take(TAIL_BYTES).read_to_end(&mut bytes).ok()?;
-    let text = String::from_utf8_lossy(&bytes);
-    let lines: Vec<String> = text
-        .split(['\n', '\r'])
-        .map(|l| {
-            l.chars()
-                .map(|c| if c.is_control() { '?' } else { c })
-                .collect::<String>()
-        })
+    let lines: Vec<String> = bytes
+        .split(|&b| b == b'\n' || b == b'\r')
+        .map(crate::terminal::printable)
         .map(|l| l.trim().to_string())
         .filter(|l| !l.is_empty())
         .collect();

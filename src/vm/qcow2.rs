@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// 64 KiB clusters, QEMU's default.
@@ -62,7 +63,12 @@ pub fn create(path: &Path, size: u64) -> io::Result<()> {
         let at = rc_block as usize + 2 * c;
         image[at..at + 2].copy_from_slice(&1u16.to_be_bytes());
     }
-    let mut f = File::options().write(true).create_new(true).open(path)?;
+    // Owner-only whatever the umask: the guest's writes land here.
+    let mut f = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(&image)?;
     f.sync_all()
 }

@@ -27,6 +27,7 @@ impl OpError {
             Some(libc::ENOENT) => ErrorKind::NotFound,
             Some(libc::ENOTDIR) => ErrorKind::NotDirectory,
             Some(libc::EISDIR) => ErrorKind::IsDirectory,
+            Some(libc::ELOOP) => ErrorKind::TooManyLinks,
             _ => ErrorKind::Other,
         };
         OpError {

@@ -128,7 +128,7 @@ fn resolve_with(
             links += 1;
             if links > MAX_SYMLINKS {
                 return Err(OpError::new(
-                    ErrorKind::Other,
+                    ErrorKind::TooManyLinks,
                     format!("{}: too many levels of symbolic links", shown(path)),
                 ));
             }
@@ -241,6 +241,7 @@ mod tests {
         let loop_err = resolve(&root, b"/a", Final::Follow).unwrap_err();
         let self_err = resolve(&root, b"/self/y", Final::Keep).unwrap_err();
 
+        assert_eq!(loop_err.kind, ErrorKind::TooManyLinks);
         assert!(
             loop_err.message.contains("too many levels"),
             "{}",

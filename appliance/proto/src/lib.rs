@@ -255,6 +255,9 @@ pub enum ErrorKind {
     IsDirectory,
     /// A non-directory where a directory was needed.
     NotDirectory,
+    /// Resolving the path met a symlink loop (ELOOP, or more links than the agent
+    /// follows).
+    TooManyLinks,
     /// Nothing mountable, or mount failed.
     Mount,
     /// The request was malformed or out of order.

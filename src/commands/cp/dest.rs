@@ -163,6 +163,18 @@ impl Dir {
         Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
+    /// Rename `from` to `to`, both in this directory. Without `replace`, EEXIST if
+    /// anything is at `to`; with it, a file or symlink there is replaced atomically
+    /// (the entry itself: a symlink is never followed).
+    pub fn rename(&self, from: &[u8], to: &[u8], replace: bool) -> io::Result<()> {
+        let (f, t) = (cstr(from)?, cstr(to)?);
+        let flags = if replace { 0 } else { libc::RENAME_NOREPLACE };
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: valid dirfd and NUL-terminated names.
+        check(unsafe { libc::renameat2(fd, f.as_ptr(), fd, t.as_ptr(), flags) })?;
+        Ok(())
+    }
+
     /// Create the symlink `name -> target`; EEXIST if anything is there already.
     pub fn make_symlink(&self, name: &[u8], target: &[u8]) -> io::Result<()> {
         let (n, t) = (cstr(name)?, cstr(target)?);
