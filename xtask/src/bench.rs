@@ -1,4 +1,4 @@
-//! `cargo xtask bench [nbd|formats|e2e]...`: imgsafe against its peers, in the same run,
+//! `cargo xtask bench [nbd|formats|e2e|warm]...`: imgsafe against its peers, in the same run,
 //! on the same files.
 //!
 //! Benchmarks print numbers and ratios; they never pass or fail on a time. Every number
@@ -11,13 +11,14 @@ mod e2e;
 mod formats;
 mod nbd;
 mod util;
+mod warm;
 
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 use util::{ratio, WorkDir, GIB};
 
 /// The groups, in the order a full run takes them.
-const GROUPS: [&str; 3] = ["nbd", "formats", "e2e"];
+const GROUPS: [&str; 4] = ["nbd", "formats", "e2e", "warm"];
 
 /// Run the benchmarks named in `args` (all when empty).
 pub fn run(args: &[String]) -> Result<()> {
@@ -38,6 +39,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "nbd" => nbd::run(&mut ctx),
             "formats" => formats::run(&mut ctx),
             "e2e" => e2e::run(&mut ctx),
+            "warm" => warm::run(&mut ctx),
             _ => unreachable!("select_groups only returns known groups"),
         };
         if let Err(e) = result {

@@ -170,7 +170,7 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
 
 /// Which accelerator imgsafe's `-v` run used, so libguestfs can be given the same one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Accel {
+pub(super) enum Accel {
     /// Software emulation (imgsafe fell back to it, or IMGSAFE_ACCEL=tcg).
     Tcg,
     /// Hardware KVM.
@@ -249,7 +249,7 @@ fn prepare_imgsafe(ctx: &Ctx, image: &Path) -> (Result<(), String>, Accel) {
 
 /// How libguestfs is run: the direct backend, on the whole disk as /dev/sda (the same
 /// job as imgsafe's probe + mount, without libguestfs's OS inspection).
-struct Guestfs {
+pub(super) struct Guestfs {
     /// LIBGUESTFS_BACKEND_SETTINGS to set (None: leave the environment's).
     settings: Option<&'static str>,
 }
@@ -257,7 +257,7 @@ struct Guestfs {
 impl Guestfs {
     /// `NAME --format=raw -a IMAGE -m /dev/sda ARGS...` (guestfish also gets `--ro`: the
     /// virt-* tools are read-only by themselves, guestfish is not).
-    fn command(&self, name: &str, image: &Path, args: &[&str]) -> Result<Command> {
+    pub(super) fn command(&self, name: &str, image: &Path, args: &[&str]) -> Result<Command> {
         let mut c = crate::tool(name, GUESTFS_PACKAGE)?;
         if name == "guestfish" {
             c.arg("--ro");
@@ -278,7 +278,7 @@ impl Guestfs {
 /// It gets the accelerator imgsafe used: force_tcg when imgsafe ran under TCG, unless
 /// LIBGUESTFS_BACKEND_SETTINGS is already set. When imgsafe's choice is unknown and
 /// libguestfs's own KVM attempt fails (a /dev/kvm that QEMU cannot use), retry on TCG.
-fn prepare_guestfs(image: &Path, accel: Accel) -> Result<Guestfs, String> {
+pub(super) fn prepare_guestfs(image: &Path, accel: Accel) -> Result<Guestfs, String> {
     if let Err(e) = crate::tool("virt-ls", GUESTFS_PACKAGE) {
         println!("libguestfs peer skipped: {e:#}");
         return Err(format!("{e:#}"));
@@ -368,7 +368,7 @@ fn record(ctx: &mut Ctx, what: &str, peer: &str, imgsafe: Outcome, peer_time: Ou
 
 /// A small Linux-like tree: /etc with a few dozen small files, /data with a few MiB in
 /// files of mixed sizes (text and incompressible). Returns the bytes under /data.
-fn make_tree(tree: &Path) -> Result<u64> {
+pub(super) fn make_tree(tree: &Path) -> Result<u64> {
     if tree.exists() {
         std::fs::remove_dir_all(tree)?;
     }
