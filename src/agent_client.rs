@@ -89,6 +89,9 @@ fn agent_error(kind: ErrorKind, message: String, path: &[u8]) -> Error {
     }
 }
 
+/// How often a wait for the agent's first answer asks whether to go on.
+pub const ANSWER_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Bytes of entropy each session gives the guest (the kernel credits at most 256 bits
 /// at a time to its pool; more is harmless).
 const HELLO_ENTROPY: usize = 32;
@@ -116,6 +119,17 @@ impl AgentClient {
     /// guest (which may be a restored copy of an earlier one), and the serials of the
     /// disks it must see before it answers.
     pub fn connect(stream: UnixStream, disks: &[String]) -> Result<Self> {
+        Self::connect_waiting(stream, disks, &mut || true)
+    }
+
+    /// [`AgentClient::connect`], asking `keep_waiting` every [`ANSWER_POLL`] until the
+    /// answer starts to arrive: a booting guest may take long, and the caller decides
+    /// how long is too long (returning false ends the wait with a timeout error).
+    pub fn connect_waiting(
+        stream: UnixStream,
+        disks: &[String],
+        keep_waiting: &mut dyn FnMut() -> bool,
+    ) -> Result<Self> {
         let reader = BufReader::new(
             stream
                 .try_clone()
@@ -132,13 +146,15 @@ impl AgentClient {
         random_bytes(&mut fresh)?;
         let (nonce, entropy) = fresh.split_at(8);
         let nonce = u64::from_le_bytes(nonce.try_into().expect("8 bytes"));
-        match c.call(&Request::Hello {
+        c.send(&Request::Hello {
             version: proto::PROTOCOL_VERSION,
             nonce,
             entropy: entropy.to_vec(),
             time: proto::WallClock::now(),
             disks: disks.to_vec(),
-        })? {
+        })?;
+        c.wait_readable(keep_waiting)?;
+        match c.recv_msg()? {
             Response::Hello {
                 version,
                 kernel,
@@ -155,6 +171,38 @@ impl AgentClient {
                 proto::PROTOCOL_VERSION
             ))),
             other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Wait until the agent's answer starts to arrive, asking `keep_waiting` between
+    /// polls. Waiting here rather than in a read keeps the frame in step: a read that
+    /// timed out halfway through a frame would lose its place.
+    fn wait_readable(&mut self, keep_waiting: &mut dyn FnMut() -> bool) -> Result<()> {
+        if !self.reader.buffer().is_empty() {
+            return Ok(());
+        }
+        let fd = std::os::unix::io::AsRawFd::as_raw_fd(self.reader.get_ref());
+        loop {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = libc::c_int::try_from(ANSWER_POLL.as_millis()).unwrap_or(100);
+            // SAFETY: one valid pollfd for the duration of the call.
+            let n = unsafe { libc::poll(&mut p, 1, ms) };
+            if n > 0 {
+                return Ok(());
+            }
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(Error::guest(format!("waiting for the agent: {e}")));
+                }
+            }
+            if !keep_waiting() {
+                return Err(Error::appliance("the guest agent did not answer in time"));
+            }
         }
     }
 
@@ -499,6 +547,101 @@ mod tests {
 
     fn msg(r: &Response) -> (u8, Vec<u8>) {
         (proto::KIND_MSG, serde_json::to_vec(r).unwrap())
+    }
+
+    /// Connect to a fake agent whose hello answer is made from the request by `answer`.
+    fn handshake_with(
+        answer: impl FnOnce(Request) -> Response + Send + 'static,
+        keep_waiting: &mut dyn FnMut() -> bool,
+    ) -> (Result<AgentClient>, Option<Request>) {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let agent = thread::spawn(move || {
+            let mut g = guest;
+            let Frame::Msg(req) = proto::read_frame::<_, Request>(&mut g).unwrap() else {
+                panic!("a data frame");
+            };
+            let _ = proto::write_msg(&mut g, &answer(req.clone()));
+            req
+        });
+        let r = AgentClient::connect_waiting(host, &["imgsafe0".into()], keep_waiting);
+        (r, agent.join().ok())
+    }
+
+    #[test]
+    fn hello_carries_a_fresh_nonce_entropy_the_time_and_the_disks() {
+        let echo = |req: Request| match req {
+            Request::Hello { nonce, .. } => Response::Hello {
+                version: proto::PROTOCOL_VERSION,
+                kernel: "k".into(),
+                nonce,
+            },
+            _ => Response::Bye,
+        };
+
+        let (first, req1) = handshake_with(echo, &mut || true);
+        let (_, req2) = handshake_with(echo, &mut || true);
+
+        assert!(first.is_ok());
+        let (
+            Some(Request::Hello {
+                nonce: n1,
+                entropy: e1,
+                time,
+                disks,
+                ..
+            }),
+            Some(Request::Hello {
+                nonce: n2,
+                entropy: e2,
+                ..
+            }),
+        ) = (req1, req2)
+        else {
+            panic!("not two hellos");
+        };
+        assert_ne!(n1, n2);
+        assert_ne!(e1, e2);
+        assert_eq!(e1.len(), HELLO_ENTROPY);
+        let now = proto::WallClock::now().secs;
+        assert!(time.secs + 60 > now && time.secs <= now);
+        assert_eq!(disks, vec!["imgsafe0".to_string()]);
+    }
+
+    #[test]
+    fn an_answer_with_another_sessions_nonce_is_refused() {
+        let stale = |req: Request| match req {
+            Request::Hello { nonce, .. } => Response::Hello {
+                version: proto::PROTOCOL_VERSION,
+                kernel: "k".into(),
+                nonce: nonce.wrapping_add(1),
+            },
+            _ => Response::Bye,
+        };
+
+        let (r, _) = handshake_with(stale, &mut || true);
+
+        assert!(
+            r.err().unwrap().to_string().contains("another session"),
+            "a stale hello was accepted"
+        );
+    }
+
+    #[test]
+    fn waiting_for_the_hello_ends_when_the_caller_says_so() {
+        let (host, _guest) = UnixStream::pair().unwrap();
+        let mut asked = 0;
+
+        let r = AgentClient::connect_waiting(host, &[], &mut || {
+            asked += 1;
+            asked < 3
+        });
+
+        assert!(r
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("did not answer in time"));
+        assert_eq!(asked, 3);
     }
 
     #[test]

@@ -468,7 +468,10 @@ fn diagnostics(vm: &mut Vm) -> String {
 }
 
 /// Connect to the agent's socket and handshake (waiting for `disks`), failing early if
-/// QEMU dies. Later answers get `timeout` each.
+/// QEMU dies. The guest has `hello_timeout` to answer, counted in time it could run:
+/// time QEMU spent waiting for a CPU (a host busy with other VMs or builds) is not
+/// counted, so a loaded host slows the command down rather than failing it. Later
+/// answers get `timeout` each.
 fn connect_agent(
     vm: &mut Vm,
     timeout: Duration,
@@ -477,13 +480,19 @@ fn connect_agent(
 ) -> Result<AgentClient> {
     let stream = vm.connect_agent()?;
     stream
-        .set_read_timeout(Some(hello_timeout))
+        .set_read_timeout(Some(timeout))
         .map_err(|e| Error::appliance(e.to_string()))?;
-    match AgentClient::connect(stream, disks) {
-        Ok(c) => {
-            c.set_timeout(Some(timeout))?;
-            Ok(c)
+    let started = std::time::Instant::now();
+    let waited_before = vm.run_queue_wait();
+    let mut keep_waiting = || {
+        if vm::reaper::interrupted() || vm.exit_status().is_some() {
+            return false;
         }
+        let kept_off = vm.run_queue_wait().saturating_sub(waited_before);
+        started.elapsed().saturating_sub(kept_off) < hello_timeout
+    };
+    match AgentClient::connect_waiting(stream, disks, &mut keep_waiting) {
+        Ok(c) => Ok(c),
         Err(_) if vm::reaper::interrupted() => Err(Error::Interrupted),
         Err(e) => Err(Error::appliance(format!(
             "the appliance did not start within {} s (IMGSAFE_TIMEOUT): {e}{}",

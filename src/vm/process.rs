@@ -261,6 +261,21 @@ impl Vm {
         self.pid
     }
 
+    /// How long QEMU's busiest thread (a vCPU, when the guest runs) has waited for a
+    /// CPU while runnable (`/proc/PID/task/*/schedstat`, second field): the time other
+    /// processes kept the guest from running. Zero where the kernel does not say.
+    pub fn run_queue_wait(&self) -> Duration {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
+            return Duration::ZERO;
+        };
+        tasks
+            .filter_map(Result::ok)
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|text| parse_schedstat(&text))
+            .max_by_key(|&(run, _)| run)
+            .map_or(Duration::ZERO, |(_, wait)| Duration::from_nanos(wait))
+    }
+
     /// The Unix socket QEMU serves the agent channel on.
     pub fn agent_socket(&self) -> &Path {
         &self.agent_socket
@@ -582,6 +597,12 @@ impl Drop for Vm {
     }
 }
 
+/// (nanoseconds run, nanoseconds waited on a run queue) from a schedstat line.
+fn parse_schedstat(text: &str) -> Option<(u64, u64)> {
+    let mut f = text.split_whitespace().map(str::parse::<u64>);
+    Some((f.next()?.ok()?, f.next()?.ok()?))
+}
+
 /// "exit status: 1", "killed by SIGKILL", ...
 fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
@@ -640,6 +661,12 @@ mod tests {
             tail.as_deref(),
             Some("two | three?[31m | four | five | six | seven")
         );
+    }
+
+    #[test]
+    fn schedstat_gives_run_and_wait_time() {
+        assert_eq!(parse_schedstat("123 456 7\n"), Some((123, 456)));
+        assert_eq!(parse_schedstat("garbage"), None);
     }
 
     #[test]

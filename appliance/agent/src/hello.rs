@@ -88,13 +88,7 @@ pub fn wait_for_disks(
     if missing(roots).is_empty() {
         return Ok(());
     }
-    let rescan = roots.sys.join("bus/pci/rescan");
-    if let Err(e) = std::fs::write(&rescan, b"1") {
-        return Err(OpError::new(
-            ErrorKind::Other,
-            format!("rescanning PCI ({}): {e}", rescan.display()),
-        ));
-    }
+    rescan(&roots.sys)?;
     let start = Instant::now();
     loop {
         let left = missing(roots);
@@ -114,6 +108,34 @@ pub fn wait_for_disks(
         }
         std::thread::sleep(DISK_POLL);
     }
+}
+
+/// Rescan the buses behind the PCIe root ports for new devices: only those buses, so
+/// the kernel does not revisit (and retry assigning windows to) everything on the
+/// root bus. Where there are none to be found, the whole hierarchy.
+fn rescan(sys: &Path) -> Result<(), OpError> {
+    let failed = |path: &Path, e: std::io::Error| {
+        OpError::new(
+            ErrorKind::Other,
+            format!("rescanning PCI ({}): {e}", path.display()),
+        )
+    };
+    let buses: Vec<std::path::PathBuf> = std::fs::read_dir(sys.join("class/pci_bus"))
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| !e.file_name().to_string_lossy().ends_with(":00"))
+                .map(|e| e.path().join("rescan"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if buses.is_empty() {
+        let all = sys.join("bus/pci/rescan");
+        return std::fs::write(&all, b"1").map_err(|e| failed(&all, e));
+    }
+    for bus in buses {
+        std::fs::write(&bus, b"1").map_err(|e| failed(&bus, e))?;
+    }
+    Ok(())
 }
 
 /// The serials of the block devices in `sys/block` (virtio-blk exposes `serial`).
@@ -173,6 +195,30 @@ mod tests {
             std::fs::read(dir.path().join("sys/bus/pci/rescan")).unwrap(),
             b"1"
         );
+    }
+
+    #[test]
+    fn the_buses_behind_the_root_ports_are_rescanned_not_the_root_bus() {
+        let dir = tempfile::tempdir().unwrap();
+        for bus in ["0000:00", "0000:01", "0000:02"] {
+            std::fs::create_dir_all(dir.path().join("sys/class/pci_bus").join(bus)).unwrap();
+        }
+
+        let _ = wait_for_disks(
+            &roots(dir.path()),
+            &["imgsafe0".into()],
+            Duration::from_millis(10),
+        );
+
+        let rescanned = |bus: &str| {
+            dir.path()
+                .join("sys/class/pci_bus")
+                .join(bus)
+                .join("rescan")
+                .exists()
+        };
+        assert!(rescanned("0000:01") && rescanned("0000:02"));
+        assert!(!rescanned("0000:00"));
     }
 
     #[test]
