@@ -83,7 +83,8 @@ pub fn enabled() -> Result<bool, String> {
 /// paths (machine and its options, accelerator, CPU model, memory, vCPUs, kernel and
 /// initramfs paths — the appliance's own hash is part of them — and kernel arguments),
 /// and the identity (path, size, mtime, inode) of the QEMU binary, its firmware, the
-/// kernel and the initramfs. Any change gives another key, so a stale state is never
+/// kernel and the initramfs, and under KVM (`-cpu host`) the host processor's model
+/// and features. Any change gives another key, so a stale state is never
 /// restored: the next command boots cold and saves a new one.
 pub fn key(cfg: &VmConfig) -> String {
     let mut shape = cfg.clone();
@@ -121,6 +122,11 @@ pub fn key(cfg: &VmConfig) -> String {
             h.update(m.ino().to_le_bytes());
         }
     }
+    if cfg.accel == crate::vm::Accel::Kvm {
+        // `-cpu host` is whatever this processor is: a cache shared between machines
+        // (a network home) must not restore one CPU's state on another.
+        h.update(host_cpu_identity());
+    }
     let digest = h.finalize();
     digest
         .iter()
@@ -128,6 +134,27 @@ pub fn key(cfg: &VmConfig) -> String {
         .collect::<String>()
         .chars()
         .take(KEY_CHARS)
+        .collect()
+}
+
+/// The first processor's model name and feature flags from /proc/cpuinfo.
+fn host_cpu_identity() -> Vec<u8> {
+    let text = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    text.lines()
+        .take_while(|l| !l.trim().is_empty())
+        .filter(|l| {
+            [
+                "vendor_id",
+                "cpu family",
+                "model",
+                "model name",
+                "stepping",
+                "flags",
+            ]
+            .iter()
+            .any(|k| l.split(':').next().is_some_and(|f| f.trim() == *k))
+        })
+        .flat_map(|l| l.bytes().chain([b'\n']))
         .collect()
 }
 
