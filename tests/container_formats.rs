@@ -1,11 +1,14 @@
 //! ls, cat and cp through the appliance on every container format: ploop (qemu-made
 //! and a two-delta DiskDescriptor.xml chain) and VHD (qemu-made dynamic, and a
-//! differencing disk over it). The chains hold a change the base does not have, so a
+//! differencing disk over it) and VDI (a qemu-made dynamic parent and a differencing
+//! image over it). The chains hold a change the base does not have, so a
 //! reader that ignores the top layer fails.
 
 #[path = "common/ploopwriter.rs"]
 mod ploopwriter;
 mod support;
+#[path = "common/vdidiff.rs"]
+mod vdidiff;
 #[path = "common/vhdwriter.rs"]
 mod vhdwriter;
 
@@ -210,4 +213,30 @@ fn vhd_differencing_over_a_dynamic_parent() {
     assert_eq!(chain.len(), 2, "{doc}");
     assert_eq!(chain[0]["version"], "differencing");
     assert_eq!(sha_all(&[&vhd, &parent]), before);
+}
+
+#[test]
+fn vdi_differencing_over_a_dynamic_parent() {
+    let p = pair();
+    let parent = p.dir.path().join("parent.vdi");
+    let child = p.dir.path().join("child.vdi");
+    let overlay = p.dir.path().join("overlay.raw");
+    let a = fs::read(&p.a).unwrap();
+    let b = fs::read(&p.b).unwrap();
+    fs::write(&overlay, vdidiff::overlay(&a, &b)).unwrap();
+    for (src, dst) in [(&p.a, &parent), (&overlay, &child)] {
+        must(
+            tool("qemu-img", "qemu-utils")
+                .args(["convert", "-f", "raw", "-O", "vdi"])
+                .arg(src)
+                .arg(dst),
+        );
+    }
+    vdidiff::link_to_parent(&child, &parent);
+    let before = sha_all(&[&child, &parent]);
+
+    check_reads(parent.to_str().unwrap(), &p, false);
+    check_reads(child.to_str().unwrap(), &p, true);
+
+    assert_eq!(sha_all(&[&child, &parent]), before);
 }

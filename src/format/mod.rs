@@ -9,6 +9,7 @@ pub mod descriptor;
 pub mod foreign;
 pub mod ploop;
 pub mod raw;
+pub mod vdi;
 pub mod vhd;
 
 use std::fmt;
@@ -87,6 +88,8 @@ pub enum Format {
     Descriptor,
     /// Microsoft VHD: fixed, dynamic or differencing.
     Vhd,
+    /// VirtualBox VDI: static, dynamic or differencing.
+    Vdi,
 }
 
 impl fmt::Display for Format {
@@ -96,6 +99,7 @@ impl fmt::Display for Format {
             Format::Ploop => "ploop",
             Format::Descriptor => "descriptor",
             Format::Vhd => "vhd",
+            Format::Vdi => "vdi",
         })
     }
 }
@@ -163,6 +167,9 @@ pub fn detect(path: &Path, file: &File) -> Result<Format, FormatError> {
     if vhd::probe(path, file, &head)? {
         return Ok(Format::Vhd);
     }
+    if vdi::probe(&head) {
+        return Ok(Format::Vdi);
+    }
     if let Some(f) = foreign::identify(&head) {
         return Err(FormatError::Unsupported {
             path: path.to_path_buf(),
@@ -205,6 +212,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>, For
         Format::Ploop => ploop::open_single(path, file),
         Format::Descriptor => descriptor::open_chain(path, opts),
         Format::Vhd => vhd::open(path, file, opts),
+        Format::Vdi => vdi::open(path, file),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `formats`: the container decoders under load. The 1 GiB raw disk is converted by
-//! qemu-img to a dynamic VHD and to a Parallels (ploop) image; each is served by
-//! `imgsafe serve` (imgsafe's own decoder) and by `qemu-nbd -f vpc|parallels` (qemu's),
+//! qemu-img to a dynamic VHD, a Parallels (ploop) image and a dynamic VDI; each is served
+//! by `imgsafe serve` (imgsafe's own decoder) and by `qemu-nbd -f vpc|parallels|vdi`
+//! (qemu's),
 //! and read whole with `qemu-img convert -O raw`.
 
 use super::nbd::{push, qemu_img_convert, remove, start_imgsafe, start_qemu_nbd, time_rounds};
@@ -21,7 +22,7 @@ struct Format {
     qemu_format: &'static str,
 }
 
-const FORMATS: [Format; 2] = [
+const FORMATS: [Format; 3] = [
     Format {
         label: "dynamic VHD",
         file: "disk.vhd",
@@ -33,6 +34,12 @@ const FORMATS: [Format; 2] = [
         file: "disk.hds",
         create: &["-O", "parallels"],
         qemu_format: "parallels",
+    },
+    Format {
+        label: "dynamic VDI",
+        file: "disk.vdi",
+        create: &["-O", "vdi"],
+        qemu_format: "vdi",
     },
 ];
 
