@@ -11,6 +11,7 @@ pub mod ploop;
 pub mod raw;
 pub mod vdi;
 pub mod vhd;
+pub mod vhdx;
 
 use std::fmt;
 use std::fs::File;
@@ -90,6 +91,8 @@ pub enum Format {
     Vhd,
     /// VirtualBox VDI: static, dynamic or differencing.
     Vdi,
+    /// Microsoft VHDX: fixed, dynamic or differencing.
+    Vhdx,
 }
 
 impl fmt::Display for Format {
@@ -100,6 +103,7 @@ impl fmt::Display for Format {
             Format::Descriptor => "descriptor",
             Format::Vhd => "vhd",
             Format::Vdi => "vdi",
+            Format::Vhdx => "vhdx",
         })
     }
 }
@@ -170,6 +174,9 @@ pub fn detect(path: &Path, file: &File) -> Result<Format, FormatError> {
     if vdi::probe(&head) {
         return Ok(Format::Vdi);
     }
+    if vhdx::probe(&head) {
+        return Ok(Format::Vhdx);
+    }
     if let Some(f) = foreign::identify(&head) {
         return Err(FormatError::Unsupported {
             path: path.to_path_buf(),
@@ -213,6 +220,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>, For
         Format::Descriptor => descriptor::open_chain(path, opts),
         Format::Vhd => vhd::open(path, file, opts),
         Format::Vdi => vdi::open(path, file),
+        Format::Vhdx => vhdx::open(path, file, opts),
     }
 }
 
