@@ -1,7 +1,7 @@
 //! ls, cat and cp through the appliance on every container format: ploop (qemu-made
 //! and a two-delta DiskDescriptor.xml chain) and VHD (qemu-made dynamic, and a
-//! differencing disk over it) and VDI (a qemu-made dynamic parent and a differencing
-//! image over it). The chains hold a change the base does not have, so a
+//! differencing disk over it), VDI and VHDX (a qemu-made dynamic parent and a
+//! differencing image over it). The chains hold a change the base does not have, so a
 //! reader that ignores the top layer fails.
 
 #[path = "common/ploopwriter.rs"]
@@ -11,6 +11,8 @@ mod support;
 mod vdidiff;
 #[path = "common/vhdwriter.rs"]
 mod vhdwriter;
+#[path = "common/vhdxdiff.rs"]
+mod vhdxdiff;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -233,6 +235,49 @@ fn vdi_differencing_over_a_dynamic_parent() {
         );
     }
     vdidiff::link_to_parent(&child, &parent);
+    let before = sha_all(&[&child, &parent]);
+
+    check_reads(parent.to_str().unwrap(), &p, false);
+    check_reads(child.to_str().unwrap(), &p, true);
+
+    assert_eq!(sha_all(&[&child, &parent]), before);
+}
+
+#[test]
+fn vhdx_differencing_over_a_dynamic_parent() {
+    let p = pair();
+    let parent = p.dir.path().join("parent.vhdx");
+    let child = p.dir.path().join("child.vhdx");
+    let overlay = p.dir.path().join("overlay.raw");
+    let a = fs::read(&p.a).unwrap();
+    let b = fs::read(&p.b).unwrap();
+    // 1 MiB blocks for both, so the overlay's changed blocks are the child's blocks.
+    fs::write(&overlay, vdidiff::overlay(&a, &b)).unwrap();
+    for (src, dst, opts) in [
+        (&p.a, &parent, "subformat=dynamic,block_size=1M"),
+        (
+            &overlay,
+            &child,
+            "subformat=dynamic,block_size=1M,block_state_zero=off",
+        ),
+    ] {
+        must(
+            tool("qemu-img", "qemu-utils")
+                .args(["convert", "-f", "raw", "-O", "vhdx", "-o", opts])
+                .arg(src)
+                .arg(dst),
+        );
+    }
+    vhdxdiff::make_differencing(
+        &child,
+        &vhdxdiff::Diff {
+            locator: vec![
+                ("parent_linkage", vhdxdiff::data_write_guid(&parent)),
+                ("relative_path", ".\\parent.vhdx".to_string()),
+            ],
+            partial: vec![],
+        },
+    );
     let before = sha_all(&[&child, &parent]);
 
     check_reads(parent.to_str().unwrap(), &p, false);

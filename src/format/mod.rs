@@ -151,7 +151,7 @@ impl FormatError {
 pub struct OpenOptions {
     /// Skip probing and decode as this format.
     pub format: Option<Format>,
-    /// VHD: accept a parent whose unique id does not match the child's record.
+    /// VHD and VHDX: accept a parent whose id does not match the child's record.
     pub ignore_parent_id: bool,
 }
 

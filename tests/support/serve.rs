@@ -20,12 +20,18 @@ impl Served {
     /// Start `imgsafe serve IMAGE_ARG` and wait for its socket; if it exits first, panic
     /// with what it wrote on stderr.
     pub fn start(image_arg: &str) -> Served {
+        Served::start_with(&[image_arg])
+    }
+
+    /// Start `imgsafe serve ARGS...` (options and the image) and wait for its socket.
+    pub fn start_with(args: &[&str]) -> Served {
+        let image_arg = args.join(" ");
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("nbd.sock");
         let log = dir.path().join("serve.log");
         let child = imgsafe()
             .arg("serve")
-            .arg(image_arg)
+            .args(args)
             .arg("--socket")
             .arg(&socket)
             .stderr(fs::File::create(&log).unwrap())

@@ -462,7 +462,10 @@ fn regions(path: &Path, file: &File, file_len: u64) -> Result<(Region, Region), 
         };
         let required = le32(&t, e + 28) & 1 == 1;
         let name = guid_text(&id);
-        if r.offset % MIB != 0 || r.len % MIB != 0 || r.offset < HEADER_SECTION_LEN {
+        if !r.offset.is_multiple_of(MIB)
+            || !r.len.is_multiple_of(MIB)
+            || r.offset < HEADER_SECTION_LEN
+        {
             return Err(bad(format!(
                 "region {name} (offset {}, length {}) is not 1 MiB-aligned after the header section",
                 r.offset, r.len
@@ -598,7 +601,10 @@ fn metadata(path: &Path, file: &File, region: Region) -> Result<Metadata, Format
             "logical sector size {logical_sector} is neither 512 nor 4096"
         )));
     }
-    if disk_size == 0 || disk_size > MAX_DISK_SIZE || disk_size % u64::from(logical_sector) != 0 {
+    if disk_size == 0
+        || disk_size > MAX_DISK_SIZE
+        || !disk_size.is_multiple_of(u64::from(logical_sector))
+    {
         return Err(bad(format!(
             "virtual disk size {disk_size} is not a multiple of the {logical_sector}-byte sector up to 64 TiB"
         )));
@@ -651,7 +657,7 @@ pub fn parse_locator(v: &[u8]) -> Result<Vec<(String, String)>, String> {
     }
     let text = |off: u32, len: u16| -> Result<String, String> {
         let (a, b) = (off as usize, off as usize + len as usize);
-        if off == 0 || len == 0 || len % 2 != 0 || b > v.len() {
+        if off == 0 || len == 0 || !len.is_multiple_of(2) || b > v.len() {
             return Err(format!("string at offset {off}, length {len} is invalid"));
         }
         let units: Vec<u16> = v[a..b]

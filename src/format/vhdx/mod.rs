@@ -30,7 +30,7 @@
 //! volume and is not used. The parent's current `DataWriteGuid` must equal the child's
 //! `parent_linkage` (or `parent_linkage2`), unless `--ignore-parent-id`.
 
-mod crc32c;
+pub mod crc32c;
 pub mod layout;
 
 use super::vhd::cache::BitmapCache;
@@ -463,12 +463,9 @@ impl Vhdx {
             length,
             allocated: false,
         };
-        let lower_runs = runs.iter().filter(|r| r.src == Source::Lower);
-        let span = lower_runs
-            .clone()
-            .next()
-            .map(|r| r.virt)
-            .zip(lower_runs.last().map(|r| r.virt + r.len));
+        let first = runs.iter().find(|r| r.src == Source::Lower);
+        let last = runs.iter().rfind(|r| r.src == Source::Lower);
+        let span = first.zip(last).map(|(f, l)| (f.virt, l.virt + l.len));
         let lower = match (span, &self.parent) {
             (Some((a, b)), Some(parent)) => {
                 let within = parent.size().saturating_sub(a).min(b - a);

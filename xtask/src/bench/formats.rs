@@ -1,7 +1,7 @@
 //! `formats`: the container decoders under load. The 1 GiB raw disk is converted by
-//! qemu-img to a dynamic VHD, a Parallels (ploop) image and a dynamic VDI; each is served
-//! by `imgsafe serve` (imgsafe's own decoder) and by `qemu-nbd -f vpc|parallels|vdi`
-//! (qemu's),
+//! qemu-img to a dynamic VHD, a Parallels (ploop) image, a dynamic VDI and a dynamic
+//! VHDX; each is served by `imgsafe serve` (imgsafe's own decoder) and by
+//! `qemu-nbd -f vpc|parallels|vdi|vhdx` (qemu's),
 //! and read whole with `qemu-img convert -O raw`.
 
 use super::nbd::{push, qemu_img_convert, remove, start_imgsafe, start_qemu_nbd, time_rounds};
@@ -22,7 +22,7 @@ struct Format {
     qemu_format: &'static str,
 }
 
-const FORMATS: [Format; 3] = [
+const FORMATS: [Format; 4] = [
     Format {
         label: "dynamic VHD",
         file: "disk.vhd",
@@ -40,6 +40,12 @@ const FORMATS: [Format; 3] = [
         file: "disk.vdi",
         create: &["-O", "vdi"],
         qemu_format: "vdi",
+    },
+    Format {
+        label: "dynamic VHDX",
+        file: "disk.vhdx",
+        create: &["-O", "vhdx", "-o", "subformat=dynamic"],
+        qemu_format: "vhdx",
     },
 ];
 
