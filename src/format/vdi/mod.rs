@@ -232,9 +232,9 @@ fn open_parent(child: &Path, h: &Header, chain: &mut Chain) -> Result<Vdi, Forma
     for entry in entries.take(MAX_SCAN_ENTRIES) {
         let Ok(entry) = entry else { continue };
         let name = entry.file_name();
-        let is_vdi = name
-            .to_str()
-            .is_some_and(|n| n.len() > 4 && n[n.len() - 4..].eq_ignore_ascii_case(".vdi"));
+        // Compared as bytes: slicing a non-ASCII name as a str could split a character.
+        let b = name.as_encoded_bytes();
+        let is_vdi = b.len() > 4 && b[b.len() - 4..].eq_ignore_ascii_case(b".vdi");
         if !is_vdi {
             continue;
         }

@@ -174,6 +174,8 @@ fn parent_and_child(dir: &Path) -> PathBuf {
         &Spec::new(TYPE_DYNAMIC, vec![Block::Free]).bytes(),
     );
     write(dir, "notes.txt", b"not an image");
+    // A name whose last 4 bytes split a character must not trip the .vdi check.
+    write(dir, "x\u{e9}t\u{e9}", b"not an image either");
     write(dir, "snap.vdi", &child.bytes())
 }
 
