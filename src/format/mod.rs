@@ -12,6 +12,7 @@ pub mod raw;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
+pub mod vmdk;
 
 use std::fmt;
 use std::fs::File;
@@ -93,6 +94,8 @@ pub enum Format {
     Vdi,
     /// Microsoft VHDX: fixed, dynamic or differencing.
     Vhdx,
+    /// VMware VMDK: sparse, flat and stream-optimized extents, delta chains.
+    Vmdk,
 }
 
 impl fmt::Display for Format {
@@ -104,6 +107,7 @@ impl fmt::Display for Format {
             Format::Vhd => "vhd",
             Format::Vdi => "vdi",
             Format::Vhdx => "vhdx",
+            Format::Vmdk => "vmdk",
         })
     }
 }
@@ -177,6 +181,9 @@ pub fn detect(path: &Path, file: &File) -> Result<Format, FormatError> {
     if vhdx::probe(&head) {
         return Ok(Format::Vhdx);
     }
+    if vmdk::probe(&head) {
+        return Ok(Format::Vmdk);
+    }
     if let Some(f) = foreign::identify(&head) {
         return Err(FormatError::Unsupported {
             path: path.to_path_buf(),
@@ -221,6 +228,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>, For
         Format::Vhd => vhd::open(path, file, opts),
         Format::Vdi => vdi::open(path, file),
         Format::Vhdx => vhdx::open(path, file, opts),
+        Format::Vmdk => vmdk::open(path, file, opts),
     }
 }
 
