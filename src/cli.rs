@@ -21,8 +21,8 @@ pub struct ImageArgs {
     /// Decode as this format instead of probing magic bytes.
     #[arg(long, value_enum, global = true)]
     pub format: Option<Format>,
-    /// VHD and VHDX differencing: accept a parent whose unique id (VHD) or DataWriteGuid
-    /// (VHDX) does not match.
+    /// Differencing disks and deltas: accept a parent whose unique id (VHD),
+    /// DataWriteGuid (VHDX) or CID (VMDK) does not match.
     #[arg(long, global = true)]
     pub ignore_parent_id: bool,
     /// Where bare OpenVZ container ids are looked up.

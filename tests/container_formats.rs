@@ -1,7 +1,8 @@
 //! ls, cat and cp through the appliance on every container format: ploop (qemu-made
 //! and a two-delta DiskDescriptor.xml chain) and VHD (qemu-made dynamic, and a
 //! differencing disk over it), VDI and VHDX (a qemu-made dynamic parent and a
-//! differencing image over it). The chains hold a change the base does not have, so a
+//! differencing image over it), and VMDK (a qemu-made stream-optimized parent and a
+//! delta over it written by qemu-io). The chains hold a change the base does not have, so a
 //! reader that ignores the top layer fails.
 
 #[path = "common/ploopwriter.rs"]
@@ -278,6 +279,65 @@ fn vhdx_differencing_over_a_dynamic_parent() {
             partial: vec![],
         },
     );
+    let before = sha_all(&[&child, &parent]);
+
+    check_reads(parent.to_str().unwrap(), &p, false);
+    check_reads(child.to_str().unwrap(), &p, true);
+
+    assert_eq!(sha_all(&[&child, &parent]), before);
+}
+
+#[test]
+fn vmdk_delta_over_a_stream_optimized_parent() {
+    let p = pair();
+    let parent = p.dir.path().join("parent.vmdk");
+    let child = p.dir.path().join("child.vmdk");
+    must(
+        tool("qemu-img", "qemu-utils")
+            .args([
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vmdk",
+                "-o",
+                "subformat=streamOptimized",
+            ])
+            .arg(&p.a)
+            .arg(&parent),
+    );
+    must(
+        tool("qemu-img", "qemu-utils")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "vmdk",
+                "-b",
+                "parent.vmdk",
+                "-F",
+                "vmdk",
+            ])
+            .arg(&child),
+    );
+    // qemu-io writes the 64 KiB grains that debugfs changed into the delta.
+    let a = fs::read(&p.a).unwrap();
+    let b = fs::read(&p.b).unwrap();
+    let mut io = tool("qemu-io", "qemu-utils");
+    io.args(["-f", "vmdk"]);
+    for (i, (ga, gb)) in a.chunks(65536).zip(b.chunks(65536)).enumerate() {
+        if ga != gb {
+            let piece = p.dir.path().join(format!("grain{i}"));
+            fs::write(&piece, gb).unwrap();
+            io.arg("-c").arg(format!(
+                "write -s {} {} {}",
+                piece.display(),
+                i * 65536,
+                gb.len()
+            ));
+        }
+    }
+    must(io.arg(&child));
     let before = sha_all(&[&child, &parent]);
 
     check_reads(parent.to_str().unwrap(), &p, false);
