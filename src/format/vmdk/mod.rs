@@ -191,6 +191,10 @@ fn open_layer(
             }]
         }
     };
+    let sparse_count = lines
+        .iter()
+        .filter(|l| matches!(l.kind, ExtentKind::Sparse { .. }))
+        .count();
     for line in &lines {
         let bytes = line
             .sectors
@@ -248,7 +252,8 @@ fn open_layer(
                     ));
                 }
                 Piece::Sparse(Box::new(
-                    Sparse::open(&p, f, h).map_err(|e| FormatError::corrupt(&p, e))?,
+                    Sparse::open(&p, f, h, sparse_count)
+                        .map_err(|e| FormatError::corrupt(&p, e))?,
                 ))
             }
         };

@@ -37,8 +37,13 @@ pub const MAX_GRAIN_SECTORS: u64 = 2048;
 pub const MAX_GTES_PER_GT: u32 = 4096;
 /// Largest capacity accepted: 64 TiB in sectors.
 pub const MAX_CAPACITY: u64 = (64 << 40) / SECTOR;
-/// Bytes of grain tables kept in memory per extent.
-const GT_CACHE_BYTES: usize = 1 << 20;
+/// Bytes of grain tables kept in memory for one disk, shared out among its sparse
+/// extents (a twoGbMaxExtentSparse disk may have thousands).
+pub const GT_CACHE_BYTES_PER_DISK: usize = 32 << 20;
+/// Most and least grain table bytes one extent keeps.
+const GT_CACHE_MAX: usize = 1 << 20;
+/// See [`GT_CACHE_MAX`].
+const GT_CACHE_MIN: usize = 4096;
 /// Bytes of decompressed grains kept in memory per stream-optimized extent.
 const GRAIN_CACHE_BYTES: usize = 4 << 20;
 
@@ -158,7 +163,7 @@ pub enum Grain {
 /// One opened sparse extent file.
 pub struct Sparse {
     path: PathBuf,
-    file: File,
+    file: Window,
     file_len: u64,
     header: Header,
     /// Grains with data, counted at open.
@@ -168,15 +173,54 @@ pub struct Sparse {
     grains: BitmapCache,
 }
 
-fn read_exact(path: &Path, file: &File, buf: &mut [u8], at: u64) -> Result<(), String> {
-    crate::format::read_exact_at(file, buf, at)
+/// The bytes of a file that hold one extent: all of it, or a member of an OVA (tar).
+pub struct Window {
+    /// The file.
+    pub file: File,
+    /// Where the extent starts in it.
+    pub base: u64,
+    /// The extent's length.
+    pub len: u64,
+}
+
+impl Window {
+    /// Read exactly `buf.len()` bytes at `at` of the extent, never past its end.
+    pub fn read(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
+        let end = at.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.len) {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        crate::format::read_exact_at(&self.file, buf, self.base + at)
+    }
+}
+
+fn read_exact(path: &Path, file: &Window, buf: &mut [u8], at: u64) -> Result<(), String> {
+    file.read(buf, at)
         .map_err(|e| format!("{} at offset {at}: {e}", path.display()))
 }
 
 impl Sparse {
     /// Open the sparse extent in `file` whose header is `header` (from offset 0).
-    pub fn open(path: &Path, file: File, header: Header) -> Result<Sparse, String> {
-        let file_len = crate::format::file_len(path, &file).map_err(|e| e.to_string())?;
+    /// `sparse_extents` is the number of sparse extents of the disk, to share the grain
+    /// table cache.
+    pub fn open(
+        path: &Path,
+        file: File,
+        header: Header,
+        sparse_extents: usize,
+    ) -> Result<Sparse, String> {
+        let len = crate::format::file_len(path, &file).map_err(|e| e.to_string())?;
+        Sparse::open_in(path, Window { file, base: 0, len }, header, sparse_extents)
+    }
+
+    /// Open the sparse extent held by `file` (a whole file or an OVA member).
+    pub fn open_in(
+        path: &Path,
+        file: Window,
+        header: Header,
+        sparse_extents: usize,
+    ) -> Result<Sparse, String> {
+        let file_len = file.len;
         let mut header = header;
         if header.gd_offset == GD_AT_END {
             // Stream-optimized: footer marker, footer header, end-of-stream marker.
@@ -213,7 +257,9 @@ impl Sparse {
             header,
             data_grains,
             gd,
-            gts: BitmapCache::new(GT_CACHE_BYTES),
+            gts: BitmapCache::new(
+                (GT_CACHE_BYTES_PER_DISK / sparse_extents.max(1)).clamp(GT_CACHE_MIN, GT_CACHE_MAX),
+            ),
             grains: BitmapCache::new(GRAIN_CACHE_BYTES),
         })
     }
@@ -253,7 +299,7 @@ impl Sparse {
         // GD entries ≤ 4 Mi (checked at open): the index fits the cache key.
         let gt: Arc<[u8]> = self.gts.get_or_load(gdi as u32, || {
             let mut t = vec![0u8; gt_bytes as usize];
-            crate::format::read_exact_at(&self.file, &mut t, u64::from(gt_sector) * SECTOR)?;
+            self.file.read(&mut t, u64::from(gt_sector) * SECTOR)?;
             Ok(t)
         })?;
         let gte = le32(&gt, ((g % per_gt) * 4) as usize);
@@ -266,7 +312,7 @@ impl Sparse {
         // Grains per extent ≤ u32::MAX (checked at open): the index is the cache key.
         self.grains.get_or_load(g as u32, || {
             let mut m = [0u8; 12];
-            crate::format::read_exact_at(&self.file, &mut m, at)?;
+            self.file.read(&mut m, at)?;
             let (lba, size) = (le64(&m, 0), u64::from(le32(&m, 8)));
             if lba != g * self.header.grain_sectors {
                 return Err(self.err(format!(
@@ -280,7 +326,7 @@ impl Sparse {
                 )));
             }
             let mut z = vec![0u8; size as usize];
-            crate::format::read_exact_at(&self.file, &mut z, at + 12)?;
+            self.file.read(&mut z, at + 12)?;
             let mut out =
                 miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(&z, grain as usize)
                     .map_err(|e| {
@@ -297,7 +343,8 @@ impl Sparse {
 
     /// Read `buf.len()` bytes at `off` of a plain grain's file bytes.
     pub fn read_file(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
-        crate::format::read_exact_at(&self.file, buf, at)
+        self.file
+            .read(buf, at)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))
     }
 
@@ -342,7 +389,7 @@ fn classify(h: &Header, file_len: u64, g: u64, gte: u32) -> Result<Grain, String
 /// number of grains with data. Memory: one table at a time.
 fn check_gts(
     path: &Path,
-    file: &File,
+    file: &Window,
     file_len: u64,
     h: &Header,
     gd: &[u32],
@@ -376,7 +423,7 @@ fn check_gts(
 /// GT it names inside the file and clear of the header and the GD itself.
 fn load_gd(
     path: &Path,
-    file: &File,
+    file: &Window,
     file_len: u64,
     h: &Header,
     gd_sector: u64,
