@@ -25,6 +25,9 @@ pub struct ImageArgs {
     /// DataWriteGuid (VHDX) or CID (VMDK) does not match.
     #[arg(long, global = true)]
     pub ignore_parent_id: bool,
+    /// OVA holding several disks: read disk N (1-based, in archive order).
+    #[arg(long, value_name = "N", global = true)]
+    pub disk: Option<usize>,
     /// Where bare OpenVZ container ids are looked up.
     #[arg(
         long,

@@ -425,3 +425,74 @@ fn damaged_grain_directory_falls_back_to_the_redundant_one() {
         stderr(&out)
     );
 }
+
+/// `tar -cf NAME FILES...` in `dir` (GNU tar's default format, or `--format=FORMAT`).
+fn tar(dir: &Path, name: &str, format: &str, files: &[&str]) -> PathBuf {
+    let mut c = tool("tar", "tar");
+    c.current_dir(dir).arg("-cf").arg(name);
+    if !format.is_empty() {
+        c.arg(format!("--format={format}"));
+    }
+    must(c.args(files));
+    dir.join(name)
+}
+
+#[test]
+fn ova_disks_are_read_in_place_and_chosen_with_disk_n() {
+    let dir = tempfile::tempdir().unwrap();
+    let r1 = write(dir.path().join("one.raw"), &sparse_disk(3 * MIB, 31));
+    let r2 = write(dir.path().join("two.raw"), &sparse_disk(2 * MIB + 512, 32));
+    to_vmdk(&r1, &dir.path().join("disk1.vmdk"), "streamOptimized");
+    to_vmdk(&r2, &dir.path().join("disk2.vmdk"), "streamOptimized");
+    fs::write(
+        dir.path().join("vm.ovf"),
+        "<?xml version=\"1.0\"?>\n<Envelope/>\n",
+    )
+    .unwrap();
+    let one = tar(dir.path(), "one.ova", "", &["vm.ovf", "disk1.vmdk"]);
+    let pax = tar(dir.path(), "pax.ova", "pax", &["vm.ovf", "disk2.vmdk"]);
+    let two = tar(
+        dir.path(),
+        "two.ova",
+        "ustar",
+        &["vm.ovf", "disk1.vmdk", "disk2.vmdk"],
+    );
+    let before = [sha256(&one), sha256(&pax), sha256(&two)];
+
+    assert_served_equals(s(&one), &r1);
+    assert_served_equals(s(&pax), &r2);
+    let several = run(["info", s(&two)]);
+    let served = Served::start_with(&["--disk", "2", s(&two)]);
+    let copy = dir.path().join("copy.raw");
+    qemu_img(&["convert", "-f", "raw", "-O", "raw", &served.uri(), s(&copy)]);
+    let doc = info_json(&[s(&one)]);
+
+    assert_eq!(code(&several), 3, "{}", stderr(&several));
+    let err = stderr(&several);
+    assert!(
+        err.contains("OVA holds 2 disks")
+            && err.contains("1 disk1.vmdk")
+            && err.contains("2 disk2.vmdk")
+            && err.contains("--disk N"),
+        "{err}"
+    );
+    assert!(fs::read(&copy).unwrap() == fs::read(&r2).unwrap());
+    assert_eq!(doc["version"], "streamOptimized v3 in OVA", "{doc}");
+    assert_eq!([sha256(&one), sha256(&pax), sha256(&two)], before);
+}
+
+#[test]
+fn tar_without_a_vmdk_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("notes.txt"), "hello\n").unwrap();
+    let t = tar(dir.path(), "notes.tar", "", &["notes.txt"]);
+
+    let out = run(["info", s(&t)]);
+
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no .vmdk disk inside: extract the disk image"),
+        "{}",
+        stderr(&out)
+    );
+}

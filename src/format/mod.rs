@@ -96,6 +96,8 @@ pub enum Format {
     Vhdx,
     /// VMware VMDK: sparse, flat and stream-optimized extents, delta chains.
     Vmdk,
+    /// An OVA (tar) holding VMDK disks, read in place.
+    Ova,
 }
 
 impl fmt::Display for Format {
@@ -108,6 +110,7 @@ impl fmt::Display for Format {
             Format::Vdi => "vdi",
             Format::Vhdx => "vhdx",
             Format::Vmdk => "vmdk",
+            Format::Ova => "ova",
         })
     }
 }
@@ -155,8 +158,10 @@ impl FormatError {
 pub struct OpenOptions {
     /// Skip probing and decode as this format.
     pub format: Option<Format>,
-    /// VHD and VHDX: accept a parent whose id does not match the child's record.
+    /// VHD, VHDX and VMDK: accept a parent whose id does not match the child's record.
     pub ignore_parent_id: bool,
+    /// OVA: which of its disks to read (1-based), when it holds several.
+    pub disk: Option<usize>,
 }
 
 /// Bytes read from the start of a file for probing.
@@ -183,6 +188,9 @@ pub fn detect(path: &Path, file: &File) -> Result<Format, FormatError> {
     }
     if vmdk::probe(&head) {
         return Ok(Format::Vmdk);
+    }
+    if vmdk::ova::probe(&head) {
+        return Ok(Format::Ova);
     }
     if let Some(f) = foreign::identify(&head) {
         return Err(FormatError::Unsupported {
@@ -229,6 +237,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>, For
         Format::Vdi => vdi::open(path, file),
         Format::Vhdx => vhdx::open(path, file, opts),
         Format::Vmdk => vmdk::open(path, file, opts),
+        Format::Ova => vmdk::open_ova(path, file, opts),
     }
 }
 

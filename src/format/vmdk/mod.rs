@@ -16,6 +16,7 @@
 //! `CID` (unless `--ignore-parent-id`). Grains a delta does not hold read from the parent.
 
 pub mod descriptor;
+pub mod ova;
 pub mod sparse;
 
 use super::{BlockSource, Extent, FormatError, LayerInfo, OpenOptions};
@@ -42,6 +43,15 @@ pub fn open(
 ) -> Result<Box<dyn BlockSource>, FormatError> {
     let mut chain = Vec::new();
     Ok(Box::new(open_layer(path, file, opts, &mut chain)?))
+}
+
+/// Open the disk inside an OVA (a tar of an OVF and VMDKs) in place.
+pub fn open_ova(
+    path: &Path,
+    file: File,
+    opts: &OpenOptions,
+) -> Result<Box<dyn BlockSource>, FormatError> {
+    Ok(Box::new(ova::open(path, file, opts)?))
 }
 
 /// One piece of the disk.
