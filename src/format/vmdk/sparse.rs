@@ -480,3 +480,69 @@ fn load_gd(
     }
     Ok(gd)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header as qemu-img writes one for a monolithicSparse disk of `capacity` sectors.
+    fn header(capacity: u64) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(MAGIC);
+        b[4..8].copy_from_slice(&1u32.to_le_bytes());
+        b[8..12].copy_from_slice(&(FLAG_RGD | 1).to_le_bytes());
+        b[12..20].copy_from_slice(&capacity.to_le_bytes());
+        b[20..28].copy_from_slice(&128u64.to_le_bytes());
+        b[28..36].copy_from_slice(&1u64.to_le_bytes());
+        b[36..44].copy_from_slice(&20u64.to_le_bytes());
+        b[44..48].copy_from_slice(&512u32.to_le_bytes());
+        b[48..56].copy_from_slice(&21u64.to_le_bytes());
+        b[56..64].copy_from_slice(&26u64.to_le_bytes());
+        b[64..72].copy_from_slice(&128u64.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn parses_the_fields_at_their_spec_offsets() {
+        let h = Header::parse(&header(9766)).unwrap();
+
+        assert_eq!((h.version, h.capacity, h.grain_sectors), (1, 9766, 128));
+        assert_eq!((h.desc_offset, h.desc_sectors), (1, 20));
+        assert_eq!(
+            (h.gtes_per_gt, h.rgd_offset, h.gd_offset, h.overhead),
+            (512, 21, 26, 128)
+        );
+    }
+
+    #[test]
+    fn refuses_versions_grains_tables_and_capacities_out_of_range() {
+        let with = |at: usize, v: &[u8]| {
+            let mut b = header(9766);
+            b[at..at + v.len()].copy_from_slice(v);
+            Header::parse(&b).unwrap_err()
+        };
+
+        assert!(with(4, &4u32.to_le_bytes()).contains("version 4"));
+        assert!(with(20, &4096u64.to_le_bytes()).contains("grain size of 4096"));
+        assert!(with(44, &0u32.to_le_bytes()).contains("0 entries per grain table"));
+        assert!(with(12, &u64::MAX.to_le_bytes()).contains("exceeds 64 TiB"));
+        assert!(with(8, &(FLAG_COMPRESSED).to_le_bytes()).contains("compression algorithm 0"));
+    }
+
+    #[test]
+    fn gtes_are_classified_against_the_metadata_and_the_file() {
+        let mut h = Header::parse(&header(9766)).unwrap();
+        h.flags |= FLAG_ZERO_GRAIN;
+        let len = 1 << 20;
+
+        assert_eq!(classify(&h, len, 0, 0), Ok(Grain::Lower));
+        assert_eq!(classify(&h, len, 0, GTE_ZEROED), Ok(Grain::Zero));
+        assert_eq!(classify(&h, len, 0, 128), Ok(Grain::Plain(65536)));
+        assert!(classify(&h, len, 7, 5)
+            .unwrap_err()
+            .contains("grain 7 (5) points into"));
+        assert!(classify(&h, len, 0, 2047)
+            .unwrap_err()
+            .contains("past the end"));
+    }
+}
