@@ -413,19 +413,42 @@ impl BlockSource for Vmdk {
                 }
                 Piece::Sparse(s) => {
                     let gb = s.grain_bytes();
+                    // Grains that follow each other in the file are read with one call:
+                    // (start in `out`, file offset, length) of the run being gathered.
+                    let mut pending: Option<(usize, u64, usize)> = None;
                     for (x, y, _, grain) in self.sparse_runs(s, part.start, a, b)? {
-                        let dst = &mut out[(x - a) as usize..(y - a) as usize];
+                        let (from, to) = ((x - a) as usize, (y - a) as usize);
                         let in_grain = (x - part.start) % gb;
+                        if let Grain::Plain(at) = grain {
+                            let at = at + in_grain;
+                            match &mut pending {
+                                Some((p, f, n)) if *f + *n as u64 == at && *p + *n == from => {
+                                    *n += to - from
+                                }
+                                _ => {
+                                    if let Some((p, f, n)) = pending.take() {
+                                        s.read_file(&mut out[p..p + n], f)?;
+                                    }
+                                    pending = Some((from, at, to - from));
+                                }
+                            }
+                            continue;
+                        }
+                        let dst = &mut out[from..to];
                         match grain {
                             Grain::Lower => self.read_lower(dst, x)?,
                             Grain::Zero => dst.fill(0),
-                            Grain::Plain(at) => s.read_file(dst, at + in_grain)?,
+                            // Gathered into `pending` above.
+                            Grain::Plain(_) => {}
                             Grain::Compressed(at) => {
                                 let data = s.inflate((x - part.start) / gb, at)?;
                                 let from = in_grain as usize;
                                 dst.copy_from_slice(&data[from..from + dst.len()]);
                             }
                         }
+                    }
+                    if let Some((p, f, n)) = pending {
+                        s.read_file(&mut out[p..p + n], f)?;
                     }
                 }
             }
