@@ -554,3 +554,40 @@ fn zero_extent_and_rdonly_lines_read_as_the_specification_says() {
 
     assert_eq!(holes, [(MIB, MIB + 512 * 1024)]);
 }
+
+#[test]
+fn grain_directory_sharing_one_table_and_device_extents_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // 40 MiB: more than the 32 MiB one grain table covers, so the GD has two entries.
+    let raw = write(dir.path().join("src.raw"), &sparse_disk(40 * MIB, 6));
+    let vmdk = dir.path().join("share.vmdk");
+    to_vmdk(&raw, &vmdk, "monolithicSparse");
+    let mut b = fs::read(&vmdk).unwrap();
+    // Both directories: entry 1 names the table of entry 0.
+    for at in [48, 56] {
+        let gd = u64::from_le_bytes(b[at..at + 8].try_into().unwrap()) as usize * 512;
+        let first: [u8; 4] = b[gd..gd + 4].try_into().unwrap();
+        b[gd + 4..gd + 8].copy_from_slice(&first);
+    }
+    fs::write(&vmdk, &b).unwrap();
+    let dev = write(
+        dir.path().join("dev.vmdk"),
+        b"# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"/dev/null\" 0\n",
+    );
+
+    let shared = run(["info", s(&vmdk)]);
+    let device = run(["info", s(&dev)]);
+
+    assert_eq!(code(&shared), 3, "{}", stderr(&shared));
+    assert!(
+        stderr(&shared).contains("entries 0 and 1 point to overlapping grain tables"),
+        "{}",
+        stderr(&shared)
+    );
+    assert_eq!(code(&device), 3, "{}", stderr(&device));
+    assert!(
+        stderr(&device).contains("/dev/null") && stderr(&device).contains("not a regular file"),
+        "{}",
+        stderr(&device)
+    );
+}

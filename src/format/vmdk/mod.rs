@@ -97,6 +97,20 @@ fn extent_path(desc: &Path, dir: &Path, name: &str) -> Result<PathBuf, FormatErr
     Ok(dir.join(p))
 }
 
+/// Open a file a descriptor names (an extent or the parent): a regular file only, so a
+/// hostile descriptor cannot make imgsafe read a device, whatever the user may open.
+fn open_named(p: &Path) -> Result<File, FormatError> {
+    let f = super::open_image_file(p)?;
+    let meta = f.metadata().map_err(|e| FormatError::io(p, e))?;
+    if !meta.is_file() {
+        return Err(FormatError::corrupt(
+            p,
+            "named by a VMDK descriptor but not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
 fn problem(path: &Path, p: Problem) -> FormatError {
     match p {
         Problem::Corrupt(what) => FormatError::corrupt(path, what),
@@ -218,7 +232,7 @@ fn open_layer(
             ExtentKind::Zero => Piece::Zero,
             ExtentKind::Flat { file: name, offset } => {
                 let p = extent_path(path, &dir, name)?;
-                let f = super::open_image_file(&p)?;
+                let f = open_named(&p)?;
                 let base = offset
                     .checked_mul(SECTOR)
                     .ok_or_else(|| FormatError::corrupt(&p, "flat extent offset overflows"))?;
@@ -245,7 +259,7 @@ fn open_layer(
                     (Some(h), Some(f)) if lines.len() == 1 => (path.to_path_buf(), f, h.clone()),
                     _ => {
                         let p = extent_path(path, &dir, name)?;
-                        let f = super::open_image_file(&p)?;
+                        let f = open_named(&p)?;
                         let head = super::read_head(&p, &f)?;
                         let h = sparse::Header::parse(&head)
                             .map_err(|e| FormatError::corrupt(&p, e))?;
@@ -284,7 +298,7 @@ fn open_layer(
         } else {
             dir.join(&unix)
         };
-        let pf = super::open_image_file(&pp)?;
+        let pf = open_named(&pp)?;
         let parent = open_layer(&pp, pf, opts, chain)?;
         if parent.cid != parent_cid && !opts.ignore_parent_id {
             return Err(FormatError::corrupt(

@@ -478,6 +478,25 @@ fn load_gd(
             ));
         }
     }
+    // Distinct grain tables only: a valid extent never shares one, and a hostile GD of
+    // millions of entries naming one table would make the open-time check read it
+    // millions of times. Disjoint tables inside the file bound that work by its size.
+    let mut starts: Vec<(u32, usize)> = gd
+        .iter()
+        .enumerate()
+        .filter(|e| *e.1 != 0)
+        .map(|(i, &s)| (s, i))
+        .collect();
+    starts.sort_unstable();
+    for w in starts.windows(2) {
+        if u64::from(w[0].0) * SECTOR + gt_len > u64::from(w[1].0) * SECTOR {
+            return Err(format!(
+                "grain directory entries {} and {} point to overlapping grain tables",
+                w[0].1.min(w[1].1),
+                w[0].1.max(w[1].1)
+            ));
+        }
+    }
     Ok(gd)
 }
 
