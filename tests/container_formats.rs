@@ -1,8 +1,8 @@
 //! ls, cat and cp through the appliance on every container format: ploop (qemu-made
 //! and a two-delta DiskDescriptor.xml chain) and VHD (qemu-made dynamic, and a
 //! differencing disk over it), VDI and VHDX (a qemu-made dynamic parent and a
-//! differencing image over it), and VMDK (a qemu-made stream-optimized parent and a
-//! delta over it written by qemu-io). The chains hold a change the base does not have, so a
+//! differencing image over it), and VMDK (a qemu-made stream-optimized parent, a delta
+//! over it written by qemu-io, and the parent inside an OVA). The chains hold a change the base does not have, so a
 //! reader that ignores the top layer fails.
 
 #[path = "common/ploopwriter.rs"]
@@ -338,10 +338,24 @@ fn vmdk_delta_over_a_stream_optimized_parent() {
         }
     }
     must(io.arg(&child));
-    let before = sha_all(&[&child, &parent]);
+    // The stream-optimized parent also goes into an OVA, read in place.
+    fs::write(
+        p.dir.path().join("vm.ovf"),
+        "<?xml version=\"1.0\"?>\n<Envelope/>\n",
+    )
+    .unwrap();
+    must(tool("tar", "tar").current_dir(p.dir.path()).args([
+        "-cf",
+        "vm.ova",
+        "vm.ovf",
+        "parent.vmdk",
+    ]));
+    let ova = p.dir.path().join("vm.ova");
+    let before = sha_all(&[&child, &parent, &ova]);
 
     check_reads(parent.to_str().unwrap(), &p, false);
     check_reads(child.to_str().unwrap(), &p, true);
+    check_reads(ova.to_str().unwrap(), &p, false);
 
-    assert_eq!(sha_all(&[&child, &parent]), before);
+    assert_eq!(sha_all(&[&child, &parent, &ova]), before);
 }
