@@ -417,3 +417,42 @@ fn parent_cycle_is_refused() {
     assert_eq!(code(&out), 3, "{}", stderr(&out));
     assert!(stderr(&out).contains("parent loop"), "{}", stderr(&out));
 }
+
+#[test]
+fn chains_deeper_than_32_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = write(dir.path().join("r.raw"), &vec![0u8; MIB]);
+    // f00 ← f01 ← ... ← f32: 33 files, each differencing over the next but the last.
+    let files: Vec<PathBuf> = (0..33)
+        .map(|i| dir.path().join(format!("f{i:02}.vhdx")))
+        .collect();
+    for f in &files {
+        to_vhdx(
+            &raw,
+            f,
+            "subformat=dynamic,block_size=1M,block_state_zero=off",
+        );
+    }
+    for i in 0..32 {
+        let guid = vhdxdiff::data_write_guid(&files[i + 1]);
+        let name = format!("f{:02}.vhdx", i + 1);
+        make_differencing(
+            &files[i],
+            &Diff {
+                locator: vec![("parent_linkage", guid), ("relative_path", name)],
+                partial: vec![],
+            },
+        );
+    }
+
+    let ok = run(["info", s(&files[1])]);
+    let deep = run(["info", s(&files[0])]);
+
+    assert_eq!(code(&ok), 0, "{}", stderr(&ok));
+    assert_eq!(code(&deep), 3, "{}", stderr(&deep));
+    assert!(
+        stderr(&deep).contains("chain deeper than 32 files"),
+        "{}",
+        stderr(&deep)
+    );
+}

@@ -591,3 +591,36 @@ fn grain_directory_sharing_one_table_and_device_extents_are_refused() {
         stderr(&device)
     );
 }
+
+#[test]
+fn delta_chains_deeper_than_32_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("data.raw"), vec![7u8; 4096]).unwrap();
+    // d00 ← d01 ← ... ← d32: 33 descriptors, each a flat disk over the next.
+    for i in 0..33 {
+        let parent = if i < 32 {
+            format!(
+                "parentCID={:08x}\nparentFileNameHint=\"d{:02}.vmdk\"\n",
+                i + 1,
+                i + 1
+            )
+        } else {
+            "parentCID=ffffffff\n".to_string()
+        };
+        let text = format!(
+            "# Disk DescriptorFile\nversion=1\nCID={i:08x}\n{parent}createType=\"monolithicFlat\"\nRW 8 FLAT \"data.raw\" 0\n"
+        );
+        fs::write(dir.path().join(format!("d{i:02}.vmdk")), text).unwrap();
+    }
+
+    let ok = run(["info", s(&dir.path().join("d01.vmdk"))]);
+    let deep = run(["info", s(&dir.path().join("d00.vmdk"))]);
+
+    assert_eq!(code(&ok), 0, "{}", stderr(&ok));
+    assert_eq!(code(&deep), 3, "{}", stderr(&deep));
+    assert!(
+        stderr(&deep).contains("delta chain deeper than 32 files"),
+        "{}",
+        stderr(&deep)
+    );
+}

@@ -345,3 +345,32 @@ fn reads_past_the_end_are_refused() {
 
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
 }
+
+#[test]
+fn chains_deeper_than_the_limit_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // File i links to file i + 1; the last one is a dynamic base.
+    let n = MAX_CHAIN_DEPTH + 1;
+    for i in 0..n {
+        let last = i + 1 == n;
+        let mut s = Spec::new(
+            if last { TYPE_DYNAMIC } else { TYPE_DIFF },
+            vec![Block::Free],
+        );
+        s.uuid = [i as u8 + 1; 16];
+        s.link = if last { [0; 16] } else { [i as u8 + 2; 16] };
+        write(dir.path(), &format!("f{i:02}.vdi"), &s.bytes());
+    }
+    let ok = open_path(&dir.path().join("f01.vdi"));
+
+    let err = err_of(&dir.path().join("f00.vdi"));
+
+    assert!(
+        ok.is_ok(),
+        "a chain of exactly {MAX_CHAIN_DEPTH} files opens"
+    );
+    assert!(
+        err.contains(&format!("deeper than {MAX_CHAIN_DEPTH} files")),
+        "{err}"
+    );
+}
