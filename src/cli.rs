@@ -21,9 +21,13 @@ pub struct ImageArgs {
     /// Decode as this format instead of probing magic bytes.
     #[arg(long, value_enum, global = true)]
     pub format: Option<Format>,
-    /// VHD differencing: accept a parent whose unique id does not match.
+    /// Differencing disks and deltas: accept a parent whose unique id (VHD),
+    /// DataWriteGuid (VHDX) or CID (VMDK) does not match.
     #[arg(long, global = true)]
     pub ignore_parent_id: bool,
+    /// OVA holding several disks: read disk N (1-based, in archive order).
+    #[arg(long, value_name = "N", global = true)]
+    pub disk: Option<usize>,
     /// Where bare OpenVZ container ids are looked up.
     #[arg(
         long,

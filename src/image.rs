@@ -83,6 +83,7 @@ pub fn open(arg: &Path, args: &ImageArgs) -> Result<Arc<dyn BlockSource>> {
     let opts = OpenOptions {
         format: args.format,
         ignore_parent_id: args.ignore_parent_id,
+        disk: args.disk,
     };
     let src: Arc<dyn BlockSource> = Arc::from(format::open(&path, &opts)?);
     let top = src

@@ -1,13 +1,19 @@
 //! ls, cat and cp through the appliance on every container format: ploop (qemu-made
 //! and a two-delta DiskDescriptor.xml chain) and VHD (qemu-made dynamic, and a
-//! differencing disk over it). The chains hold a change the base does not have, so a
+//! differencing disk over it), VDI and VHDX (a qemu-made dynamic parent and a
+//! differencing image over it), and VMDK (a qemu-made stream-optimized parent, a delta
+//! over it written by qemu-io, and the parent inside an OVA). The chains hold a change the base does not have, so a
 //! reader that ignores the top layer fails.
 
 #[path = "common/ploopwriter.rs"]
 mod ploopwriter;
 mod support;
+#[path = "common/vdidiff.rs"]
+mod vdidiff;
 #[path = "common/vhdwriter.rs"]
 mod vhdwriter;
+#[path = "common/vhdxdiff.rs"]
+mod vhdxdiff;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -210,4 +216,146 @@ fn vhd_differencing_over_a_dynamic_parent() {
     assert_eq!(chain.len(), 2, "{doc}");
     assert_eq!(chain[0]["version"], "differencing");
     assert_eq!(sha_all(&[&vhd, &parent]), before);
+}
+
+#[test]
+fn vdi_differencing_over_a_dynamic_parent() {
+    let p = pair();
+    let parent = p.dir.path().join("parent.vdi");
+    let child = p.dir.path().join("child.vdi");
+    let overlay = p.dir.path().join("overlay.raw");
+    let a = fs::read(&p.a).unwrap();
+    let b = fs::read(&p.b).unwrap();
+    fs::write(&overlay, vdidiff::overlay(&a, &b)).unwrap();
+    for (src, dst) in [(&p.a, &parent), (&overlay, &child)] {
+        must(
+            tool("qemu-img", "qemu-utils")
+                .args(["convert", "-f", "raw", "-O", "vdi"])
+                .arg(src)
+                .arg(dst),
+        );
+    }
+    vdidiff::link_to_parent(&child, &parent);
+    let before = sha_all(&[&child, &parent]);
+
+    check_reads(parent.to_str().unwrap(), &p, false);
+    check_reads(child.to_str().unwrap(), &p, true);
+
+    assert_eq!(sha_all(&[&child, &parent]), before);
+}
+
+#[test]
+fn vhdx_differencing_over_a_dynamic_parent() {
+    let p = pair();
+    let parent = p.dir.path().join("parent.vhdx");
+    let child = p.dir.path().join("child.vhdx");
+    let overlay = p.dir.path().join("overlay.raw");
+    let a = fs::read(&p.a).unwrap();
+    let b = fs::read(&p.b).unwrap();
+    // 1 MiB blocks for both, so the overlay's changed blocks are the child's blocks.
+    fs::write(&overlay, vdidiff::overlay(&a, &b)).unwrap();
+    for (src, dst, opts) in [
+        (&p.a, &parent, "subformat=dynamic,block_size=1M"),
+        (
+            &overlay,
+            &child,
+            "subformat=dynamic,block_size=1M,block_state_zero=off",
+        ),
+    ] {
+        must(
+            tool("qemu-img", "qemu-utils")
+                .args(["convert", "-f", "raw", "-O", "vhdx", "-o", opts])
+                .arg(src)
+                .arg(dst),
+        );
+    }
+    vhdxdiff::make_differencing(
+        &child,
+        &vhdxdiff::Diff {
+            locator: vec![
+                ("parent_linkage", vhdxdiff::data_write_guid(&parent)),
+                ("relative_path", ".\\parent.vhdx".to_string()),
+            ],
+            partial: vec![],
+        },
+    );
+    let before = sha_all(&[&child, &parent]);
+
+    check_reads(parent.to_str().unwrap(), &p, false);
+    check_reads(child.to_str().unwrap(), &p, true);
+
+    assert_eq!(sha_all(&[&child, &parent]), before);
+}
+
+#[test]
+fn vmdk_delta_over_a_stream_optimized_parent() {
+    let p = pair();
+    let parent = p.dir.path().join("parent.vmdk");
+    let child = p.dir.path().join("child.vmdk");
+    must(
+        tool("qemu-img", "qemu-utils")
+            .args([
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vmdk",
+                "-o",
+                "subformat=streamOptimized",
+            ])
+            .arg(&p.a)
+            .arg(&parent),
+    );
+    must(
+        tool("qemu-img", "qemu-utils")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "vmdk",
+                "-b",
+                "parent.vmdk",
+                "-F",
+                "vmdk",
+            ])
+            .arg(&child),
+    );
+    // qemu-io writes the 64 KiB grains that debugfs changed into the delta.
+    let a = fs::read(&p.a).unwrap();
+    let b = fs::read(&p.b).unwrap();
+    let mut io = tool("qemu-io", "qemu-utils");
+    io.args(["-f", "vmdk"]);
+    for (i, (ga, gb)) in a.chunks(65536).zip(b.chunks(65536)).enumerate() {
+        if ga != gb {
+            let piece = p.dir.path().join(format!("grain{i}"));
+            fs::write(&piece, gb).unwrap();
+            io.arg("-c").arg(format!(
+                "write -s {} {} {}",
+                piece.display(),
+                i * 65536,
+                gb.len()
+            ));
+        }
+    }
+    must(io.arg(&child));
+    // The stream-optimized parent also goes into an OVA, read in place.
+    fs::write(
+        p.dir.path().join("vm.ovf"),
+        "<?xml version=\"1.0\"?>\n<Envelope/>\n",
+    )
+    .unwrap();
+    must(tool("tar", "tar").current_dir(p.dir.path()).args([
+        "-cf",
+        "vm.ova",
+        "vm.ovf",
+        "parent.vmdk",
+    ]));
+    let ova = p.dir.path().join("vm.ova");
+    let before = sha_all(&[&child, &parent, &ova]);
+
+    check_reads(parent.to_str().unwrap(), &p, false);
+    check_reads(child.to_str().unwrap(), &p, true);
+    check_reads(ova.to_str().unwrap(), &p, false);
+
+    assert_eq!(sha_all(&[&child, &parent, &ova]), before);
 }

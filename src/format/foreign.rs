@@ -31,15 +31,8 @@ pub fn identify(head: &[u8]) -> Option<Foreign> {
     if at(0, b"QED\0") {
         return f("QED image", CONVERT);
     }
-    if at(0, b"KDMV") || at(0, b"COWD") || at(0, b"# Disk DescriptorFile") {
-        return f("VMDK image", CONVERT);
-    }
-    // VDI: a text banner, then the signature 0xbeda107f (little-endian) at offset 64.
-    if at(64, &[0x7f, 0x10, 0xda, 0xbe]) {
-        return f("VirtualBox VDI image", CONVERT);
-    }
-    if at(0, b"vhdxfile") {
-        return f("VHDX image", CONVERT);
+    if at(0, b"COWD") {
+        return f("VMware ESXi vmfsSparse (COWD) VMDK delta", CONVERT);
     }
     if at(0, b"\xfd7zXZ\0") {
         return f("xz-compressed file", DECOMPRESS);
@@ -77,13 +70,10 @@ mod tests {
 
     #[test]
     fn container_and_compression_magics_are_named() {
-        let cases: [(usize, &[u8], &str); 9] = [
+        let cases: [(usize, &[u8], &str); 6] = [
             (0, b"QFI\xfb\0\0\0\x03", "qcow2 image"),
             (0, b"QFI\xfb\0\0\0\x01", "qcow (version 1) image"),
-            (0, b"KDMV", "VMDK image"),
-            (0, b"# Disk DescriptorFile\n", "VMDK image"),
-            (64, &[0x7f, 0x10, 0xda, 0xbe], "VirtualBox VDI image"),
-            (0, b"vhdxfile", "VHDX image"),
+            (0, b"COWD", "VMware ESXi vmfsSparse (COWD) VMDK delta"),
             (0, b"\xfd7zXZ\0", "xz-compressed file"),
             (0, b"BZh91AY&SY", "bzip2-compressed file"),
             (257, b"ustar\x0000", "tar archive (an OVA?)"),

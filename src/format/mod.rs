@@ -9,7 +9,10 @@ pub mod descriptor;
 pub mod foreign;
 pub mod ploop;
 pub mod raw;
+pub mod vdi;
 pub mod vhd;
+pub mod vhdx;
+pub mod vmdk;
 
 use std::fmt;
 use std::fs::File;
@@ -87,6 +90,14 @@ pub enum Format {
     Descriptor,
     /// Microsoft VHD: fixed, dynamic or differencing.
     Vhd,
+    /// VirtualBox VDI: static, dynamic or differencing.
+    Vdi,
+    /// Microsoft VHDX: fixed, dynamic or differencing.
+    Vhdx,
+    /// VMware VMDK: sparse, flat and stream-optimized extents, delta chains.
+    Vmdk,
+    /// An OVA (tar) holding VMDK disks, read in place.
+    Ova,
 }
 
 impl fmt::Display for Format {
@@ -96,6 +107,10 @@ impl fmt::Display for Format {
             Format::Ploop => "ploop",
             Format::Descriptor => "descriptor",
             Format::Vhd => "vhd",
+            Format::Vdi => "vdi",
+            Format::Vhdx => "vhdx",
+            Format::Vmdk => "vmdk",
+            Format::Ova => "ova",
         })
     }
 }
@@ -143,8 +158,10 @@ impl FormatError {
 pub struct OpenOptions {
     /// Skip probing and decode as this format.
     pub format: Option<Format>,
-    /// VHD: accept a parent whose unique id does not match the child's record.
+    /// VHD, VHDX and VMDK: accept a parent whose id does not match the child's record.
     pub ignore_parent_id: bool,
+    /// OVA: which of its disks to read (1-based), when it holds several.
+    pub disk: Option<usize>,
 }
 
 /// Bytes read from the start of a file for probing.
@@ -162,6 +179,18 @@ pub fn detect(path: &Path, file: &File) -> Result<Format, FormatError> {
     }
     if vhd::probe(path, file, &head)? {
         return Ok(Format::Vhd);
+    }
+    if vdi::probe(&head) {
+        return Ok(Format::Vdi);
+    }
+    if vhdx::probe(&head) {
+        return Ok(Format::Vhdx);
+    }
+    if vmdk::probe(&head) {
+        return Ok(Format::Vmdk);
+    }
+    if vmdk::ova::probe(&head) {
+        return Ok(Format::Ova);
     }
     if let Some(f) = foreign::identify(&head) {
         return Err(FormatError::Unsupported {
@@ -205,6 +234,10 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>, For
         Format::Ploop => ploop::open_single(path, file),
         Format::Descriptor => descriptor::open_chain(path, opts),
         Format::Vhd => vhd::open(path, file, opts),
+        Format::Vdi => vdi::open(path, file),
+        Format::Vhdx => vhdx::open(path, file, opts),
+        Format::Vmdk => vmdk::open(path, file, opts),
+        Format::Ova => vmdk::open_ova(path, file, opts),
     }
 }
 

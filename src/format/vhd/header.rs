@@ -153,7 +153,7 @@ pub fn locator_path(code: u32, data: &[u8], child_dir: &Path) -> Option<PathBuf>
 }
 
 /// Map a Windows or Unix style path to a local path; relative ones join `child_dir`.
-fn windows_to_local(text: &str, child_dir: &Path) -> Option<PathBuf> {
+pub(crate) fn windows_to_local(text: &str, child_dir: &Path) -> Option<PathBuf> {
     if text.is_empty() {
         return None;
     }

@@ -1,6 +1,7 @@
 //! `formats`: the container decoders under load. The 1 GiB raw disk is converted by
-//! qemu-img to a dynamic VHD and to a Parallels (ploop) image; each is served by
-//! `imgsafe serve` (imgsafe's own decoder) and by `qemu-nbd -f vpc|parallels` (qemu's),
+//! qemu-img to a dynamic VHD, a Parallels (ploop) image, a dynamic VDI, a dynamic VHDX
+//! and a sparse and a stream-optimized VMDK; each is served by `imgsafe serve`
+//! (imgsafe's own decoder) and by `qemu-nbd -f vpc|parallels|vdi|vhdx|vmdk` (qemu's),
 //! and read whole with `qemu-img convert -O raw`.
 
 use super::nbd::{push, qemu_img_convert, remove, start_imgsafe, start_qemu_nbd, time_rounds};
@@ -21,7 +22,7 @@ struct Format {
     qemu_format: &'static str,
 }
 
-const FORMATS: [Format; 2] = [
+const FORMATS: [Format; 6] = [
     Format {
         label: "dynamic VHD",
         file: "disk.vhd",
@@ -33,6 +34,30 @@ const FORMATS: [Format; 2] = [
         file: "disk.hds",
         create: &["-O", "parallels"],
         qemu_format: "parallels",
+    },
+    Format {
+        label: "dynamic VDI",
+        file: "disk.vdi",
+        create: &["-O", "vdi"],
+        qemu_format: "vdi",
+    },
+    Format {
+        label: "dynamic VHDX",
+        file: "disk.vhdx",
+        create: &["-O", "vhdx", "-o", "subformat=dynamic"],
+        qemu_format: "vhdx",
+    },
+    Format {
+        label: "sparse VMDK",
+        file: "disk.vmdk",
+        create: &["-O", "vmdk", "-o", "subformat=monolithicSparse"],
+        qemu_format: "vmdk",
+    },
+    Format {
+        label: "stream-optimized VMDK",
+        file: "disk-stream.vmdk",
+        create: &["-O", "vmdk", "-o", "subformat=streamOptimized"],
+        qemu_format: "vmdk",
     },
 ];
 
@@ -75,18 +100,13 @@ fn one_format(ctx: &mut Ctx, raw: &Path, out: &Path, f: &Format) -> Result<()> {
             .arg("info")
             .arg(&image),
     ) {
-        Ok(_) => start_imgsafe(ctx, &image, &format!("fmt-{}-imgsafe", f.qemu_format)),
+        Ok(_) => start_imgsafe(ctx, &image, &format!("fmt-{}-imgsafe", f.file)),
         Err(e) => Err(format!("imgsafe cannot open the {} image: {e:#}", f.label)),
     };
     if let Err(why) = &imgsafe {
         println!("imgsafe side skipped: {why}");
     }
-    let qemu = start_qemu_nbd(
-        ctx,
-        &image,
-        &format!("fmt-{}-qemu", f.qemu_format),
-        f.qemu_format,
-    );
+    let qemu = start_qemu_nbd(ctx, &image, &format!("fmt-{}-qemu", f.file), f.qemu_format);
     let sides = [("imgsafe", &imgsafe), ("qemu-nbd", &qemu)];
     report_sizes(&sides);
     check_same_bytes(&sides, out, raw);
