@@ -2,7 +2,7 @@
 
 fn main() {
     // Inside the appliance this same binary is /init, the guest agent.
-    if std::process::id() == 1 {
+    if imgsafe_agent::is_appliance_init() {
         imgsafe_agent::run();
     }
     std::process::exit(imgsafe::main_with_args(std::env::args_os()));

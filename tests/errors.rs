@@ -178,15 +178,16 @@ fn bad_accelerator_or_machine_setting_is_a_usage_error() {
             "IMGSAFE_MACHINE=\"pc\": expected `microvm` or `q35`",
         ),
     ] {
-        let out = imgsafe()
-            .env(var, value)
-            .args(["ls", &img.arg(), "/"])
-            .output()
-            .unwrap();
+        for args in [
+            vec!["ls".to_string(), img.arg(), "/".into()],
+            vec!["appliance".into()],
+        ] {
+            let out = imgsafe().env(var, value).args(&args).output().unwrap();
 
-        assert_eq!(code(&out), USAGE, "{var}: {}", stderr(&out));
-        let line = one_line(&out);
-        assert!(line.contains(expected), "{line}");
+            assert_eq!(code(&out), USAGE, "{var} {args:?}: {}", stderr(&out));
+            let line = one_line(&out);
+            assert!(line.contains(expected), "{line}");
+        }
     }
     img.assert_unchanged();
 }

@@ -304,3 +304,37 @@ fn a_run_directory_left_by_a_killed_imgsafe_is_swept_by_the_next_command() {
     assert!(ok_stdout(&out).contains("etc\n"));
     assert_eq!(run_dirs(&tmp), Vec::<std::path::PathBuf>::new());
 }
+
+/// `unshare` running `args` as PID 1 of a new PID namespace (with a user namespace
+/// when not root, so the test needs no privilege).
+fn as_pid_1(args: &[&str]) -> std::process::Output {
+    // SAFETY: getuid has no preconditions.
+    let root = unsafe { libc::getuid() } == 0;
+    let mut c = tool("unshare", "util-linux");
+    if !root {
+        c.arg("-r");
+    }
+    c.args(["-fpm", "--mount-proc"])
+        .arg(env!("CARGO_BIN_EXE_imgsafe"))
+        .args(args)
+        .env("XDG_CACHE_HOME", test_cache())
+        .env("IMGSAFE_ACCEL", "tcg")
+        .stdin(Stdio::null());
+    c.output().unwrap()
+}
+
+#[test]
+fn as_pid_1_of_a_container_it_is_the_command_line_tool_not_the_agent() {
+    let img = small_image();
+
+    let version = as_pid_1(&["--version"]);
+    let ls = as_pid_1(&["cat", &img.arg(), "/etc/hostname"]);
+
+    assert!(
+        ok_stdout(&version).starts_with("imgsafe "),
+        "{}",
+        stderr(&version)
+    );
+    assert_eq!(ok_stdout(&ls), "sample-host\n");
+    img.assert_unchanged();
+}

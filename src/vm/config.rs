@@ -32,11 +32,15 @@ pub const AGENT_CHARDEV_ID: &str = "agent";
 /// - `panic=-1`: reboot at once on panic; with `-no-reboot` QEMU then exits, so a
 ///   crashed guest is seen as a dead process instead of a hang.
 /// - `pcie_ports=native`: let Linux drive the root ports (hot-plug) without ACPI _OSC.
+/// - [`imgsafe_agent::APPLIANCE_MARKER`]: the kernel hands it to /init as an
+///   environment variable; it is what makes the binary the guest agent (never its pid:
+///   a container runs its entrypoint as PID 1 too).
 /// - `cryptomgr.notests`: skip crypto self-tests, a measurable part of boot under TCG.
 /// - `initcall_blacklist=...`: two built-in initcalls the appliance never needs, the
 ///   SP800-108 KDF self-test and the kprobe-events tracer set-up. Skipping them cut the
 ///   guest's boot under TCG from 1.34 s to 1.13 s (medians of 8, alternating runs).
 pub const BASE_CMDLINE: &[&str] = &[
+    imgsafe_agent::APPLIANCE_MARKER,
     "console=ttyS0",
     "quiet",
     "panic=-1",
@@ -498,7 +502,7 @@ mod tests {
             "-accel", "tcg", "-cpu", "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt",
             "-m", "192", "-smp", "1",
             "-kernel", "/cache/vmlinux", "-initrd", "/cache/initrd.cpio",
-            "-append", "console=ttyS0 quiet panic=-1 pcie_ports=native cryptomgr.notests initcall_blacklist=crypto_kdf108_init,init_kprobe_trace tsc_early_khz=2095078 rdinit=/init",
+            "-append", "imgsafe_appliance=1 console=ttyS0 quiet panic=-1 pcie_ports=native cryptomgr.notests initcall_blacklist=crypto_kdf108_init,init_kprobe_trace tsc_early_khz=2095078 rdinit=/init",
             "-chardev", "file,id=console,path=/run/x/console.log", "-serial", "chardev:console",
             "-no-reboot", "-S",
             "-chardev", "socket,id=qmp,server=on,wait=off,path=/run/x/qmp.sock",
@@ -547,7 +551,7 @@ mod tests {
             "-initrd",
             "/cache/initrd.cpio",
             "-append",
-            "console=ttyS0 quiet panic=-1 pcie_ports=native cryptomgr.notests initcall_blacklist=crypto_kdf108_init,init_kprobe_trace",
+            "imgsafe_appliance=1 console=ttyS0 quiet panic=-1 pcie_ports=native cryptomgr.notests initcall_blacklist=crypto_kdf108_init,init_kprobe_trace",
             "-serial",
             "null",
             "-no-reboot",

@@ -63,7 +63,7 @@ impl From<VmError> for crate::Error {
 impl From<AccelError> for crate::Error {
     /// A bad `IMGSAFE_ACCEL` is a usage problem, reported as one line.
     fn from(e: AccelError) -> Self {
-        crate::Error::Other(e.to_string())
+        crate::Error::Usage(e.to_string())
     }
 }
 

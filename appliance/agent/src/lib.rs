@@ -2,7 +2,8 @@
 //!
 //! It is compiled into the imgsafe binary itself and copied into the appliance's
 //! initramfs as `/init`, so it always travels with the host binary and always speaks
-//! the same protocol version. When the binary starts as PID 1 it calls [`run`].
+//! the same protocol version. When the binary starts as the appliance's init (see
+//! [`is_appliance_init`]) it calls [`run`].
 
 use std::io::{BufReader, BufWriter};
 use std::path::{Path, PathBuf};
@@ -12,6 +13,21 @@ use std::time::Duration;
 pub const SYSROOT: &str = "/sysroot";
 /// Pause before reading again after the host end of the port closed (it reads EOF then).
 const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
+
+/// Kernel argument the host boots the appliance with. Having no dot in its name, the
+/// kernel passes it to init as the environment variable [`MARKER_VAR`].
+pub const APPLIANCE_MARKER: &str = "imgsafe_appliance=1";
+/// The environment variable the kernel makes of [`APPLIANCE_MARKER`].
+const MARKER_VAR: &str = "imgsafe_appliance";
+
+/// Whether this process is the appliance's init, so the binary must be the guest agent:
+/// PID 1, started as `/init`, *and* booted with [`APPLIANCE_MARKER`]. A container
+/// entrypoint is PID 1 too, and must stay the command-line tool.
+pub fn is_appliance_init() -> bool {
+    std::process::id() == 1
+        && std::env::var_os(MARKER_VAR).is_some_and(|v| v == "1")
+        && std::env::args_os().next().is_some_and(|a| a == "/init")
+}
 
 /// Run as the appliance's init: set up the guest, serve the host, power off.
 pub fn run() -> ! {
