@@ -517,6 +517,16 @@ pub fn vm_config(app: &appliance::Appliance, run_dir: &Path) -> Result<vm::VmCon
     Ok(cfg)
 }
 
+/// The config of a VM that saves or restores a warm state: `cfg` with
+/// [`vm::config::TCG_WARM_CPUS`] vCPUs under TCG (KVM keeps its own choice).
+pub fn warm_config(cfg: &vm::VmConfig) -> vm::VmConfig {
+    let mut c = cfg.clone();
+    if c.accel == vm::Accel::Tcg {
+        c.cpus = vm::config::TCG_WARM_CPUS;
+    }
+    c
+}
+
 /// How long a restored guest may take to answer its hello (it answers in well under
 /// a second; the bound is for a host busy with many sessions).
 const RESTORED_HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -542,6 +552,8 @@ fn boot(cfg: &vm::VmConfig, disk: &vm::DiskSpec, timeout: Duration) -> Result<(V
             return cold_boot(cfg, disk, timeout);
         }
     };
+    let cold_cfg = cfg;
+    let cfg = &warm_config(cfg);
     let key = warm::key(cfg);
     let memory = u64::from(cfg.memory_mib) << 20;
     let state = match store.lookup(&key, memory) {
@@ -562,7 +574,7 @@ fn boot(cfg: &vm::VmConfig, disk: &vm::DiskSpec, timeout: Duration) -> Result<(V
                     "warm start failed ({e}); the saved state is removed, booting cold"
                 ));
                 store.discard(&state);
-                cold_boot(cfg, disk, timeout)
+                cold_boot(cold_cfg, disk, timeout)
             }
         };
     }
@@ -570,11 +582,11 @@ fn boot(cfg: &vm::VmConfig, disk: &vm::DiskSpec, timeout: Duration) -> Result<(V
         Ok(Some(p)) => p,
         Ok(None) => {
             trace::note("warm start: another imgsafe is saving the state; booting cold");
-            return cold_boot(cfg, disk, timeout);
+            return cold_boot(cold_cfg, disk, timeout);
         }
         Err(why) => {
             trace::note(&format!("warm start: {why}; booting cold"));
-            return cold_boot(cfg, disk, timeout);
+            return cold_boot(cold_cfg, disk, timeout);
         }
     };
     let saved = save(cfg, &pending, timeout).and_then(|()| {
@@ -591,7 +603,7 @@ fn boot(cfg: &vm::VmConfig, disk: &vm::DiskSpec, timeout: Duration) -> Result<(V
                     "restoring the state just saved failed ({e}); it is removed, booting cold"
                 ));
                 store.discard(&state);
-                cold_boot(cfg, disk, timeout)
+                cold_boot(cold_cfg, disk, timeout)
             }
         },
         Err(_) if vm::reaper::interrupted() => Err(Error::Interrupted),
@@ -599,7 +611,7 @@ fn boot(cfg: &vm::VmConfig, disk: &vm::DiskSpec, timeout: Duration) -> Result<(V
             trace::note(&format!(
                 "saving the appliance state failed ({e}); booting cold"
             ));
-            cold_boot(cfg, disk, timeout)
+            cold_boot(cold_cfg, disk, timeout)
         }
     }
 }
@@ -807,6 +819,17 @@ mod tests {
             partuuid: None,
             partitioned: partition.is_none() && fstype.is_none(),
         }
+    }
+
+    #[test]
+    fn warm_states_have_one_vcpu_under_tcg_and_keep_kvms_choice() {
+        let dir = tempfile::tempdir().unwrap();
+        let tcg = vm::VmConfig::new(vm::Accel::Tcg, Path::new("/k"), Path::new("/i"), dir.path());
+        let kvm = vm::VmConfig::new(vm::Accel::Kvm, Path::new("/k"), Path::new("/i"), dir.path());
+
+        assert_eq!(warm_config(&tcg).cpus, vm::config::TCG_WARM_CPUS);
+        assert_eq!(tcg.cpus, vm::config::TCG_CPUS);
+        assert_eq!(warm_config(&kvm).cpus, kvm.cpus);
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub fn run(args: ApplianceArgs) -> Result<()> {
     stage.done("");
     let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     // The saved state a command would restore with this environment's settings.
-    let cfg = crate::session::vm_config(&a, &std::env::temp_dir())?;
+    let cfg = crate::session::warm_config(&crate::session::vm_config(&a, &std::env::temp_dir())?);
     let key = warm::key(&cfg);
     let state = appliance::cache_root()
         .ok()
