@@ -65,9 +65,13 @@ fn runs_as_an_ordinary_user() {
         fs::copy(&img.path, &disk).unwrap();
         fs::set_permissions(&disk, fs::Permissions::from_mode(0o644)).unwrap();
         let script = format!(
-            "set -e; test \"$(id -u)\" != 0; export XDG_CACHE_HOME=$(mktemp -d); IMGSAFE_ACCEL=tcg {} cat {} /etc/hostname; rm -rf \"$XDG_CACHE_HOME\"",
-            bin.display(),
-            disk.display()
+            // The first command boots and saves the appliance, the second restores it.
+            "set -e; test \"$(id -u)\" != 0; export XDG_CACHE_HOME=$(mktemp -d); \
+             IMGSAFE_ACCEL=tcg {bin} cat {disk} /etc/hostname; \
+             IMGSAFE_ACCEL=tcg {bin} -v cat {disk} /etc/hostname 2>\"$XDG_CACHE_HOME/v\"; \
+             grep -q '] restore: ' \"$XDG_CACHE_HOME/v\"; rm -rf \"$XDG_CACHE_HOME\"",
+            bin = bin.display(),
+            disk = disk.display()
         );
         tool("runuser", "util-linux")
             .args(["-u", &user, "--", "sh", "-c", &script])
@@ -76,7 +80,12 @@ fn runs_as_an_ordinary_user() {
             .unwrap()
     };
 
-    assert_eq!(ok_stdout(&out), "sample-host\n");
+    let expected = if uid != 0 {
+        "sample-host\n"
+    } else {
+        "sample-host\nsample-host\n"
+    };
+    assert_eq!(ok_stdout(&out), expected);
     img.assert_unchanged();
 }
 
