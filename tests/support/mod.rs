@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod lvm;
+pub mod serve;
 
 use sha2::{Digest, Sha256};
 use std::ffi::OsStr;
