@@ -24,6 +24,9 @@ pub struct ImageArgs {
     /// VHD differencing: accept a parent whose unique id does not match.
     #[arg(long, global = true)]
     pub ignore_parent_id: bool,
+    /// qcow2: read this internal snapshot (its id or name) instead of the current disk.
+    #[arg(long, value_name = "NAME|ID", global = true)]
+    pub snapshot: Option<String>,
     /// Where bare OpenVZ container ids are looked up.
     #[arg(
         long,

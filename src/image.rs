@@ -111,6 +111,7 @@ pub fn open(arg: &Path, args: &ImageArgs) -> Result<Arc<dyn BlockSource>> {
     let opts = OpenOptions {
         format: args.format,
         ignore_parent_id: args.ignore_parent_id,
+        snapshot: args.snapshot.clone(),
     };
     let src: Arc<dyn BlockSource> = Arc::from(format::open(&path, &opts)?);
     let top = src

@@ -45,7 +45,6 @@ fn missing_image_is_an_image_error_naming_the_file() {
 fn other_vm_image_formats_are_named_not_read_as_raw() {
     let dir = tempfile::tempdir().unwrap();
     for (fmt, name) in [
-        ("qcow2", "qcow2 image"),
         ("vmdk", "VMDK image"),
         ("vdi", "VirtualBox VDI image"),
         ("vhdx", "VHDX image"),

@@ -25,7 +25,7 @@
 //! ignored. Only a Virtual PC file whose `current_size` exceeds its geometry differs:
 //! imgsafe shows the extra tail sectors, qemu hides them.
 
-mod cache;
+pub(crate) mod cache;
 pub mod dynamic;
 pub mod footer;
 pub mod header;
