@@ -1,7 +1,8 @@
 //! `formats`: the container decoders under load. The 1 GiB raw disk is converted by
-//! qemu-img to a dynamic VHD and to a Parallels (ploop) image; each is served by
-//! `imgsafe serve` (imgsafe's own decoder) and by `qemu-nbd -f vpc|parallels` (qemu's),
-//! and read whole with `qemu-img convert -O raw`.
+//! qemu-img to a dynamic VHD, a Parallels (ploop) image and a qcow2 image (plain, and
+//! with `-c` zlib-compressed clusters); each is served by `imgsafe serve` (imgsafe's own
+//! decoder) and by `qemu-nbd -f vpc|parallels|qcow2` (qemu's), and read whole with
+//! `qemu-img convert -O raw`.
 
 use super::nbd::{push, qemu_img_convert, remove, start_imgsafe, start_qemu_nbd, time_rounds};
 use super::util::{self, output_dir, timed, Server};
@@ -21,7 +22,7 @@ struct Format {
     qemu_format: &'static str,
 }
 
-const FORMATS: [Format; 2] = [
+const FORMATS: [Format; 4] = [
     Format {
         label: "dynamic VHD",
         file: "disk.vhd",
@@ -33,6 +34,18 @@ const FORMATS: [Format; 2] = [
         file: "disk.hds",
         create: &["-O", "parallels"],
         qemu_format: "parallels",
+    },
+    Format {
+        label: "qcow2",
+        file: "disk.qcow2",
+        create: &["-O", "qcow2"],
+        qemu_format: "qcow2",
+    },
+    Format {
+        label: "qcow2 compressed (-c)",
+        file: "disk-c.qcow2",
+        create: &["-c", "-O", "qcow2"],
+        qemu_format: "qcow2",
     },
 ];
 
@@ -75,18 +88,13 @@ fn one_format(ctx: &mut Ctx, raw: &Path, out: &Path, f: &Format) -> Result<()> {
             .arg("info")
             .arg(&image),
     ) {
-        Ok(_) => start_imgsafe(ctx, &image, &format!("fmt-{}-imgsafe", f.qemu_format)),
+        Ok(_) => start_imgsafe(ctx, &image, &format!("fmt-{}-imgsafe", f.file)),
         Err(e) => Err(format!("imgsafe cannot open the {} image: {e:#}", f.label)),
     };
     if let Err(why) = &imgsafe {
         println!("imgsafe side skipped: {why}");
     }
-    let qemu = start_qemu_nbd(
-        ctx,
-        &image,
-        &format!("fmt-{}-qemu", f.qemu_format),
-        f.qemu_format,
-    );
+    let qemu = start_qemu_nbd(ctx, &image, &format!("fmt-{}-qemu", f.file), f.qemu_format);
     let sides = [("imgsafe", &imgsafe), ("qemu-nbd", &qemu)];
     report_sizes(&sides);
     check_same_bytes(&sides, out, raw);
