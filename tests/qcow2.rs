@@ -761,7 +761,7 @@ fn hostile_l1_is_not_allocated_up_front() {
 }
 
 #[test]
-fn ls_and_cat_read_a_qcow2_chain_through_the_appliance() {
+fn ls_cat_and_cp_read_a_qcow2_chain_through_the_appliance() {
     let tree = tempfile::tempdir().unwrap();
     sample_tree(tree.path(), TreeOpts::PLAIN);
     let dir = tempfile::tempdir().unwrap();
@@ -794,9 +794,17 @@ fn ls_and_cat_read_a_qcow2_chain_through_the_appliance() {
     ]);
     let before = (sha256(&top), sha256(&base));
 
+    let out = tempfile::tempdir().unwrap();
+
     let ls = run(["ls", s(&top), "/etc"]);
     let cat = run(["cat", s(&top), "/home/me/big.bin"]);
+    let cp = run(["cp", &format!("{}:/home/me/letter", s(&top)), s(out.path())]);
 
+    ok_stdout(&cp);
+    assert_eq!(
+        fs::read(out.path().join("letter")).unwrap(),
+        b"Dear imgsafe,\nplease copy me.\n"
+    );
     let names = ok_stdout(&ls);
     assert!(
         names.contains("hostname\n") && names.contains("os-release\n"),

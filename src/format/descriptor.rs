@@ -746,7 +746,7 @@ impl BlockSource for Split {
                 super::push_extent(
                     &mut out,
                     Extent {
-                        offset: offset + at + (e.offset - inner),
+                        offset: offset + at + e.offset.saturating_sub(inner),
                         ..e
                     },
                 );
