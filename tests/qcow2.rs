@@ -547,21 +547,26 @@ fn assert_refused(img: &Path, want: &str) {
 #[test]
 fn encrypted_images_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("luks.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "--object",
-        "secret,id=sec0,data=password",
-        "-f",
-        "qcow2",
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0",
-        s(&img),
-        "4M",
-    ]);
+    for (format, name) in [("luks", "LUKS"), ("aes", "AES")] {
+        let img = dir.path().join(format!("{format}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "--object",
+            "secret,id=sec0,data=password",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("encrypt.format={format},encrypt.key-secret=sec0"),
+            s(&img),
+            "4M",
+        ]);
 
-    assert_refused(&img, "unsupported: the image is encrypted (LUKS)");
+        assert_refused(
+            &img,
+            &format!("unsupported: the image is encrypted ({name})"),
+        );
+    }
 }
 
 #[test]
@@ -719,18 +724,21 @@ fn compressed_cluster_running_past_eof_is_a_read_error() {
 }
 
 #[test]
-fn dirty_image_reads_with_a_warning() {
+fn dirty_and_corrupt_images_read_with_a_warning() {
     let dir = tempfile::tempdir().unwrap();
-    let img = patched(dir.path(), "dirty.qcow2", |b| b[79] |= 1);
+    for (bit, warning) in [
+        (1u8, "not closed cleanly (dirty); reading it anyway"),
+        (2, "image is marked corrupt by QEMU; reading it anyway"),
+    ] {
+        let img = patched(dir.path(), &format!("flag{bit}.qcow2"), |b| b[79] |= bit);
 
-    let out = run(["info", s(&img)]);
+        let out = run(["info", s(&img)]);
+        let got = read_all(&*open(&img));
 
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("not closed cleanly (dirty); reading it anyway"),
-        "{}",
-        stderr(&out)
-    );
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stderr(&out).contains(warning), "{}", stderr(&out));
+        assert!(got[..256 << 10].iter().all(|&b| b == 5));
+    }
 }
 
 #[test]
