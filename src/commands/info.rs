@@ -315,4 +315,29 @@ mod tests {
         assert_eq!(info.allocated_bytes, Some(65536));
         assert_eq!(info.chain[0].allocated_bytes, Some(65536));
     }
+
+    #[test]
+    fn snapshots_are_listed_in_text_and_json() {
+        let mut info = sample();
+        info.snapshots = vec![SnapshotInfo {
+            id: "1".into(),
+            name: "before upgrade".into(),
+            disk_size: 1 << 30,
+            date: 1_700_000_000,
+            vm_state_size: 0,
+        }];
+
+        let text = info.to_text();
+        let json: serde_json::Value = serde_json::from_str(&info.to_json()).unwrap();
+
+        assert!(
+            text.ends_with("snapshots:\n  1  \"before upgrade\"  1 GiB  2023-11-14 22:13:20\n"),
+            "{text}"
+        );
+        assert_eq!(json["snapshots"][0]["name"], "before upgrade");
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&sample().to_json()).unwrap()["snapshots"]
+                .is_null()
+        );
+    }
 }
