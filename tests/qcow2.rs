@@ -620,6 +620,45 @@ fn backing_cycle_is_refused() {
     assert_refused(&b, "backing chain loops back to this file");
 }
 
+#[test]
+fn chain_deeper_than_64_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        s(&dir.path().join("l0.qcow2")),
+        "1M",
+    ]);
+    for i in 1..=65 {
+        // -u: do not open the chain below at each step (the sizes are given).
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            &format!("l{}.qcow2", i - 1),
+            "-F",
+            "qcow2",
+            s(&dir.path().join(format!("l{i}.qcow2"))),
+            "1M",
+        ]);
+    }
+
+    let out = run(["info", s(&dir.path().join("l65.qcow2"))]);
+
+    assert_eq!(code(&out), 3);
+    assert!(
+        stderr(&out).contains("l1.qcow2: backing chain is deeper than 64 files"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(open(&dir.path().join("l63.qcow2")).layers().len(), 64);
+}
+
 /// A small v3 image with data, for patching.
 fn patched(dir: &Path, name: &str, patch: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
     let img = dir.join(name);
