@@ -28,6 +28,9 @@ pub struct ImageArgs {
     /// OVA holding several disks: read disk N (1-based, in archive order).
     #[arg(long, value_name = "N", global = true)]
     pub disk: Option<usize>,
+    /// qcow2: read this internal snapshot (its id or name) instead of the current disk.
+    #[arg(long, value_name = "NAME|ID", global = true)]
+    pub snapshot: Option<String>,
     /// Where bare OpenVZ container ids are looked up.
     #[arg(
         long,

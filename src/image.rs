@@ -27,19 +27,29 @@ pub fn check_vm_size(image: &Path, size: u64) -> Result<()> {
 /// Name of the ploop descriptor inside a ploop image directory.
 pub const DESCRIPTOR_NAME: &str = "DiskDescriptor.xml";
 
-/// Resolve the image argument to the file to open, as the ploop tools do:
+/// Resolve the image argument to the file to open, as the ploop tools and Parallels
+/// Desktop lay images out:
 /// - a directory holding `DiskDescriptor.xml` → that descriptor;
+/// - a directory (a Parallels `.pvm` VM folder) holding exactly one `.hdd` bundle with a
+///   descriptor → that bundle's descriptor; several → an error listing them;
+/// - the empty `name.hdd` file Parallels Desktop keeps beside the descriptor → the
+///   descriptor;
 /// - a bare container id (`101`, or a UUID) that is not an existing path →
 ///   `<vz_root>/<id>/root.hdd/DiskDescriptor.xml`, or an error when nothing is there;
 /// - anything else → the path as given (opening it reports what is wrong with it).
 pub fn resolve(arg: &Path, vz_root: &Path) -> Result<PathBuf, FormatError> {
     if arg.is_dir() {
         let xml = arg.join(DESCRIPTOR_NAME);
-        return Ok(if xml.is_file() {
-            xml
-        } else {
-            arg.to_path_buf()
-        });
+        if xml.is_file() {
+            return Ok(xml);
+        }
+        return vm_folder_disk(arg).map(|found| found.unwrap_or_else(|| arg.to_path_buf()));
+    }
+    if let Ok(meta) = arg.metadata() {
+        let beside = arg.parent().map(|d| d.join(DESCRIPTOR_NAME));
+        if let Some(xml) = beside.filter(|x| meta.is_file() && meta.len() == 0 && x.is_file()) {
+            return Ok(xml);
+        }
     }
     if arg.symlink_metadata().is_ok() {
         return Ok(arg.to_path_buf());
@@ -60,6 +70,41 @@ pub fn resolve(arg: &Path, vz_root: &Path) -> Result<PathBuf, FormatError> {
         arg,
         io::Error::new(io::ErrorKind::NotFound, why),
     ))
+}
+
+/// The descriptor of the one `.hdd` bundle inside a Parallels VM folder, `None` when the
+/// folder holds none, an error naming them when it holds several (which disk is meant
+/// cannot be guessed).
+fn vm_folder_disk(dir: &Path) -> Result<Option<PathBuf>, FormatError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| FormatError::io(dir, e))?;
+    let mut bundles: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x.eq_ignore_ascii_case("hdd"))
+                && p.join(DESCRIPTOR_NAME).is_file()
+        })
+        .collect();
+    bundles.sort();
+    match bundles.len() {
+        0 => Ok(None),
+        1 => Ok(Some(bundles[0].join(DESCRIPTOR_NAME))),
+        _ => {
+            let names: Vec<String> = bundles
+                .iter()
+                .filter_map(|b| b.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect();
+            Err(FormatError::Unsupported {
+                path: dir.to_path_buf(),
+                what: format!(
+                    "the folder holds {} disk bundles ({}); name the one to open",
+                    names.len(),
+                    names.join(", ")
+                ),
+            })
+        }
+    }
 }
 
 /// A container id as OpenVZ / Virtuozzo name them: a number, or a UUID.
@@ -84,6 +129,7 @@ pub fn open(arg: &Path, args: &ImageArgs) -> Result<Arc<dyn BlockSource>> {
         format: args.format,
         ignore_parent_id: args.ignore_parent_id,
         disk: args.disk,
+        snapshot: args.snapshot.clone(),
     };
     let src: Arc<dyn BlockSource> = Arc::from(format::open(&path, &opts)?);
     let top = src
@@ -120,6 +166,50 @@ mod tests {
         let got = resolve(dir.path(), Path::new("/nonexistent")).unwrap();
 
         assert_eq!(got, dir.path().join(DESCRIPTOR_NAME));
+    }
+
+    #[test]
+    fn vm_folder_with_one_bundle_resolves_to_its_descriptor() {
+        let vm = tempfile::tempdir().unwrap();
+        let hdd = vm.path().join("disk0.hdd");
+        std::fs::create_dir(&hdd).unwrap();
+        std::fs::write(hdd.join(DESCRIPTOR_NAME), "<x/>").unwrap();
+        std::fs::write(vm.path().join("config.pvs"), "<x/>").unwrap();
+
+        let got = resolve(vm.path(), Path::new("/nonexistent")).unwrap();
+
+        assert_eq!(got, hdd.join(DESCRIPTOR_NAME));
+    }
+
+    #[test]
+    fn vm_folder_with_several_bundles_lists_them() {
+        let vm = tempfile::tempdir().unwrap();
+        for name in ["b.hdd", "a.hdd"] {
+            std::fs::create_dir(vm.path().join(name)).unwrap();
+            std::fs::write(vm.path().join(name).join(DESCRIPTOR_NAME), "<x/>").unwrap();
+        }
+
+        let err = resolve(vm.path(), Path::new("/nonexistent"))
+            .unwrap_err()
+            .to_string();
+
+        assert!(
+            err.ends_with(
+                "unsupported: the folder holds 2 disk bundles (a.hdd, b.hdd); name the one to open"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn empty_name_hdd_beside_the_descriptor_resolves_to_it() {
+        let hdd = tempfile::tempdir().unwrap();
+        std::fs::write(hdd.path().join(DESCRIPTOR_NAME), "<x/>").unwrap();
+        std::fs::write(hdd.path().join("disk.hdd"), "").unwrap();
+
+        let got = resolve(&hdd.path().join("disk.hdd"), Path::new("/nonexistent")).unwrap();
+
+        assert_eq!(got, hdd.path().join(DESCRIPTOR_NAME));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Fuzz the bounded XML reader and the DiskDescriptor.xml interpretation: never panic, and
-//! any chain it accepts is bounded and free of repeats.
+//! any chain it accepts is bounded, free of repeats and listed in every extent.
 #![no_main]
 
 use imgsafe::format::descriptor::{parse_xml, Descriptor, MAX_CHAIN_DEPTH};
@@ -10,11 +10,15 @@ fuzz_target!(|data: &[u8]| {
     let Ok(desc) = Descriptor::from_xml(&root) else {
         return;
     };
+    assert!(!desc.storages.is_empty());
     if let Ok(chain) = desc.chain() {
         assert!(!chain.is_empty() && chain.len() <= MAX_CHAIN_DEPTH);
         let mut seen = chain.clone();
         seen.sort_unstable();
         seen.dedup();
         assert_eq!(seen.len(), chain.len());
+        for g in &chain {
+            assert!(desc.storages.iter().all(|s| s.image_for(g).is_some()));
+        }
     }
 });

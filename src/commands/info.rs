@@ -1,7 +1,7 @@
 //! `imgsafe info`: container format, sizes and the chain of files, without starting a VM.
 
 use crate::cli::InfoArgs;
-use crate::format::{count_allocated, BlockSource, LayerInfo, MAX_COUNTED_EXTENTS};
+use crate::format::{count_allocated, BlockSource, LayerInfo, SnapshotInfo, MAX_COUNTED_EXTENTS};
 use crate::Result;
 use std::io::Write;
 use std::path::Path;
@@ -24,6 +24,8 @@ pub struct Info {
     pub allocated_bytes: Option<u64>,
     /// Every file, top first.
     pub chain: Vec<LayerInfo>,
+    /// Internal snapshots of the top file (qcow2).
+    pub snapshots: Vec<SnapshotInfo>,
 }
 
 impl Info {
@@ -44,6 +46,7 @@ impl Info {
             cluster_size: top.and_then(|l| l.cluster_size),
             allocated_bytes,
             chain,
+            snapshots: src.snapshots(),
         })
     }
 
@@ -68,6 +71,8 @@ impl Info {
             cluster_size: Option<u64>,
             allocated_bytes: Option<u64>,
             chain: Vec<Layer<'a>>,
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            snapshots: &'a [SnapshotInfo],
         }
         let chain = self
             .chain
@@ -89,6 +94,7 @@ impl Info {
             cluster_size: self.cluster_size,
             allocated_bytes: self.allocated_bytes,
             chain,
+            snapshots: &self.snapshots,
         };
         // Serialising plain strings and numbers cannot fail.
         serde_json::to_string(&doc).unwrap_or_default()
@@ -159,6 +165,19 @@ impl Info {
                 w2 = widths[2],
                 w3 = widths[3]
             ));
+        }
+        if !self.snapshots.is_empty() {
+            out.push_str("snapshots:\n");
+            for sn in &self.snapshots {
+                let date =
+                    i64::try_from(sn.date).map_or_else(|_| "-".into(), super::ls::format_time);
+                out.push_str(&format!(
+                    "  {}  {:?}  {}  {date}\n",
+                    sn.id,
+                    sn.name,
+                    human(sn.disk_size)
+                ));
+            }
         }
         out
     }
@@ -232,6 +251,7 @@ mod tests {
                 cluster_size: Some(1 << 20),
                 allocated_bytes: Some(3 << 20),
             }],
+            snapshots: Vec::new(),
         }
     }
 
@@ -305,5 +325,30 @@ mod tests {
 
         assert_eq!(info.allocated_bytes, Some(65536));
         assert_eq!(info.chain[0].allocated_bytes, Some(65536));
+    }
+
+    #[test]
+    fn snapshots_are_listed_in_text_and_json() {
+        let mut info = sample();
+        info.snapshots = vec![SnapshotInfo {
+            id: "1".into(),
+            name: "before upgrade".into(),
+            disk_size: 1 << 30,
+            date: 1_700_000_000,
+            vm_state_size: 0,
+        }];
+
+        let text = info.to_text();
+        let json: serde_json::Value = serde_json::from_str(&info.to_json()).unwrap();
+
+        assert!(
+            text.ends_with("snapshots:\n  1  \"before upgrade\"  1 GiB  2023-11-14 22:13:20\n"),
+            "{text}"
+        );
+        assert_eq!(json["snapshots"][0]["name"], "before upgrade");
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&sample().to_json()).unwrap()["snapshots"]
+                .is_null()
+        );
     }
 }

@@ -1,10 +1,18 @@
-//! ploop DiskDescriptor.xml: a chain of ploop deltas.
+//! ploop / Parallels Desktop DiskDescriptor.xml: a chain of ploop deltas, possibly split.
 //!
 //! Schema: QEMU docs/interop/prl-xml.rst and OpenVZ ploop lib/xml.c. `StorageData/Storage`
 //! lists the files (`Image`: GUID, Type, File relative to the XML's folder);
 //! `Snapshots/Shot` links each GUID to its ParentGUID; the top is `Snapshots/TopGUID`, or
 //! the predefined top GUID when that element is absent. The chain is walked from the top to
 //! the root (ParentGUID all zeros) and opened as one [`ploop::Chain`].
+//!
+//! Split disks (Parallels Desktop's "split into 2 GB files"): several `Storage` elements,
+//! each covering sectors `[Start, End)` of the disk and holding one `Image` per snapshot
+//! GUID. Each extent is its own chain of deltas (each delta file is as large as its extent);
+//! the snapshot tree is shared. They are joined by [`Split`].
+//!
+//! Parallels Desktop writes an `<Encryption>` block on every disk; an Engine of the null
+//! GUID (with or without braces, any case) and empty Data/Salt mean *not encrypted*.
 //!
 //! "Plain" images: ploop writes `Type` Plain on *every* image of a disk whose base is raw,
 //! while the deltas above it are still ploop files. So the type is decided per file from its
@@ -19,8 +27,9 @@ mod xml;
 pub use xml::{parse as parse_xml, Element};
 
 use super::ploop::{self, Chain, Delta, SECTOR_SIZE};
-use super::{BlockSource, FormatError, OpenOptions};
+use super::{BlockSource, Extent, FormatError, LayerInfo, OpenOptions};
 use std::collections::HashSet;
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -51,15 +60,37 @@ pub struct ImageEntry {
     pub file: String,
 }
 
+/// One `StorageData/Storage` element: a range of the disk and its files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Storage {
+    /// `Start`, in sectors: first sector of the disk this extent holds.
+    pub start: u64,
+    /// `End`, in sectors: the extent holds sectors `[start, end)`.
+    pub end: u64,
+    /// `Blocksize`, in sectors, when present.
+    pub block_sectors: Option<u64>,
+    /// The image files, one per snapshot GUID.
+    pub images: Vec<ImageEntry>,
+}
+
+impl Storage {
+    /// Index into `images` of the file for snapshot `guid`.
+    pub fn image_for(&self, guid: &str) -> Option<usize> {
+        self.images.iter().position(|i| i.guid == guid)
+    }
+}
+
+/// Most `Storage` extents accepted (Parallels splits at 2 GiB, so 4096 covers 8 TiB; each
+/// extent is a chain of open files).
+pub const MAX_STORAGES: usize = 4096;
+
 /// The parts of a DiskDescriptor.xml imgsafe uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Descriptor {
     /// `Disk_Parameters/Disk_size`, in sectors.
     pub disk_sectors: u64,
-    /// `Storage/Blocksize`, in sectors, when present.
-    pub block_sectors: Option<u64>,
-    /// The image files.
-    pub images: Vec<ImageEntry>,
+    /// The extents, in disk order, covering `[0, disk_sectors)` without gaps.
+    pub storages: Vec<Storage>,
     /// Normalised top GUID.
     pub top_guid: String,
     /// `(GUID, ParentGUID)` of each `Shot`, normalised.
@@ -68,6 +99,23 @@ pub struct Descriptor {
 
 fn norm_guid(g: &str) -> String {
     g.trim().to_ascii_lowercase()
+}
+
+/// True for the null GUID in any spelling Parallels writes: any case, braces or not.
+fn is_null_guid(g: &str) -> bool {
+    let g = g.trim();
+    let bare = g
+        .strip_prefix('{')
+        .and_then(|b| b.strip_suffix('}'))
+        .unwrap_or(g);
+    bare.len() == 36
+        && bare.bytes().enumerate().all(|(i, b)| {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                b == b'-'
+            } else {
+                b == b'0'
+            }
+        })
 }
 
 fn number(parent: &Element, name: &str, ctx: &str) -> Result<Option<u64>, String> {
@@ -104,30 +152,12 @@ impl Descriptor {
         let storage_data = root
             .child("StorageData")
             .ok_or("no <StorageData> element")?;
-        let mut storages = storage_data.children_named("Storage");
-        let storage = storages.next().ok_or("no <StorageData/Storage> element")?;
-        if storages.next().is_some() {
-            return Err("unsupported: more than one <Storage> (split image)".into());
-        }
-        if number(storage, "Start", "Storage")?.unwrap_or(0) != 0 {
-            return Err("unsupported: Storage/Start is not 0 (split image)".into());
-        }
-        let block_sectors = number(storage, "Blocksize", "Storage")?;
-        let images = storage
-            .children_named("Image")
-            .map(image_entry)
+        let lone = storage_data.children_named("Storage").count() == 1;
+        let storages = storage_data
+            .children_named("Storage")
+            .map(|st| storage_entry(st, lone.then_some(disk_sectors)))
             .collect::<Result<Vec<_>, _>>()?;
-        if images.is_empty() {
-            return Err("no <Image> in <StorageData/Storage>".into());
-        }
-        // Two files under one GUID would make the chain depend on which one is found first.
-        let mut guids = HashSet::new();
-        if let Some(dup) = images.iter().find(|i| !guids.insert(i.guid.as_str())) {
-            return Err(format!(
-                "StorageData/Storage/Image GUID {} is listed more than once",
-                dup.guid
-            ));
-        }
+        check_extents(&storages, disk_sectors)?;
         let snapshots = root.child("Snapshots");
         let top_guid = snapshots
             .and_then(|s| s.child_text("TopGUID"))
@@ -145,19 +175,20 @@ impl Descriptor {
             .collect::<Result<Vec<_>, String>>()?;
         Ok(Descriptor {
             disk_sectors,
-            block_sectors,
-            images,
+            storages,
             top_guid,
             shots,
         })
     }
 
-    /// Indexes into `images` from the top delta down to the root. Refuses GUIDs that are
-    /// referenced but not listed, cycles, and chains deeper than [`MAX_CHAIN_DEPTH`].
-    pub fn chain(&self) -> Result<Vec<usize>, String> {
+    /// Snapshot GUIDs from the top delta down to the root. Refuses GUIDs that are
+    /// referenced but not listed in every extent, cycles, and chains deeper than
+    /// [`MAX_CHAIN_DEPTH`].
+    pub fn chain(&self) -> Result<Vec<String>, String> {
         let mut order = Vec::new();
         let mut seen = HashSet::new();
         let mut guid = self.top_guid.clone();
+        let lone_image = self.storages.iter().all(|s| s.images.len() == 1);
         loop {
             if !seen.insert(guid.clone()) {
                 return Err(format!("cycle in the snapshot chain at GUID {guid}"));
@@ -167,26 +198,101 @@ impl Descriptor {
                     "snapshot chain is deeper than {MAX_CHAIN_DEPTH} deltas"
                 ));
             }
-            let index = self
-                .images
-                .iter()
-                .position(|i| i.guid == guid)
-                .ok_or_else(|| {
-                    format!("GUID {guid} is referenced but not listed in StorageData")
-                })?;
-            order.push(index);
+            for (n, storage) in self.storages.iter().enumerate() {
+                if storage.image_for(&guid).is_none() {
+                    return Err(if self.storages.len() == 1 {
+                        format!("GUID {guid} is referenced but not listed in StorageData")
+                    } else {
+                        format!(
+                            "GUID {guid} is referenced but not listed in StorageData/Storage {}",
+                            n + 1
+                        )
+                    });
+                }
+            }
             let parent = match self.shots.iter().find(|(g, _)| *g == guid) {
                 Some((_, p)) => p.clone(),
                 // ploop itself treats a lone image without a Shot as the root.
-                None if self.images.len() == 1 => NONE_GUID.to_string(),
+                None if lone_image => NONE_GUID.to_string(),
                 None => return Err(format!("GUID {guid} has no <Shot> entry")),
             };
-            if parent == NONE_GUID {
+            order.push(guid);
+            if is_null_guid(&parent) {
                 return Ok(order);
             }
             guid = parent;
         }
     }
+}
+
+/// One `Storage`; `lone_end` is the end used when it is the only extent (ploop writes its
+/// End loosely there and reads the whole disk from it, so Disk_size decides).
+fn storage_entry(storage: &Element, lone_end: Option<u64>) -> Result<Storage, String> {
+    let start = number(storage, "Start", "Storage")?.unwrap_or(0);
+    let end = match lone_end {
+        Some(end) => end,
+        None => number(storage, "End", "Storage")?.ok_or("a <Storage> has no <End>")?,
+    };
+    let block_sectors = number(storage, "Blocksize", "Storage")?;
+    let images = storage
+        .children_named("Image")
+        .map(image_entry)
+        .collect::<Result<Vec<_>, _>>()?;
+    if images.is_empty() {
+        return Err(format!(
+            "no <Image> in the <Storage> of sectors {start}..{end}"
+        ));
+    }
+    // Two files under one GUID would make the chain depend on which one is found first.
+    let mut guids = HashSet::new();
+    if let Some(dup) = images.iter().find(|i| !guids.insert(i.guid.as_str())) {
+        return Err(format!(
+            "StorageData/Storage/Image GUID {} is listed more than once",
+            dup.guid
+        ));
+    }
+    Ok(Storage {
+        start,
+        end,
+        block_sectors,
+        images,
+    })
+}
+
+/// The extents must tile the disk: the first starts at sector 0, each starts where the one
+/// before ends, none is empty, and the last ends at `Disk_size` (a gap or overlap would
+/// leave sectors with no file or two).
+fn check_extents(storages: &[Storage], disk_sectors: u64) -> Result<(), String> {
+    if storages.is_empty() {
+        return Err("no <StorageData/Storage> element".into());
+    }
+    if storages.len() > MAX_STORAGES {
+        return Err(format!(
+            "unsupported: more than {MAX_STORAGES} <Storage> extents"
+        ));
+    }
+    let mut expect = 0;
+    for s in storages {
+        if s.start != expect {
+            return Err(format!(
+                "Storage of sectors {}..{} should start at sector {expect} (extents must follow each other)",
+                s.start, s.end
+            ));
+        }
+        if s.end <= s.start {
+            return Err(format!(
+                "Storage of sectors {}..{} is empty",
+                s.start, s.end
+            ));
+        }
+        expect = s.end;
+    }
+    if expect != disk_sectors {
+        return Err(format!(
+            "the Storage extents end at sector {expect}, not at Disk_size {disk_sectors}"
+        ));
+    }
+    Ok(())
 }
 
 fn image_entry(el: &Element) -> Result<ImageEntry, String> {
@@ -210,7 +316,9 @@ fn image_entry(el: &Element) -> Result<ImageEntry, String> {
     })
 }
 
-/// Refuse encrypted disks: the data would read as noise.
+/// Refuse encrypted disks: the data would read as noise. Parallels Desktop writes an
+/// `<Encryption>` block on every disk; it means "encrypted" only when it names an engine
+/// other than the null GUID or carries key material.
 fn check_encryption(root: &Element) -> Result<(), String> {
     let params = root.child("Disk_Parameters");
     for enc in params
@@ -219,13 +327,17 @@ fn check_encryption(root: &Element) -> Result<(), String> {
         .flat_map(|p| p.children_named("Encryption"))
     {
         let engine = enc.child_text("Engine").unwrap_or("");
-        if !engine.is_empty() && engine != "0" {
+        if !engine.is_empty() && engine != "0" && !is_null_guid(engine) {
             return Err(format!(
                 "unsupported: the disk is encrypted (Encryption/Engine {engine:?})"
             ));
         }
-        if enc.child_text("KeyId").is_some_and(|k| !k.is_empty()) {
-            return Err("unsupported: the disk is encrypted (Encryption/KeyId is set)".into());
+        for key in ["KeyId", "Data", "Salt"] {
+            if enc.child_text(key).is_some_and(|k| !k.is_empty()) {
+                return Err(format!(
+                    "unsupported: the disk is encrypted (Encryption/{key} is set)"
+                ));
+            }
         }
     }
     Ok(())
@@ -310,19 +422,39 @@ pub fn read_descriptor(path: &Path) -> Result<Descriptor, FormatError> {
     Descriptor::from_xml(&root).map_err(|w| FormatError::corrupt(path, w))
 }
 
+/// True for a path written on another machine: POSIX absolute, a Windows drive path
+/// (`C:\\...`) or a UNC path (`\\\\server\\...`).
+fn is_foreign_absolute(file: &str) -> bool {
+    let b = file.as_bytes();
+    file.starts_with('/')
+        || file.starts_with("\\\\")
+        || (b.len() >= 3
+            && b[0].is_ascii_alphabetic()
+            && b[1] == b':'
+            && matches!(b[2], b'\\' | b'/'))
+}
+
 /// Resolve an `Image/File` against the folder of the real descriptor (a symlinked
 /// DiskDescriptor.xml names the files next to its target, as ploop reads it), refusing
 /// anything outside that folder. Returns the canonical path that was checked, so the file
 /// opened is the one checked.
+///
+/// Parallels Desktop may record absolute paths; a bundle copied to another machine (or
+/// folder) then names files that are not there. For an absolute path that does not resolve
+/// inside the folder, the file of the same name inside the bundle folder is used instead
+/// (said with `-v`): it is the only place a self-contained bundle can keep it.
 fn image_path(xml_path: &Path, file: &str) -> Result<PathBuf, FormatError> {
-    let rel = Path::new(file);
     let outside = || {
         FormatError::corrupt(
             xml_path,
             format!("Image File {file:?} is outside the descriptor's folder"),
         )
     };
-    if rel.components().any(|c| matches!(c, Component::ParentDir)) {
+    if !is_foreign_absolute(file)
+        && Path::new(file)
+            .components()
+            .any(|c| matches!(c, Component::ParentDir))
+    {
         return Err(outside());
     }
     let real_xml = xml_path
@@ -330,6 +462,24 @@ fn image_path(xml_path: &Path, file: &str) -> Result<PathBuf, FormatError> {
         .map_err(|e| FormatError::io(xml_path, e))?;
     // A canonical file path always has a parent folder.
     let canon_dir = real_xml.parent().unwrap_or(Path::new("/"));
+    let mut rel = file;
+    if is_foreign_absolute(file) {
+        if let Ok(real) = Path::new(file).canonicalize() {
+            if real.starts_with(canon_dir) {
+                return Ok(real);
+            }
+        }
+        let name = file.rsplit(['/', '\\']).next().unwrap_or("");
+        if name.is_empty() || name == "." || name == ".." {
+            return Err(outside());
+        }
+        crate::trace::note(&format!(
+            "{}: Image File {file:?} is an absolute path; using {name:?} inside the bundle folder",
+            xml_path.display()
+        ));
+        rel = name;
+    }
+    let rel = Path::new(rel);
     let joined = canon_dir.join(rel);
     match joined.canonicalize() {
         Ok(real) if real.starts_with(canon_dir) => Ok(real),
@@ -409,7 +559,8 @@ const PLAIN_CLUSTER_SIZE: u64 = 1 << 20;
 /// Most memory all BATs of one chain may take (each delta's BAT is read whole).
 const MAX_CHAIN_BAT_BYTES: u64 = 512 << 20;
 
-/// Open the chain a DiskDescriptor.xml describes.
+/// Open the chain a DiskDescriptor.xml describes: one [`Chain`] per `Storage` extent,
+/// joined by [`Split`] when there are several.
 pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>, FormatError> {
     let _ = opts;
     // Read the descriptor that image paths are resolved against, even if a symlink
@@ -417,9 +568,49 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource
     let real = path.canonicalize().map_err(|e| FormatError::io(path, e))?;
     let desc = read_descriptor(&real)?;
     let order = desc.chain().map_err(|w| FormatError::corrupt(path, w))?;
-    let disk_size = desc.disk_sectors * SECTOR_SIZE;
+    let mut opened = Opened {
+        seen: HashSet::new(),
+        bat_bytes: 0,
+    };
+    let split = desc.storages.len() > 1;
+    let mut parts = Vec::with_capacity(desc.storages.len());
+    for (n, storage) in desc.storages.iter().enumerate() {
+        let chain = open_extent(path, &real, storage, &order, &mut opened)?;
+        if !split {
+            return Ok(Box::new(chain));
+        }
+        let label = format!(
+            "extent {}/{} (sectors {}..{})",
+            n + 1,
+            desc.storages.len(),
+            storage.start,
+            storage.end
+        );
+        parts.push((storage.start * SECTOR_SIZE, chain, label));
+    }
+    Ok(Box::new(Split::new(parts, desc.disk_sectors * SECTOR_SIZE)))
+}
+
+/// What the extents of one descriptor have opened so far, shared by all of them.
+struct Opened {
+    /// (device, inode) of every delta file.
+    seen: HashSet<(u64, u64)>,
+    /// Memory taken by BATs so far.
+    bat_bytes: u64,
+}
+
+/// Open the delta chain of one `Storage` extent, top first, following `order` (GUIDs).
+fn open_extent(
+    path: &Path,
+    real: &Path,
+    storage: &Storage,
+    order: &[String],
+    opened: &mut Opened,
+) -> Result<Chain, FormatError> {
+    // check_extents made end > start, and end <= Disk_size, whose byte size fits u64.
+    let disk_size = (storage.end - storage.start) * SECTOR_SIZE;
     // Blocksize 0 says nothing; ploop deltas must agree with any other value.
-    let block_sectors = desc.block_sectors.filter(|&b| b > 0);
+    let block_sectors = storage.block_sectors.filter(|&b| b > 0);
     if let Some(b) = block_sectors.filter(|&b| b > u64::from(ploop::MAX_CLUSTER_SECTORS)) {
         return Err(FormatError::corrupt(
             path,
@@ -432,17 +623,22 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource
     let mut cluster_size = block_sectors.map(|b| b * SECTOR_SIZE);
     let mut deltas = Vec::with_capacity(order.len());
     let mut roles = Vec::with_capacity(order.len());
-    let mut seen = std::collections::HashSet::new();
-    let mut bat_bytes: u64 = 0;
-    for (depth, &index) in order.iter().enumerate() {
+    for (depth, guid) in order.iter().enumerate() {
         let is_base = depth + 1 == order.len();
-        let delta = open_delta(&real, &desc.images[index])?;
+        // chain() checked every GUID is listed in every extent.
+        let Some(index) = storage.image_for(guid) else {
+            return Err(FormatError::corrupt(
+                path,
+                format!("GUID {guid} not listed"),
+            ));
+        };
+        let delta = open_delta(real, &storage.images[index])?;
         check_delta(&delta, disk_size, &mut cluster_size, is_base)?;
         // Several GUIDs naming one file would multiply its BAT in memory for nothing.
         let id = std::fs::metadata(delta.path())
             .map(|m| (m.dev(), m.ino()))
             .map_err(|e| FormatError::io(delta.path(), e))?;
-        if !seen.insert(id) {
+        if !opened.seen.insert(id) {
             return Err(FormatError::corrupt(
                 delta.path(),
                 format!("listed twice in the chain of {}", path.display()),
@@ -450,8 +646,8 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource
         }
         if delta.plain_len().is_none() {
             let clusters = disk_size.div_ceil(cluster_size.filter(|&c| c > 0).unwrap_or(1 << 20));
-            bat_bytes = bat_bytes.saturating_add(clusters.saturating_mul(4));
-            if bat_bytes > MAX_CHAIN_BAT_BYTES {
+            opened.bat_bytes = opened.bat_bytes.saturating_add(clusters.saturating_mul(4));
+            if opened.bat_bytes > MAX_CHAIN_BAT_BYTES {
                 return Err(FormatError::Unsupported {
                     path: path.to_path_buf(),
                     what: format!(
@@ -477,7 +673,100 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource
         Some(cs) if deltas.iter().any(|d| d.header().is_some()) => cs,
         _ => PLAIN_CLUSTER_SIZE,
     };
-    Ok(Box::new(Chain::new(deltas, roles, cluster_size, disk_size)))
+    Ok(Chain::new(deltas, roles, cluster_size, disk_size))
+}
+
+/// A split disk: extents laid end to end, each its own chain. Reads and allocation maps
+/// that cross an extent boundary are cut there and asked of each extent in turn.
+#[derive(Debug)]
+pub struct Split {
+    /// (first byte in the disk, chain, label for `info`), in disk order, tiling the disk.
+    parts: Vec<(u64, Chain, String)>,
+    size: u64,
+}
+
+impl Split {
+    /// Join extents that tile `[0, size)` in order (checked by the caller).
+    pub fn new(parts: Vec<(u64, Chain, String)>, size: u64) -> Split {
+        Split { parts, size }
+    }
+
+    /// Index of the extent holding byte `pos` (< size).
+    fn part_at(&self, pos: u64) -> usize {
+        self.parts
+            .partition_point(|(start, _, _)| *start <= pos)
+            .saturating_sub(1)
+    }
+
+    /// Call `f(part, offset inside it, offset in the request, length)` for each piece of
+    /// `[offset, end)` that lies in one extent.
+    fn pieces(
+        &self,
+        offset: u64,
+        end: u64,
+        mut f: impl FnMut(&Chain, u64, u64, u64) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut pos = offset;
+        while pos < end {
+            let i = self.part_at(pos);
+            let (start, chain, _) = &self.parts[i];
+            let part_end = start.saturating_add(chain.size());
+            if part_end <= pos {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "no extent holds the offset",
+                ));
+            }
+            let n = part_end.min(end) - pos;
+            f(chain, pos - start, pos - offset, n)?;
+            pos += n;
+        }
+        Ok(())
+    }
+}
+
+impl BlockSource for Split {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = super::check_read(self.size, offset, buf.len() as u64)?;
+        self.pieces(offset, end, |chain, inner, at, n| {
+            let at = at as usize;
+            chain.read_at(&mut buf[at..at + n as usize], inner)
+        })
+    }
+
+    fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        let end = offset.saturating_add(length).min(self.size);
+        let mut out = Vec::new();
+        self.pieces(offset, end, |chain, inner, at, n| {
+            for e in chain.extents(inner, n)? {
+                super::push_extent(
+                    &mut out,
+                    Extent {
+                        offset: offset + at + e.offset.saturating_sub(inner),
+                        ..e
+                    },
+                );
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn layers(&self) -> Vec<LayerInfo> {
+        self.parts
+            .iter()
+            .flat_map(|(_, chain, label)| {
+                chain.layers().into_iter().map(move |mut l| {
+                    l.role = format!("{}, {label}", l.role);
+                    l
+                })
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -520,8 +809,8 @@ mod tests {
         let d = descriptor(&text).unwrap();
 
         assert_eq!(d.disk_sectors, 2048);
-        assert_eq!(d.block_sectors, Some(2048));
-        assert_eq!(d.chain().unwrap(), vec![1, 0]);
+        assert_eq!(d.storages[0].block_sectors, Some(2048));
+        assert_eq!(d.chain().unwrap(), vec![DEFAULT_TOP_GUID, A]);
     }
 
     #[test]
@@ -535,7 +824,7 @@ mod tests {
 
         let d = descriptor(&text).unwrap();
 
-        assert_eq!(d.chain().unwrap(), vec![0, 1]);
+        assert_eq!(d.chain().unwrap(), vec![A, B]);
     }
 
     #[test]
@@ -616,7 +905,7 @@ mod tests {
 
         let d = descriptor(&text).unwrap();
 
-        assert_eq!(d.chain().unwrap(), vec![0]);
+        assert_eq!(d.chain().unwrap(), vec![A]);
     }
 
     #[test]
@@ -637,7 +926,7 @@ mod tests {
 
         let d = descriptor(&text).unwrap();
 
-        assert_eq!(d.images[0].kind, ImageType::Plain);
+        assert_eq!(d.storages[0].images[0].kind, ImageType::Plain);
     }
 
     #[test]
@@ -651,14 +940,132 @@ mod tests {
     }
 
     #[test]
-    fn image_path_refuses_absolute_outside() {
+    fn image_path_never_opens_an_absolute_path_outside_the_folder() {
         let dir = tempfile::tempdir().unwrap();
         let xml = dir.path().join("DiskDescriptor.xml");
         std::fs::write(&xml, "<Parallels_disk_image/>").unwrap();
 
         let err = image_path(&xml, "/etc/passwd").unwrap_err().to_string();
 
-        assert!(err.contains("outside the descriptor's folder"), "{err}");
+        // It looks for `passwd` inside the bundle, which is not there.
+        assert!(err.contains("does not exist"), "{err}");
+        assert!(err.contains(dir.path().to_str().unwrap()), "{err}");
+    }
+
+    #[test]
+    fn absolute_path_from_another_machine_is_found_in_the_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let xml = dir.path().join("DiskDescriptor.xml");
+        std::fs::write(&xml, "<Parallels_disk_image/>").unwrap();
+        std::fs::write(dir.path().join("d.hdd.0.hds"), [0u8; 512]).unwrap();
+        let want = dir.path().canonicalize().unwrap().join("d.hdd.0.hds");
+
+        let mac = image_path(&xml, "/Users/me/Parallels/VM.pvm/d.hdd/d.hdd.0.hds").unwrap();
+        let win = image_path(&xml, "C:\\Users\\me\\VM.pvm\\d.hdd\\d.hdd.0.hds").unwrap();
+
+        assert_eq!(mac, want);
+        assert_eq!(win, want);
+    }
+
+    #[test]
+    fn null_guid_engine_in_any_spelling_is_not_encryption() {
+        for engine in [
+            "{00000000-0000-0000-0000-000000000000}",
+            "00000000-0000-0000-0000-000000000000",
+            "{00000000-0000-0000-0000-000000000000} ",
+        ] {
+            let text = doc(&image(A, "a"), &shot(A, NONE_GUID)).replace(
+                "<Padding>0</Padding>",
+                &format!("<Padding>0</Padding><Encryption><Engine>{engine}</Engine><Data></Data><Salt></Salt></Encryption>"),
+            );
+
+            assert!(descriptor(&text).is_ok(), "{engine}");
+        }
+    }
+
+    #[test]
+    fn real_engine_or_key_data_is_refused_by_name() {
+        let with = |enc: &str| {
+            descriptor(&doc(&image(A, "a"), &shot(A, NONE_GUID)).replace(
+                "<Padding>0</Padding>",
+                &format!("<Padding>0</Padding>{enc}"),
+            ))
+            .unwrap_err()
+        };
+
+        let engine = with(
+            "<Encryption><Engine>{1ce1ad3a-0000-4000-8000-000000000001}</Engine></Encryption>",
+        );
+        let data = with("<Encryption><Engine>{00000000-0000-0000-0000-000000000000}</Engine><Data>q83vEjRW</Data></Encryption>");
+
+        assert!(
+            engine.contains(
+                "encrypted (Encryption/Engine \"{1ce1ad3a-0000-4000-8000-000000000001}\")"
+            ),
+            "{engine}"
+        );
+        assert!(
+            data.contains("encrypted (Encryption/Data is set)"),
+            "{data}"
+        );
+    }
+
+    /// A descriptor of `extents` Storage elements, each `[start, end)` with images A and B.
+    fn split_doc(extents: &[(u64, u64)], disk: u64) -> String {
+        let storages: String = extents
+            .iter()
+            .map(|(a, b)| {
+                format!(
+                    "<Storage><Start>{a}</Start><End>{b}</End><Blocksize>2048</Blocksize>{}{}</Storage>",
+                    image(A, &format!("d.{a}.a")),
+                    image(B, &format!("d.{a}.b"))
+                )
+            })
+            .collect();
+        format!(
+            "<Parallels_disk_image><Disk_Parameters><Disk_size>{disk}</Disk_size></Disk_Parameters>\
+             <StorageData>{storages}</StorageData><Snapshots>{}{}</Snapshots></Parallels_disk_image>",
+            shot(A, NONE_GUID),
+            shot(DEFAULT_TOP_GUID.replace(DEFAULT_TOP_GUID, B).as_str(), A)
+        )
+        .replace("</Snapshots>", &format!("<TopGUID>{B}</TopGUID></Snapshots>"))
+    }
+
+    #[test]
+    fn split_extents_share_the_snapshot_chain() {
+        let d = descriptor(&split_doc(&[(0, 100), (100, 250), (250, 300)], 300)).unwrap();
+
+        assert_eq!(d.storages.len(), 3);
+        assert_eq!((d.storages[1].start, d.storages[1].end), (100, 250));
+        assert_eq!(d.chain().unwrap(), vec![B, A]);
+    }
+
+    #[test]
+    fn split_extents_with_gaps_overlaps_or_short_end_are_refused() {
+        let gap = descriptor(&split_doc(&[(0, 100), (120, 300)], 300)).unwrap_err();
+        let overlap = descriptor(&split_doc(&[(0, 100), (90, 300)], 300)).unwrap_err();
+        let short = descriptor(&split_doc(&[(0, 100), (100, 200)], 300)).unwrap_err();
+        let empty = descriptor(&split_doc(&[(0, 100), (100, 100), (100, 300)], 300)).unwrap_err();
+
+        assert!(gap.contains("should start at sector 100"), "{gap}");
+        assert!(overlap.contains("should start at sector 100"), "{overlap}");
+        assert!(
+            short.contains("end at sector 200, not at Disk_size 300"),
+            "{short}"
+        );
+        assert!(empty.contains("is empty"), "{empty}");
+    }
+
+    #[test]
+    fn a_guid_missing_from_one_extent_is_refused_naming_it() {
+        let text = split_doc(&[(0, 100), (100, 300)], 300).replacen(&image(B, "d.100.b"), "", 1);
+
+        let err = descriptor(&text).unwrap().chain().unwrap_err();
+
+        assert_eq!(
+            err,
+            format!("GUID {B} is referenced but not listed in StorageData/Storage 2")
+        );
     }
 
     #[test]

@@ -22,11 +22,9 @@ pub const HEAD_NEEDED: usize = 512;
 pub fn identify(head: &[u8]) -> Option<Foreign> {
     let at = |off: usize, magic: &[u8]| head.get(off..off + magic.len()) == Some(magic);
     let f = |name, hint| Some(Foreign { name, hint });
-    if at(0, b"QFI\xfb") {
-        return match head.get(4..8) {
-            Some([0, 0, 0, 1]) => f("qcow (version 1) image", CONVERT),
-            _ => f("qcow2 image", CONVERT),
-        };
+    // qcow2 is decoded (format::qcow2, probed before this); version 1 is not.
+    if at(0, b"QFI\xfb") && head.get(4..8) == Some(&[0, 0, 0, 1]) {
+        return f("qcow (version 1) image", CONVERT);
     }
     if at(0, b"QED\0") {
         return f("QED image", CONVERT);
@@ -70,8 +68,7 @@ mod tests {
 
     #[test]
     fn container_and_compression_magics_are_named() {
-        let cases: [(usize, &[u8], &str); 6] = [
-            (0, b"QFI\xfb\0\0\0\x03", "qcow2 image"),
+        let cases: [(usize, &[u8], &str); 5] = [
             (0, b"QFI\xfb\0\0\0\x01", "qcow (version 1) image"),
             (0, b"COWD", "VMware ESXi vmfsSparse (COWD) VMDK delta"),
             (0, b"\xfd7zXZ\0", "xz-compressed file"),

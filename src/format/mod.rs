@@ -8,6 +8,7 @@
 pub mod descriptor;
 pub mod foreign;
 pub mod ploop;
+pub mod qcow2;
 pub mod raw;
 pub mod vdi;
 pub mod vhd;
@@ -75,6 +76,26 @@ pub trait BlockSource: Send + Sync {
 
     /// The files that make up this image, top first.
     fn layers(&self) -> Vec<LayerInfo>;
+
+    /// Internal snapshots of the top file, for formats that have them.
+    fn snapshots(&self) -> Vec<SnapshotInfo> {
+        Vec::new()
+    }
+}
+
+/// What `imgsafe info` shows about one internal snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotInfo {
+    /// Unique id, as `--snapshot` takes it.
+    pub id: String,
+    /// Name, as `--snapshot` also takes it.
+    pub name: String,
+    /// Virtual disk size when the snapshot was taken, in bytes.
+    pub disk_size: u64,
+    /// When it was taken, seconds since the Unix epoch.
+    pub date: u64,
+    /// Bytes of saved VM state (0 for a disk-only snapshot).
+    pub vm_state_size: u64,
 }
 
 /// The container formats imgsafe can decode, as probed from magic bytes or named by
@@ -98,6 +119,8 @@ pub enum Format {
     Vmdk,
     /// An OVA (tar) holding VMDK disks, read in place.
     Ova,
+    /// QEMU qcow2 (v2/v3), with its backing chain.
+    Qcow2,
 }
 
 impl fmt::Display for Format {
@@ -111,6 +134,7 @@ impl fmt::Display for Format {
             Format::Vhdx => "vhdx",
             Format::Vmdk => "vmdk",
             Format::Ova => "ova",
+            Format::Qcow2 => "qcow2",
         })
     }
 }
@@ -162,6 +186,21 @@ pub struct OpenOptions {
     pub ignore_parent_id: bool,
     /// OVA: which of its disks to read (1-based), when it holds several.
     pub disk: Option<usize>,
+    /// qcow2: read this internal snapshot (id or name) instead of the active layer.
+    pub snapshot: Option<String>,
+}
+
+/// Deepest chain of backing files opened through [`open_layer`].
+pub const MAX_BACKING_DEPTH: usize = 64;
+
+/// Where a file being opened sits in a chain of backing files: how deep, and which files
+/// are open above it (a file that is its own ancestor would otherwise recurse forever).
+#[derive(Debug, Clone, Default)]
+pub struct ChainPos {
+    /// 0 for the image named by the user.
+    pub depth: usize,
+    /// (device, inode) of every file above (and, once opened, of the file itself).
+    pub above: Vec<(u64, u64)>,
 }
 
 /// Bytes read from the start of a file for probing.
@@ -191,6 +230,9 @@ pub fn detect(path: &Path, file: &File) -> Result<Format, FormatError> {
     }
     if vmdk::ova::probe(&head) {
         return Ok(Format::Ova);
+    }
+    if qcow2::probe(&head) {
+        return Ok(Format::Qcow2);
     }
     if let Some(f) = foreign::identify(&head) {
         return Err(FormatError::Unsupported {
@@ -224,8 +266,40 @@ pub fn read_head(path: &Path, file: &File) -> Result<Vec<u8>, FormatError> {
 /// Open an image file read-only: check it is a non-empty regular file, probe the format
 /// (unless `opts.format` names it) and return its decoder.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>, FormatError> {
+    open_layer(path, opts.format, opts, &ChainPos::default())
+}
+
+/// Open `path` as `format` (probed when `None`) as a file at chain position `pos`: the
+/// one opener for the user's image and for every backing file a format names, so a
+/// backing file may be any format imgsafe reads, with one depth limit and one cycle check.
+pub fn open_layer(
+    path: &Path,
+    format: Option<Format>,
+    opts: &OpenOptions,
+    pos: &ChainPos,
+) -> Result<Box<dyn BlockSource>, FormatError> {
+    use std::os::unix::fs::MetadataExt;
     let file = open_image_file(path)?;
-    let format = match opts.format {
+    let meta = file.metadata().map_err(|e| FormatError::io(path, e))?;
+    let id = (meta.dev(), meta.ino());
+    if pos.above.contains(&id) {
+        return Err(FormatError::corrupt(
+            path,
+            "backing chain loops back to this file",
+        ));
+    }
+    if pos.depth >= MAX_BACKING_DEPTH {
+        return Err(FormatError::corrupt(
+            path,
+            format!("backing chain is deeper than {MAX_BACKING_DEPTH} files"),
+        ));
+    }
+    // This file's own position, with itself among the files its backing files must not be.
+    let here = ChainPos {
+        depth: pos.depth,
+        above: pos.above.iter().copied().chain([id]).collect(),
+    };
+    let format = match format {
         Some(f) => f,
         None => detect(path, &file)?,
     };
@@ -238,6 +312,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>, For
         Format::Vhdx => vhdx::open(path, file, opts),
         Format::Vmdk => vmdk::open(path, file, opts),
         Format::Ova => vmdk::open_ova(path, file, opts),
+        Format::Qcow2 => qcow2::open(path, file, opts, &here),
     }
 }
 

@@ -61,6 +61,31 @@ impl Served {
     pub fn uri(&self) -> String {
         format!("nbd+unix:///?socket={}", self.socket.display())
     }
+
+    /// The whole served disk, read with `qemu-img convert` over NBD.
+    pub fn read_all(&self) -> Vec<u8> {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("served.raw");
+        qemu_img(&["convert", "-f", "raw", "-O", "raw", &self.uri(), s(&out)]);
+        fs::read(out).unwrap()
+    }
+
+    /// `qemu-img map --output=json` over NBD: `(start, length, data)` of each run.
+    pub fn map(&self) -> Vec<(u64, u64, bool)> {
+        let map = qemu_img(&["map", "--output=json", "-f", "raw", &self.uri()]);
+        let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+        map.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["start"].as_u64().unwrap(),
+                    e["length"].as_u64().unwrap(),
+                    e["data"] == true,
+                )
+            })
+            .collect()
+    }
 }
 
 impl Drop for Served {
@@ -152,4 +177,14 @@ pub fn qemu_reads(image: &Path, fmt: &str) -> Vec<u8> {
     let out = tmp.path().join("qemu.raw");
     qemu_img(&["convert", "-f", fmt, "-O", "raw", s(image), s(&out)]);
     fs::read(&out).unwrap()
+}
+
+/// Panic with where they differ unless `got` is byte for byte `want`.
+pub fn assert_same_bytes(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: size differs");
+    assert!(
+        got == want,
+        "{what}: bytes differ (first at byte {:?})",
+        first_difference(got, want)
+    );
 }

@@ -1,28 +1,28 @@
-//! A small byte-bounded LRU of sector bitmaps, shared by all reader threads.
+//! A small byte-bounded LRU of metadata blocks (VHD sector bitmaps, qcow2 L1/L2 tables),
+//! shared by all reader threads.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::{Arc, Mutex};
 
-/// Least-recently-used cache of block bitmaps keyed by block index, holding at most
-/// `budget` bytes of bitmaps (at least one entry, whatever its size).
-pub struct BitmapCache {
+/// Least-recently-used cache of byte blocks keyed by `K` (a block index, a file offset),
+/// holding at most `budget` bytes (at least one entry, whatever its size).
+pub struct BitmapCache<K = u32> {
     budget: usize,
-    inner: Mutex<Inner>,
+    inner: Mutex<Inner<K>>,
 }
 
-#[derive(Default)]
-struct Inner {
+struct Inner<K> {
     /// block → (bitmap, last-use tick)
-    map: HashMap<u32, (Arc<[u8]>, u64)>,
+    map: HashMap<K, (Arc<[u8]>, u64)>,
     /// last-use tick → block, oldest first
-    order: BTreeMap<u64, u32>,
+    order: BTreeMap<u64, K>,
     tick: u64,
     bytes: usize,
 }
 
-impl Inner {
-    fn touch(&mut self, block: u32) -> Option<Arc<[u8]>> {
+impl<K: Copy + Eq + std::hash::Hash> Inner<K> {
+    fn touch(&mut self, block: K) -> Option<Arc<[u8]>> {
         self.tick += 1;
         let tick = self.tick;
         let (bm, used) = self.map.get_mut(&block)?;
@@ -33,12 +33,17 @@ impl Inner {
     }
 }
 
-impl BitmapCache {
+impl<K: Copy + Eq + std::hash::Hash> BitmapCache<K> {
     /// An empty cache holding up to `budget` bytes.
     pub fn new(budget: usize) -> Self {
         BitmapCache {
             budget,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                map: HashMap::new(),
+                order: BTreeMap::new(),
+                tick: 0,
+                bytes: 0,
+            }),
         }
     }
 
@@ -46,7 +51,7 @@ impl BitmapCache {
     /// so a slow read does not stall other threads' hits).
     pub fn get_or_load(
         &self,
-        block: u32,
+        block: K,
         load: impl FnOnce() -> io::Result<Vec<u8>>,
     ) -> io::Result<Arc<[u8]>> {
         if let Some(bm) = self.lock().touch(block) {
@@ -79,7 +84,7 @@ impl BitmapCache {
         self.lock().map.len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<K>> {
         // A panic while holding the lock cannot leave Inner inconsistent in a way that
         // matters (worst case a stale byte count), so keep serving after poisoning.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -92,7 +97,7 @@ mod tests {
 
     #[test]
     fn evicts_least_recently_used_when_over_budget() {
-        let cache = BitmapCache::new(1024);
+        let cache: BitmapCache = BitmapCache::new(1024);
         cache.get_or_load(1, || Ok(vec![1; 512])).unwrap();
         cache.get_or_load(2, || Ok(vec![2; 512])).unwrap();
         cache
@@ -108,7 +113,7 @@ mod tests {
 
     #[test]
     fn load_error_is_returned_and_not_cached() {
-        let cache = BitmapCache::new(1024);
+        let cache: BitmapCache = BitmapCache::new(1024);
 
         let err = cache
             .get_or_load(5, || Err(io::Error::other("boom")))
@@ -120,7 +125,7 @@ mod tests {
 
     #[test]
     fn entry_larger_than_budget_is_still_served() {
-        let cache = BitmapCache::new(100);
+        let cache: BitmapCache = BitmapCache::new(100);
 
         let bm = cache.get_or_load(0, || Ok(vec![7; 512])).unwrap();
 

@@ -1,8 +1,9 @@
 //! `formats`: the container decoders under load. The 1 GiB raw disk is converted by
-//! qemu-img to a dynamic VHD, a Parallels (ploop) image, a dynamic VDI, a dynamic VHDX
-//! and a sparse and a stream-optimized VMDK; each is served by `imgsafe serve`
-//! (imgsafe's own decoder) and by `qemu-nbd -f vpc|parallels|vdi|vhdx|vmdk` (qemu's),
-//! and read whole with `qemu-img convert -O raw`.
+//! qemu-img to a dynamic VHD, a Parallels (ploop) image, a qcow2 image (plain, and with
+//! `-c` zlib-compressed clusters), a dynamic VDI, a dynamic VHDX and a sparse and a
+//! stream-optimized VMDK; each is served by `imgsafe serve` (imgsafe's own decoder) and
+//! by `qemu-nbd -f vpc|parallels|qcow2|vdi|vhdx|vmdk` (qemu's), and read whole with
+//! `qemu-img convert -O raw`.
 
 use super::nbd::{push, qemu_img_convert, remove, start_imgsafe, start_qemu_nbd, time_rounds};
 use super::util::{self, output_dir, timed, Server};
@@ -22,7 +23,7 @@ struct Format {
     qemu_format: &'static str,
 }
 
-const FORMATS: [Format; 6] = [
+const FORMATS: [Format; 8] = [
     Format {
         label: "dynamic VHD",
         file: "disk.vhd",
@@ -34,6 +35,18 @@ const FORMATS: [Format; 6] = [
         file: "disk.hds",
         create: &["-O", "parallels"],
         qemu_format: "parallels",
+    },
+    Format {
+        label: "qcow2",
+        file: "disk.qcow2",
+        create: &["-O", "qcow2"],
+        qemu_format: "qcow2",
+    },
+    Format {
+        label: "qcow2 compressed (-c)",
+        file: "disk-c.qcow2",
+        create: &["-c", "-O", "qcow2"],
+        qemu_format: "qcow2",
     },
     Format {
         label: "dynamic VDI",
