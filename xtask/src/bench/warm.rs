@@ -2,7 +2,8 @@
 //! cold (`IMGSAFE_WARM=0`) and against virt-ls; many at once; and peak memory.
 //!
 //! Timings are medians of [`ROUNDS`] runs, imgsafe and its peer interleaved (A B A B),
-//! so a machine whose speed drifts moves both. Peak memory is the largest single
+//! so a machine whose speed drifts moves both, each run after a short pause
+//! ([`SETTLE`]). Peak memory is the largest single
 //! process of a command's tree (`ru_maxrss` from `wait4`, which for imgsafe covers the
 //! QEMU it waited for).
 
@@ -20,6 +21,12 @@ const ROUNDS: usize = 5;
 const CONCURRENT: usize = 8;
 /// Rounds of the concurrency measurement.
 const CONCURRENT_ROUNDS: usize = 3;
+/// Pause before every timed run. Right after virt-ls (or any big process) exits, the
+/// next command on these machines starts measurably slower (exec, file lookups and QEMU
+/// start-up take two to four times as long for a second or two); a user does not run
+/// the two in the same second, so each run, imgsafe's and virt-ls's alike, starts on a
+/// settled machine.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// One finished run: wall seconds and peak RSS in KiB.
 struct Run {
@@ -65,6 +72,7 @@ fn reap(child: std::process::Child, dir: &Path, tag: &str, started: Instant) -> 
 }
 
 fn run_one(cmd: &mut Command, dir: &Path, tag: &str) -> Result<Run> {
+    std::thread::sleep(SETTLE);
     let started = Instant::now();
     let child = spawn(cmd, dir, tag)?;
     reap(child, dir, tag, started)
@@ -193,6 +201,7 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
     let mut walls = Vec::new();
     let mut each_rss = Vec::new();
     for round in 0..CONCURRENT_ROUNDS {
+        std::thread::sleep(SETTLE);
         let started = Instant::now();
         let children: Vec<_> = (0..CONCURRENT)
             .map(|i| {
