@@ -41,8 +41,6 @@ const MAX_STATES: usize = 4;
 /// A state directory no link points to is removed once it is this old (a reader that
 /// resolved the link just before it was swapped has long opened its files by then).
 const ORPHAN_AGE: Duration = Duration::from_secs(120);
-/// Granularity of the host TSC rate in the key (see [`key`]).
-const TSC_BUCKET_KHZ: u64 = 50_000;
 /// Characters of the hex key used in file names.
 const KEY_CHARS: usize = 32;
 
@@ -83,8 +81,8 @@ pub fn enabled() -> Result<bool, String> {
 /// paths (machine and its options, accelerator, CPU model, memory, vCPUs, kernel and
 /// initramfs paths — the appliance's own hash is part of them — and kernel arguments),
 /// and the identity (path, size, mtime, inode) of the QEMU binary, its firmware, the
-/// kernel and the initramfs, and under KVM (`-cpu host`) the host processor's model
-/// and features. Any change gives another key, so a stale state is never
+/// kernel and the initramfs, and the host processor's model and features (not the
+/// TSC rate measured for the first boot, which jitters from process to process). Any change gives another key, so a stale state is never
 /// restored: the next command boots cold and saves a new one.
 pub fn key(cfg: &VmConfig) -> String {
     let mut shape = cfg.clone();
@@ -94,12 +92,11 @@ pub fn key(cfg: &VmConfig) -> String {
     shape.ram = GuestRam::Anonymous;
     shape.incoming = false;
     shape.disks.clear();
-    // Measured anew by every process (with jitter) when sysfs does not say; only the
-    // first boot used it, and a restored guest's clock is set at every hello. Rounded
-    // so the same host keeps one key while another CPU gets its own.
-    shape.tsc_khz = shape
-        .tsc_khz
-        .map(|k| (k + TSC_BUCKET_KHZ / 2) / TSC_BUCKET_KHZ * TSC_BUCKET_KHZ);
+    // Measured anew by every process when sysfs does not say, with tens of MHz of
+    // jitter on a loaded host (a rounded value still straddled buckets, so two
+    // commands got two keys). Only the first boot uses it; a restored guest's clock is
+    // set at every hello, and the host processor is in the key below instead.
+    shape.tsc_khz = None;
     let mut h = Sha256::new();
     h.update(LAYOUT_VERSION);
     h.update(imgsafe_proto::PROTOCOL_VERSION.to_le_bytes());
@@ -122,11 +119,10 @@ pub fn key(cfg: &VmConfig) -> String {
             h.update(m.ino().to_le_bytes());
         }
     }
-    if cfg.accel == crate::vm::Accel::Kvm {
-        // `-cpu host` is whatever this processor is: a cache shared between machines
-        // (a network home) must not restore one CPU's state on another.
-        h.update(host_cpu_identity());
-    }
+    // Under KVM `-cpu host` is whatever this processor is, and under TCG the guest
+    // calibrated its clock against this host's TSC: a cache shared between machines
+    // (a network home) must not restore one CPU's state on another.
+    h.update(host_cpu_identity());
     let digest = h.finalize();
     digest
         .iter()
@@ -461,7 +457,7 @@ mod tests {
         let mut a = cfg(dir.path());
         let mut b = cfg(dir.path());
         a.tsc_khz = Some(2_595_764);
-        b.tsc_khz = Some(2_595_112);
+        b.tsc_khz = Some(2_542_601);
 
         assert_eq!(key(&a), key(&b));
     }
@@ -479,7 +475,6 @@ mod tests {
             Box::new(|c| c.kernel = PathBuf::from("/k2")),
             Box::new(|c| c.qemu = PathBuf::from("/other/qemu")),
             Box::new(|c| c.extra_cmdline.push("imgsafe.debug=1".into())),
-            Box::new(|c| c.tsc_khz = c.tsc_khz.map(|k| k * 2)),
         ];
 
         for change in changes {
