@@ -616,8 +616,27 @@ fn boot(cfg: &vm::VmConfig, disk: &vm::DiskSpec, timeout: Duration) -> Result<(V
     }
 }
 
-/// Boot with the disk attached from the start (no saved state involved).
+/// Boot with the disk attached from the start (no saved state involved). A boot whose
+/// guest never answers is tried once more before the error is reported: on these
+/// machines a guest kernel very rarely comes up without PCI config access (no ACPI
+/// MCFG) and waits forever, and a second boot of the same appliance works.
 fn cold_boot(
+    cfg: &vm::VmConfig,
+    disk: &vm::DiskSpec,
+    timeout: Duration,
+) -> Result<(Vm, AgentClient)> {
+    match cold_boot_once(cfg, disk, timeout) {
+        Err(Error::Appliance { what })
+            if !vm::reaper::interrupted() && what.contains("did not start within") =>
+        {
+            trace::note(&format!("boot failed ({what}); booting once more"));
+            cold_boot_once(cfg, disk, timeout)
+        }
+        r => r,
+    }
+}
+
+fn cold_boot_once(
     cfg: &vm::VmConfig,
     disk: &vm::DiskSpec,
     timeout: Duration,
