@@ -49,6 +49,11 @@ pub enum Error {
     /// The appliance or the VM failed.
     #[error("{what}")]
     Appliance { what: String },
+    /// The guest agent never answered the handshake in time (the guest did not boot or
+    /// was not restored); reported like [`Error::Appliance`], told apart so a boot can
+    /// be tried again.
+    #[error("{what}")]
+    NoAnswer { what: String },
     /// The guest agent broke the protocol or sent something unsafe.
     #[error("guest agent: {what}")]
     Guest { what: String },
@@ -70,7 +75,9 @@ impl Error {
             Error::Image(_) | Error::TooLarge { .. } => exit::IMAGE,
             Error::NotFound { .. } => exit::NOT_FOUND,
             Error::Filesystem { .. } => exit::FILESYSTEM,
-            Error::Appliance { .. } | Error::Guest { .. } => exit::APPLIANCE,
+            Error::Appliance { .. } | Error::NoAnswer { .. } | Error::Guest { .. } => {
+                exit::APPLIANCE
+            }
             Error::Interrupted => exit::INTERRUPTED,
             Error::Other(_) => exit::OTHER,
             Error::Usage(_) => exit::USAGE,
@@ -81,7 +88,9 @@ impl Error {
     /// or are not about it).
     pub fn with_image(self, image: &std::path::Path) -> Error {
         match self {
-            Error::Appliance { what } => Error::appliance(format!("{}: {what}", image.display())),
+            Error::Appliance { what } | Error::NoAnswer { what } => {
+                Error::appliance(format!("{}: {what}", image.display()))
+            }
             Error::Guest { what } => {
                 Error::appliance(format!("{}: guest agent: {what}", image.display()))
             }

@@ -494,11 +494,13 @@ fn connect_agent(
     match AgentClient::connect_waiting(stream, disks, &mut keep_waiting) {
         Ok(c) => Ok(c),
         Err(_) if vm::reaper::interrupted() => Err(Error::Interrupted),
-        Err(e) => Err(Error::appliance(format!(
-            "the appliance did not start within {} s (IMGSAFE_TIMEOUT): {e}{}",
-            hello_timeout.as_secs_f64(),
-            diagnostics(vm)
-        ))),
+        Err(e) => Err(Error::NoAnswer {
+            what: format!(
+                "the appliance did not start within {} s (IMGSAFE_TIMEOUT): {e}{}",
+                hello_timeout.as_secs_f64(),
+                diagnostics(vm)
+            ),
+        }),
     }
 }
 
@@ -565,18 +567,22 @@ fn boot(cfg: &vm::VmConfig, disk: &vm::DiskSpec, timeout: Duration) -> Result<(V
             None
         }
     };
+    // Restore `state`; if that fails, say why in one `-v` line (`what` names the
+    // attempt), remove the state and boot cold.
+    let restore_or_cold = |state: &warm::State, what: &str| match restore(cfg, state, disk, timeout)
+    {
+        Ok(booted) => Ok(booted),
+        Err(_) if vm::reaper::interrupted() => Err(Error::Interrupted),
+        Err(e) => {
+            trace::note(&format!(
+                "{what} failed ({e}); the saved state is removed, booting cold"
+            ));
+            store.discard(state);
+            cold_boot(cold_cfg, disk, timeout)
+        }
+    };
     if let Some(state) = state {
-        return match restore(cfg, &state, disk, timeout) {
-            Ok(booted) => Ok(booted),
-            Err(_) if vm::reaper::interrupted() => Err(Error::Interrupted),
-            Err(e) => {
-                trace::note(&format!(
-                    "warm start failed ({e}); the saved state is removed, booting cold"
-                ));
-                store.discard(&state);
-                cold_boot(cold_cfg, disk, timeout)
-            }
-        };
+        return restore_or_cold(&state, "warm start");
     }
     let pending = match store.begin_save(&key, memory) {
         Ok(Some(p)) => p,
@@ -595,17 +601,7 @@ fn boot(cfg: &vm::VmConfig, disk: &vm::DiskSpec, timeout: Duration) -> Result<(V
             .map_err(|e| Error::appliance(e.to_string()))
     });
     match saved {
-        Ok(state) => match restore(cfg, &state, disk, timeout) {
-            Ok(booted) => Ok(booted),
-            Err(_) if vm::reaper::interrupted() => Err(Error::Interrupted),
-            Err(e) => {
-                trace::note(&format!(
-                    "restoring the state just saved failed ({e}); it is removed, booting cold"
-                ));
-                store.discard(&state);
-                cold_boot(cold_cfg, disk, timeout)
-            }
-        },
+        Ok(state) => restore_or_cold(&state, "restoring the state just saved"),
         Err(_) if vm::reaper::interrupted() => Err(Error::Interrupted),
         Err(e) => {
             trace::note(&format!(
@@ -626,9 +622,7 @@ fn cold_boot(
     timeout: Duration,
 ) -> Result<(Vm, AgentClient)> {
     match cold_boot_once(cfg, disk, timeout) {
-        Err(Error::Appliance { what })
-            if !vm::reaper::interrupted() && what.contains("did not start within") =>
-        {
+        Err(Error::NoAnswer { what }) if !vm::reaper::interrupted() => {
             trace::note(&format!("boot failed ({what}); booting once more"));
             cold_boot_once(cfg, disk, timeout)
         }
