@@ -97,7 +97,7 @@ pub const ANSWER_POLL: std::time::Duration = std::time::Duration::from_millis(50
 const HELLO_ENTROPY: usize = 32;
 
 /// Fill `buf` from the host kernel's CSPRNG.
-fn random_bytes(buf: &mut [u8]) -> Result<()> {
+pub(crate) fn random_bytes(buf: &mut [u8]) -> std::io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         // SAFETY: writes at most the remaining length into our buffer.
@@ -107,7 +107,7 @@ fn random_bytes(buf: &mut [u8]) -> Result<()> {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(Error::Other(format!("getrandom: {e}")));
+            return Err(e);
         }
         done += n as usize;
     }
@@ -143,7 +143,7 @@ impl AgentClient {
             writable_mounts: false,
         };
         let mut fresh = [0u8; 8 + HELLO_ENTROPY];
-        random_bytes(&mut fresh)?;
+        random_bytes(&mut fresh).map_err(|e| Error::Other(format!("getrandom: {e}")))?;
         let (nonce, entropy) = fresh.split_at(8);
         let nonce = u64::from_le_bytes(nonce.try_into().expect("8 bytes"));
         c.send(&Request::Hello {

@@ -104,7 +104,7 @@ pub fn key(cfg: &VmConfig) -> String {
         h.update(arg.as_encoded_bytes());
         h.update([0]);
     }
-    let qemu = which(&cfg.qemu);
+    let qemu = crate::vm::machine::resolve(&cfg.qemu).unwrap_or_else(|| cfg.qemu.clone());
     for file in [Some(qemu.as_path()), cfg.firmware.as_deref()]
         .into_iter()
         .flatten()
@@ -152,19 +152,6 @@ fn host_cpu_identity() -> Vec<u8> {
         })
         .flat_map(|l| l.bytes().chain([b'\n']))
         .collect()
-}
-
-/// `program` as `Command` would run it: a bare name is looked up on `PATH`.
-fn which(program: &Path) -> PathBuf {
-    if program.components().count() > 1 {
-        return program.to_path_buf();
-    }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| program.to_path_buf())
 }
 
 /// The per-user store of saved states.
@@ -410,9 +397,7 @@ impl Store {
 /// 16 random alphanumeric characters for a state directory's name.
 fn random_suffix() -> String {
     let mut bytes = [0u8; 16];
-    // SAFETY: getrandom writes at most 16 bytes into our buffer.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n != bytes.len() as isize {
+    if crate::agent_client::random_bytes(&mut bytes).is_err() {
         // Uniqueness is all that matters here (create() refuses an existing name).
         let t = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)

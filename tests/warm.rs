@@ -190,7 +190,7 @@ fn a_broken_state_falls_back_to_a_cold_boot_and_is_replaced() {
             .args(["ls", &img.arg(), "/"]),
     );
     let q35_dev = {
-        let microvm_dir = cache.only_state_for(None);
+        let microvm_dir = cache.default_state();
         let other = cache
             .states()
             .into_iter()
@@ -237,7 +237,7 @@ fn a_broken_state_falls_back_to_a_cold_boot_and_is_replaced() {
     ];
 
     for (what, breakage) in breakages {
-        let dir = cache.only_state_for(None);
+        let dir = cache.default_state();
         breakage(&dir);
 
         let out = cache.run(&["ls", &img.arg(), "/"]);
@@ -275,15 +275,26 @@ fn a_broken_state_falls_back_to_a_cold_boot_and_is_replaced() {
 }
 
 impl Cache {
-    /// The directory of the microvm state (the default machine), or of `machine`'s.
-    fn only_state_for(&self, machine: Option<&str>) -> PathBuf {
-        let out = self
+    /// Start `ls` on `img`, send it SIGINT as soon as its QEMU runs, and wait for it.
+    fn interrupt_once_qemu_runs(&self, img: &Image) -> std::process::ExitStatus {
+        let mut child = self
             .cmd()
-            .arg("appliance")
-            .arg("--json")
-            .envs(machine.map(|m| ("IMGSAFE_MACHINE", m)))
-            .output()
+            .args(["ls", &img.arg(), "/"])
+            .stderr(Stdio::null())
+            .spawn()
             .unwrap();
+        assert!(wait_until(Duration::from_secs(60), || !self
+            .qemus()
+            .is_empty()));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        child.wait().unwrap()
+    }
+
+    /// The directory of the state for the default settings (microvm), as `imgsafe
+    /// appliance` names it.
+    fn default_state(&self) -> PathBuf {
+        let out = self.cmd().arg("appliance").arg("--json").output().unwrap();
         let v: serde_json::Value = serde_json::from_str(&ok_stdout(&out)).unwrap();
         PathBuf::from(
             v["warm_state"]["path"]
@@ -401,18 +412,7 @@ fn sigint_while_saving_or_restoring_leaves_no_qemu_and_no_half_written_state() {
     let img = image_with("hello");
 
     // While the first command boots to save the state.
-    let mut saving = cache
-        .cmd()
-        .args(["ls", &img.arg(), "/"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(60), || !cache
-        .qemus()
-        .is_empty()));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(saving.id() as i32, libc::SIGINT) };
-    let status = saving.wait().unwrap();
+    let status = cache.interrupt_once_qemu_runs(&img);
     assert_eq!(status.code(), Some(130));
     assert!(
         cache.qemus().is_empty(),
@@ -430,18 +430,7 @@ fn sigint_while_saving_or_restoring_leaves_no_qemu_and_no_half_written_state() {
     must(cache.cmd().args(["ls", &img.arg(), "/"]));
     let state = cache.only_state();
     let ram_before = sha256(&state.join("ram"));
-    let mut restoring = cache
-        .cmd()
-        .args(["ls", &img.arg(), "/"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(60), || !cache
-        .qemus()
-        .is_empty()));
-    // SAFETY: as above.
-    unsafe { libc::kill(restoring.id() as i32, libc::SIGINT) };
-    let status = restoring.wait().unwrap();
+    let status = cache.interrupt_once_qemu_runs(&img);
 
     assert_eq!(status.code(), Some(130));
     assert!(

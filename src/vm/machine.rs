@@ -57,7 +57,7 @@ pub fn find_firmware(qemu: &Path, name: &str) -> Option<PathBuf> {
 }
 
 /// `qemu` itself when it names a path, else the first executable of that name on `PATH`.
-fn resolve(qemu: &Path) -> Option<PathBuf> {
+pub fn resolve(qemu: &Path) -> Option<PathBuf> {
     if qemu.components().count() > 1 {
         return Some(qemu.to_path_buf());
     }
