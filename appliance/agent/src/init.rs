@@ -246,19 +246,20 @@ pub fn boot() -> Result<File, String> {
         // Keep going: without a console we only lose log lines.
         log(&format!("console: {e}"));
     }
+    // Milestones go to the console on every boot (two short lines), so that a guest
+    // that never answers says how far it got in the host's error message: nothing
+    // (the kernel), "init" (mounts or modules), or "port open" (the handshake).
+    log(&format!("init at {started:.3}s"));
     mounts().map_err(|e| e.to_string())?;
     start_reaper();
     let mounted = uptime();
     load_modules();
     let loaded = uptime();
     let port = open_port();
-    if debug_requested() {
-        log(&format!(
-            "boot: init at {started:.3}s, mounts until {mounted:.3}s, modules until \
-             {loaded:.3}s, port at {:.3}s",
-            uptime()
-        ));
-    }
+    log(&format!(
+        "port open at {:.3}s (mounts until {mounted:.3}s, modules until {loaded:.3}s)",
+        uptime()
+    ));
     port
 }
 

@@ -137,6 +137,7 @@ impl Agent {
                 disks,
             } => {
                 if self.is_init {
+                    crate::init::log("hello");
                     crate::hello::refresh(&entropy, time, &|m| crate::init::log(m));
                 }
                 // The host checks the version; answering with ours lets it say which side is stale.
