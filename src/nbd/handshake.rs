@@ -46,8 +46,204 @@ impl Negotiated {
     }
 }
 
+/// One option as the client sent it, parsed into what the server decides on.
+#[derive(Debug, PartialEq, Eq)]
+enum ClientOption<'a> {
+    /// NBD_OPT_EXPORT_NAME: the old way into transmission; it has no error reply.
+    ExportName(&'a [u8]),
+    Abort,
+    /// NBD_OPT_LIST; `false` when the client sent data it must not.
+    List {
+        well_formed: bool,
+    },
+    /// NBD_OPT_INFO (`go: false`) or NBD_OPT_GO; `None` when malformed.
+    Info {
+        go: bool,
+        request: Option<InfoRequest<'a>>,
+    },
+    StructuredReply {
+        well_formed: bool,
+    },
+    /// NBD_OPT_LIST_META_CONTEXT (`set: false`) or NBD_OPT_SET_META_CONTEXT.
+    MetaContext {
+        set: bool,
+        request: Option<MetaRequest<'a>>,
+    },
+    Unsupported,
+}
+
+impl<'a> ClientOption<'a> {
+    fn parse(option: u32, data: &'a [u8]) -> Self {
+        match option {
+            OPT_EXPORT_NAME => Self::ExportName(data),
+            OPT_ABORT => Self::Abort,
+            OPT_LIST => Self::List {
+                well_formed: data.is_empty(),
+            },
+            OPT_INFO | OPT_GO => Self::Info {
+                go: option == OPT_GO,
+                request: parse_info_request(data),
+            },
+            OPT_STRUCTURED_REPLY => Self::StructuredReply {
+                well_formed: data.is_empty(),
+            },
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => Self::MetaContext {
+                set: option == OPT_SET_META_CONTEXT,
+                request: parse_meta_request(data),
+            },
+            _ => Self::Unsupported,
+        }
+    }
+}
+
+/// What the handshake does once a decision's reply bytes are written.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Read the next option.
+    Options,
+    /// Enter transmission with the negotiated state.
+    Transmission,
+    /// The client aborted: write the reply if it can still be written, then end.
+    Close,
+    /// Drop the connection without a reply (a protocol error that has no error reply).
+    Refuse(String),
+}
+
+/// Decide on one option: the reply bytes to send (appended to `out`), the change to the
+/// negotiated `state`, and what comes next. Pure: no I/O, so every decision is tested
+/// without sockets.
+fn decide(
+    option: u32,
+    parsed: ClientOption<'_>,
+    export: &Export,
+    no_zeroes: bool,
+    state: &mut Negotiated,
+    out: &mut Vec<u8>,
+) -> Next {
+    let mut reply = |kind: u32, payload: &[u8]| put_option_reply(out, option, kind, payload);
+    match parsed {
+        ClientOption::ExportName(name) => {
+            if !export.matches(name) {
+                return Next::Refuse("NBD_OPT_EXPORT_NAME for an unknown export".into());
+            }
+            out.extend_from_slice(&export.size.to_be_bytes());
+            out.extend_from_slice(&state.transmission_flags().to_be_bytes());
+            if !no_zeroes {
+                out.resize(out.len() + 124, 0);
+            }
+            Next::Transmission
+        }
+        ClientOption::Abort => {
+            reply(REP_ACK, &[]);
+            Next::Close
+        }
+        ClientOption::List { well_formed: true } => {
+            let mut server = (export.name.len() as u32).to_be_bytes().to_vec();
+            server.extend_from_slice(export.name.as_bytes());
+            reply(REP_SERVER, &server);
+            reply(REP_ACK, &[]);
+            Next::Options
+        }
+        ClientOption::List { well_formed: false } => {
+            reply(REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
+            Next::Options
+        }
+        ClientOption::Info { request: None, .. } => {
+            reply(REP_ERR_INVALID, b"malformed info request");
+            Next::Options
+        }
+        ClientOption::Info {
+            request: Some(req), ..
+        } if !export.matches(req.name) => {
+            reply(REP_ERR_UNKNOWN, b"no such export");
+            Next::Options
+        }
+        ClientOption::Info {
+            go,
+            request: Some(req),
+        } => {
+            reply(
+                REP_INFO,
+                &info_export(export.size, state.transmission_flags()),
+            );
+            // Block size is always sent: our maximum is not the spec's default.
+            reply(REP_INFO, &info_block_size());
+            if req.infos.contains(&INFO_NAME) {
+                let mut name = INFO_NAME.to_be_bytes().to_vec();
+                name.extend_from_slice(export.name.as_bytes());
+                reply(REP_INFO, &name);
+            }
+            reply(REP_ACK, &[]);
+            if go {
+                Next::Transmission
+            } else {
+                Next::Options
+            }
+        }
+        ClientOption::StructuredReply { well_formed: true } => {
+            state.structured = true;
+            reply(REP_ACK, &[]);
+            Next::Options
+        }
+        ClientOption::StructuredReply { well_formed: false } => {
+            reply(REP_ERR_INVALID, b"takes no data");
+            Next::Options
+        }
+        ClientOption::MetaContext { request: None, .. } => {
+            reply(REP_ERR_INVALID, b"malformed meta context request");
+            Next::Options
+        }
+        ClientOption::MetaContext {
+            set: true,
+            request: Some(_),
+        } if !state.structured => {
+            reply(REP_ERR_INVALID, b"structured replies not negotiated");
+            Next::Options
+        }
+        ClientOption::MetaContext {
+            request: Some(req), ..
+        } if !export.matches(req.name) => {
+            reply(REP_ERR_UNKNOWN, b"no such export");
+            Next::Options
+        }
+        ClientOption::MetaContext {
+            set,
+            request: Some(req),
+        } => {
+            let selected = if set {
+                req.queries
+                    .iter()
+                    .any(|q| query_selects_base_allocation(q, false))
+            } else {
+                req.queries.is_empty()
+                    || req
+                        .queries
+                        .iter()
+                        .any(|q| query_selects_base_allocation(q, true))
+            };
+            if set {
+                state.base_allocation = selected;
+            }
+            if selected {
+                // LIST replies carry a reserved id of 0 (proto.md).
+                let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                let mut ctx = id.to_be_bytes().to_vec();
+                ctx.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                reply(REP_META_CONTEXT, &ctx);
+            }
+            reply(REP_ACK, &[]);
+            Next::Options
+        }
+        ClientOption::Unsupported => {
+            reply(REP_ERR_UNSUP, b"option not supported");
+            Next::Options
+        }
+    }
+}
+
 /// Run the handshake. Returns `Ok(None)` when the client ended the negotiation without
-/// entering transmission (NBD_OPT_ABORT or a clean close between options).
+/// entering transmission (NBD_OPT_ABORT or a clean close between options). This part
+/// only reads, bounds and writes; [`decide`] makes every decision.
 pub async fn negotiate<R, W>(
     r: &mut R,
     w: &mut W,
@@ -103,129 +299,25 @@ where
         let mut data = vec![0u8; len as usize];
         r.read_exact(&mut data).await?;
 
-        match option {
-            OPT_EXPORT_NAME => {
-                if !export.matches(&data) {
-                    return Err(NbdError::Protocol(
-                        "NBD_OPT_EXPORT_NAME for an unknown export".into(),
-                    ));
-                }
-                out.extend_from_slice(&export.size.to_be_bytes());
-                out.extend_from_slice(&state.transmission_flags().to_be_bytes());
-                if !no_zeroes {
-                    out.resize(out.len() + 124, 0);
-                }
+        let parsed = ClientOption::parse(option, &data);
+        match decide(option, parsed, export, no_zeroes, &mut state, &mut out) {
+            Next::Options => {
+                w.write_all(&out).await?;
+                w.flush().await?;
+            }
+            Next::Transmission => {
                 w.write_all(&out).await?;
                 w.flush().await?;
                 return Ok(Some(state));
             }
-            OPT_ABORT => {
-                put_option_reply(&mut out, option, REP_ACK, &[]);
+            Next::Close => {
                 // The client may already have closed; a failed ack does not matter.
                 let _ = w.write_all(&out).await;
                 let _ = w.flush().await;
                 return Ok(None);
             }
-            OPT_LIST => {
-                if data.is_empty() {
-                    let mut server = (export.name.len() as u32).to_be_bytes().to_vec();
-                    server.extend_from_slice(export.name.as_bytes());
-                    put_option_reply(&mut out, option, REP_SERVER, &server);
-                    put_option_reply(&mut out, option, REP_ACK, &[]);
-                } else {
-                    put_option_reply(
-                        &mut out,
-                        option,
-                        REP_ERR_INVALID,
-                        b"NBD_OPT_LIST takes no data",
-                    );
-                }
-            }
-            OPT_INFO | OPT_GO => match parse_info_request(&data) {
-                None => {
-                    put_option_reply(&mut out, option, REP_ERR_INVALID, b"malformed info request")
-                }
-                Some(req) if !export.matches(req.name) => {
-                    put_option_reply(&mut out, option, REP_ERR_UNKNOWN, b"no such export")
-                }
-                Some(req) => {
-                    put_option_reply(
-                        &mut out,
-                        option,
-                        REP_INFO,
-                        &info_export(export.size, state.transmission_flags()),
-                    );
-                    // Block size is always sent: our maximum is not the spec's default.
-                    put_option_reply(&mut out, option, REP_INFO, &info_block_size());
-                    if req.infos.contains(&INFO_NAME) {
-                        let mut name = INFO_NAME.to_be_bytes().to_vec();
-                        name.extend_from_slice(export.name.as_bytes());
-                        put_option_reply(&mut out, option, REP_INFO, &name);
-                    }
-                    put_option_reply(&mut out, option, REP_ACK, &[]);
-                    if option == OPT_GO {
-                        w.write_all(&out).await?;
-                        w.flush().await?;
-                        return Ok(Some(state));
-                    }
-                }
-            },
-            OPT_STRUCTURED_REPLY => {
-                if data.is_empty() {
-                    state.structured = true;
-                    put_option_reply(&mut out, option, REP_ACK, &[]);
-                } else {
-                    put_option_reply(&mut out, option, REP_ERR_INVALID, b"takes no data");
-                }
-            }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                let setting = option == OPT_SET_META_CONTEXT;
-                match parse_meta_request(&data) {
-                    None => put_option_reply(
-                        &mut out,
-                        option,
-                        REP_ERR_INVALID,
-                        b"malformed meta context request",
-                    ),
-                    Some(_) if setting && !state.structured => put_option_reply(
-                        &mut out,
-                        option,
-                        REP_ERR_INVALID,
-                        b"structured replies not negotiated",
-                    ),
-                    Some(req) if !export.matches(req.name) => {
-                        put_option_reply(&mut out, option, REP_ERR_UNKNOWN, b"no such export")
-                    }
-                    Some(req) => {
-                        let selected = if setting {
-                            req.queries
-                                .iter()
-                                .any(|q| query_selects_base_allocation(q, false))
-                        } else {
-                            req.queries.is_empty()
-                                || req
-                                    .queries
-                                    .iter()
-                                    .any(|q| query_selects_base_allocation(q, true))
-                        };
-                        if setting {
-                            state.base_allocation = selected;
-                        }
-                        if selected {
-                            // LIST replies carry a reserved id of 0 (proto.md).
-                            let id = if setting { BASE_ALLOCATION_ID } else { 0 };
-                            let mut ctx = id.to_be_bytes().to_vec();
-                            ctx.extend_from_slice(BASE_ALLOCATION.as_bytes());
-                            put_option_reply(&mut out, option, REP_META_CONTEXT, &ctx);
-                        }
-                        put_option_reply(&mut out, option, REP_ACK, &[]);
-                    }
-                }
-            }
-            _ => put_option_reply(&mut out, option, REP_ERR_UNSUP, b"option not supported"),
+            Next::Refuse(why) => return Err(NbdError::Protocol(why)),
         }
-        w.write_all(&out).await?;
-        w.flush().await?;
     }
     Err(NbdError::Protocol(format!(
         "more than {MAX_OPTIONS} options"
@@ -244,6 +336,121 @@ async fn skip<R: AsyncRead + Unpin>(r: &mut R, len: u64) -> Result<(), NbdError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Decide on one option from a fresh or given state: (next, reply types, state).
+    fn decide_one(
+        option: u32,
+        data: &[u8],
+        state: Negotiated,
+    ) -> (Next, Vec<u32>, Negotiated, Vec<u8>) {
+        let mut state = state;
+        let mut out = Vec::new();
+        let next = decide(
+            option,
+            ClientOption::parse(option, data),
+            &export(),
+            true,
+            &mut state,
+            &mut out,
+        );
+        (next, reply_types_from(&out, 0), state, out)
+    }
+
+    fn info_body(name: &str, infos: &[u16]) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+        for i in infos {
+            d.extend_from_slice(&i.to_be_bytes());
+        }
+        d
+    }
+
+    fn meta_body(name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        d
+    }
+
+    #[test]
+    fn decide_info_answers_and_keeps_negotiating_go_enters_transmission() {
+        let (next, types, ..) = decide_one(
+            OPT_INFO,
+            &info_body("disk", &[INFO_NAME]),
+            Negotiated::default(),
+        );
+        assert_eq!(next, Next::Options);
+        assert_eq!(types, [REP_INFO, REP_INFO, REP_INFO, REP_ACK]);
+
+        let (next, types, ..) = decide_one(OPT_GO, &info_body("", &[]), Negotiated::default());
+        assert_eq!(next, Next::Transmission);
+        assert_eq!(types, [REP_INFO, REP_INFO, REP_ACK]);
+    }
+
+    #[test]
+    fn decide_refuses_bad_info_and_unknown_exports_without_leaving() {
+        let (next, types, ..) = decide_one(OPT_GO, b"\0\0", Negotiated::default());
+        assert_eq!((next, types), (Next::Options, vec![REP_ERR_INVALID]));
+        let (next, types, ..) = decide_one(OPT_GO, &info_body("other", &[]), Negotiated::default());
+        assert_eq!((next, types), (Next::Options, vec![REP_ERR_UNKNOWN]));
+    }
+
+    #[test]
+    fn decide_export_name_for_another_export_drops_the_connection() {
+        let (next, types, ..) = decide_one(OPT_EXPORT_NAME, b"other", Negotiated::default());
+        assert!(matches!(next, Next::Refuse(_)));
+        assert!(types.is_empty());
+    }
+
+    #[test]
+    fn decide_set_meta_context_needs_structured_replies_first() {
+        let body = meta_body("disk", &[BASE_ALLOCATION]);
+        let (next, types, state, _) =
+            decide_one(OPT_SET_META_CONTEXT, &body, Negotiated::default());
+        assert_eq!((next, types), (Next::Options, vec![REP_ERR_INVALID]));
+        assert!(!state.base_allocation);
+
+        let (_, _, structured, _) = decide_one(OPT_STRUCTURED_REPLY, &[], Negotiated::default());
+        assert!(structured.structured);
+        let (_, types, state, _) = decide_one(OPT_SET_META_CONTEXT, &body, structured);
+        assert_eq!(types, [REP_META_CONTEXT, REP_ACK]);
+        assert!(state.base_allocation);
+    }
+
+    #[test]
+    fn decide_list_meta_context_with_no_query_lists_base_allocation_without_selecting() {
+        let (_, types, state, out) = decide_one(
+            OPT_LIST_META_CONTEXT,
+            &meta_body("", &[]),
+            Negotiated::default(),
+        );
+        assert_eq!(types, [REP_META_CONTEXT, REP_ACK]);
+        assert!(!state.base_allocation);
+        // LIST replies carry context id 0.
+        assert_eq!(&out[20..24], &0u32.to_be_bytes());
+    }
+
+    #[test]
+    fn decide_options_that_take_no_data_refuse_data() {
+        for opt in [OPT_LIST, OPT_STRUCTURED_REPLY] {
+            let (next, types, state, _) = decide_one(opt, b"x", Negotiated::default());
+            assert_eq!((next, types), (Next::Options, vec![REP_ERR_INVALID]));
+            assert_eq!(state, Negotiated::default());
+        }
+    }
+
+    #[test]
+    fn decide_abort_acks_then_closes_and_unknown_options_are_unsupported() {
+        let (next, types, ..) = decide_one(OPT_ABORT, &[], Negotiated::default());
+        assert_eq!((next, types), (Next::Close, vec![REP_ACK]));
+        let (next, types, ..) = decide_one(0x7777, &[], Negotiated::default());
+        assert_eq!((next, types), (Next::Options, vec![REP_ERR_UNSUP]));
+    }
 
     fn export() -> Export {
         Export {
@@ -276,9 +483,13 @@ mod tests {
     }
 
     /// Reply types of the option replies in `out` after the 18-byte greeting.
+    /// The reply types in a server's output after its 18-byte greeting.
     fn reply_types(out: &[u8]) -> Vec<u32> {
+        reply_types_from(out, 18)
+    }
+
+    fn reply_types_from(out: &[u8], mut at: usize) -> Vec<u32> {
         let mut types = Vec::new();
-        let mut at = 18;
         while at + 20 <= out.len() {
             types.push(u32::from_be_bytes(
                 out[at + 12..at + 16].try_into().unwrap(),
