@@ -15,11 +15,19 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `--format`'s values, with their help, from the decoder layer's own list (which does
+/// not depend on clap).
+fn format_parser() -> impl clap::builder::TypedValueParser<Value = Format> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new(Format::ALL.map(|f| PossibleValue::new(f.name()).help(f.about())))
+        .map(|name| name.parse::<Format>().expect("a listed format name"))
+}
+
 /// How to open the image; shared by every subcommand that takes one.
 #[derive(Debug, Clone, Args)]
 pub struct ImageArgs {
     /// Decode as this format instead of probing magic bytes.
-    #[arg(long, value_enum, global = true)]
+    #[arg(long, value_parser = format_parser(), global = true)]
     pub format: Option<Format>,
     /// Differencing disks and deltas: accept a parent whose unique id (VHD),
     /// DataWriteGuid (VHDX) or CID (VMDK) does not match.

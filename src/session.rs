@@ -239,9 +239,7 @@ impl Session {
                 )));
             }
         }
-        let fs = choose(&list, None)
-            .map_err(|what| self.fs_error(what))?
-            .clone();
+        let fs = choose(&list).map_err(|what| self.fs_error(what))?.clone();
         self.mount_one(&Planned {
             device: fs.device,
             fstype: fs.fstype,
@@ -742,44 +740,15 @@ fn restore(
     Ok((vm, agent))
 }
 
-/// Pick the filesystem to mount at `/`.
-///
-/// With `choice` (`-m`): a guest device (`/dev/vda2`; `/dev/sdX` and `/dev/hdX` are
-/// accepted for the same disk) or a partition number. Without: the single mountable
-/// filesystem; with several, an error that lists them and says how to pick one (the
-/// session has looked for a root among them first, see `find_root`).
-pub fn choose<'a>(
-    list: &'a [FsInfo],
-    choice: Option<&str>,
-) -> std::result::Result<&'a FsInfo, String> {
+/// Pick the filesystem to mount at `/` when the user gave no `-m` (a `-m` is resolved
+/// by [`inspect::find_device`]): the single mountable filesystem; with several, an
+/// error that lists them and says how to pick one (the session has looked for a root
+/// among them first, see `find_root`).
+pub fn choose(list: &[FsInfo]) -> std::result::Result<&FsInfo, String> {
     let mountable: Vec<&FsInfo> = list
         .iter()
         .filter(|f| !f.partitioned && f.fstype.as_deref().is_some_and(|t| MOUNTABLE.contains(&t)))
         .collect();
-    if let Some(c) = choice {
-        let c = c.trim();
-        let found = if let Ok(n) = c.parse::<u32>() {
-            list.iter().find(|f| f.partition == Some(n))
-        } else {
-            let want = normalise_device(c);
-            list.iter().find(|f| f.device == want || f.device == c)
-        };
-        return match found {
-            Some(f) if f.fstype.as_deref().is_some_and(|t| MOUNTABLE.contains(&t)) => Ok(f),
-            Some(f) => Err(format!(
-                "{}: {} cannot be mounted; found: {}",
-                f.device,
-                f.fstype
-                    .as_deref()
-                    .map_or("no filesystem".to_string(), String::from),
-                describe(&mountable)
-            )),
-            None => Err(format!(
-                "no device {c} in the image; found: {}",
-                describe(&mountable)
-            )),
-        };
-    }
     match mountable.as_slice() {
         [] => Err("no filesystem found in the image".into()),
         [one] => Ok(one),
@@ -789,20 +758,6 @@ pub fn choose<'a>(
             describe(several)
         )),
     }
-}
-
-/// `/dev/sda2` → `/dev/vda2`: users name disks as their OS saw them; the appliance
-/// sees the image as the first virtio disk.
-fn normalise_device(d: &str) -> String {
-    for p in ["/dev/sd", "/dev/hd", "/dev/xvd"] {
-        if let Some(rest) = d.strip_prefix(p) {
-            return format!("/dev/vd{rest}");
-        }
-    }
-    if let Some(rest) = d.strip_prefix("sd").or_else(|| d.strip_prefix("vd")) {
-        return format!("/dev/vd{rest}");
-    }
-    d.to_string()
 }
 
 /// A writer that refuses to grow past `limit` bytes (hostile files are read bounded).
@@ -869,7 +824,7 @@ mod tests {
     fn single_filesystem_is_chosen() {
         let list = vec![fs("/dev/vda", Some("ext4"), None)];
 
-        let f = choose(&list, None).unwrap();
+        let f = choose(&list).unwrap();
 
         assert_eq!(f.device, "/dev/vda");
     }
@@ -883,7 +838,7 @@ mod tests {
             fs("/dev/vda2", Some("ext4"), Some(2)),
         ];
 
-        let err = choose(&list, None).unwrap_err();
+        let err = choose(&list).unwrap_err();
 
         assert!(
             err.contains("/dev/vda1 (vfat)")
@@ -894,32 +849,13 @@ mod tests {
     }
 
     #[test]
-    fn partition_number_and_sd_names_pick_a_device() {
-        let list = vec![
-            fs("/dev/vda", None, None),
-            fs("/dev/vda1", Some("vfat"), Some(1)),
-            fs("/dev/vda2", Some("ext4"), Some(2)),
-        ];
-
-        assert_eq!(choose(&list, Some("1")).unwrap().device, "/dev/vda1");
-        assert_eq!(
-            choose(&list, Some("/dev/sda1")).unwrap().device,
-            "/dev/vda1"
-        );
-        assert_eq!(
-            choose(&list, Some("/dev/vda2")).unwrap().device,
-            "/dev/vda2"
-        );
-    }
-
-    #[test]
     fn ambiguous_disk_lists_the_choices() {
         let list = vec![
             fs("/dev/vda1", Some("ext4"), Some(1)),
             fs("/dev/vda2", Some("xfs"), Some(2)),
         ];
 
-        let err = choose(&list, None).unwrap_err();
+        let err = choose(&list).unwrap_err();
 
         assert!(
             err.contains("/dev/vda1 (ext4)")
@@ -937,14 +873,8 @@ mod tests {
         ];
 
         assert_eq!(
-            choose(&list, None).unwrap_err(),
+            choose(&list).unwrap_err(),
             "no filesystem found in the image"
         );
-        assert!(choose(&list, Some("1"))
-            .unwrap_err()
-            .contains("cannot be mounted"));
-        assert!(choose(&list, Some("/dev/vdb"))
-            .unwrap_err()
-            .contains("no device /dev/vdb"));
     }
 }

@@ -419,11 +419,11 @@ fn parent_cycle_is_refused() {
 }
 
 #[test]
-fn chains_deeper_than_32_are_refused() {
+fn chains_deeper_than_64_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let raw = write(dir.path().join("r.raw"), &vec![0u8; MIB]);
-    // f00 ← f01 ← ... ← f32: 33 files, each differencing over the next but the last.
-    let files: Vec<PathBuf> = (0..33)
+    // f00 ← f01 ← ... ← f64: 65 files, each differencing over the next but the last.
+    let files: Vec<PathBuf> = (0..65)
         .map(|i| dir.path().join(format!("f{i:02}.vhdx")))
         .collect();
     for f in &files {
@@ -433,7 +433,7 @@ fn chains_deeper_than_32_are_refused() {
             "subformat=dynamic,block_size=1M,block_state_zero=off",
         );
     }
-    for i in 0..32 {
+    for i in 0..64 {
         let guid = vhdxdiff::data_write_guid(&files[i + 1]);
         let name = format!("f{:02}.vhdx", i + 1);
         make_differencing(
@@ -451,7 +451,7 @@ fn chains_deeper_than_32_are_refused() {
     assert_eq!(code(&ok), 0, "{}", stderr(&ok));
     assert_eq!(code(&deep), 3, "{}", stderr(&deep));
     assert!(
-        stderr(&deep).contains("chain deeper than 32 files"),
+        stderr(&deep).contains("chain deeper than 64 files"),
         "{}",
         stderr(&deep)
     );

@@ -593,12 +593,12 @@ fn grain_directory_sharing_one_table_and_device_extents_are_refused() {
 }
 
 #[test]
-fn delta_chains_deeper_than_32_are_refused() {
+fn delta_chains_deeper_than_64_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     fs::write(dir.path().join("data.raw"), vec![7u8; 4096]).unwrap();
-    // d00 ← d01 ← ... ← d32: 33 descriptors, each a flat disk over the next.
-    for i in 0..33 {
-        let parent = if i < 32 {
+    // d00 ← d01 ← ... ← d64: 65 descriptors, each a flat disk over the next.
+    for i in 0..65 {
+        let parent = if i < 64 {
             format!(
                 "parentCID={:08x}\nparentFileNameHint=\"d{:02}.vmdk\"\n",
                 i + 1,
@@ -619,7 +619,7 @@ fn delta_chains_deeper_than_32_are_refused() {
     assert_eq!(code(&ok), 0, "{}", stderr(&ok));
     assert_eq!(code(&deep), 3, "{}", stderr(&deep));
     assert!(
-        stderr(&deep).contains("delta chain deeper than 32 files"),
+        stderr(&deep).contains("delta chain deeper than 64 files"),
         "{}",
         stderr(&deep)
     );

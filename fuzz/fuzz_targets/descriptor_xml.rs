@@ -2,7 +2,7 @@
 //! any chain it accepts is bounded, free of repeats and listed in every extent.
 #![no_main]
 
-use imgsafe::format::descriptor::{parse_xml, Descriptor, MAX_CHAIN_DEPTH};
+use imgsafe::format::ploop::descriptor::{parse_xml, Descriptor, MAX_CHAIN_DEPTH};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

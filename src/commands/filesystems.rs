@@ -25,7 +25,7 @@ pub fn run(args: FilesystemsArgs) -> Result<()> {
         None => (None, false),
     };
     let detected = found.clone().filter(|_| os);
-    let root = found.or_else(|| session::choose(&list, None).ok().map(|f| f.device.clone()));
+    let root = found.or_else(|| session::choose(&list).ok().map(|f| f.device.clone()));
     let out = if args.json {
         json(&list, root.as_deref(), detected.as_deref())
     } else {

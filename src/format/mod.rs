@@ -5,7 +5,6 @@
 //! file, and answers reads of the *virtual* disk. Chains (ploop deltas, VHD differencing
 //! parents) are decoders that own their parent as a `Box<dyn BlockSource>`.
 
-pub mod descriptor;
 pub mod foreign;
 pub mod ploop;
 pub mod qcow2;
@@ -99,33 +98,38 @@ pub struct SnapshotInfo {
 }
 
 /// The container formats imgsafe can decode, as probed from magic bytes or named by
-/// `--format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+/// `--format`. The command line's list of values comes from [`Format::ALL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
-    /// The file is the disk, byte for byte.
     Raw,
-    /// OpenVZ ploop / Parallels expanding image (one delta, no chain).
     Ploop,
-    /// A ploop DiskDescriptor.xml naming a chain of deltas.
     Descriptor,
-    /// Microsoft VHD: fixed, dynamic or differencing.
     Vhd,
-    /// VirtualBox VDI: static, dynamic or differencing.
     Vdi,
-    /// Microsoft VHDX: fixed, dynamic or differencing.
     Vhdx,
-    /// VMware VMDK: sparse, flat and stream-optimized extents, delta chains.
     Vmdk,
-    /// An OVA (tar) holding VMDK disks, read in place.
     Ova,
-    /// QEMU qcow2 (v2/v3), with its backing chain.
     Qcow2,
 }
 
-impl fmt::Display for Format {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Format {
+    /// Every format, in the order `--help` lists them.
+    pub const ALL: [Format; 9] = [
+        Format::Raw,
+        Format::Ploop,
+        Format::Descriptor,
+        Format::Vhd,
+        Format::Vdi,
+        Format::Vhdx,
+        Format::Vmdk,
+        Format::Ova,
+        Format::Qcow2,
+    ];
+
+    /// The name `--format` takes and `info` prints.
+    pub fn name(self) -> &'static str {
+        match self {
             Format::Raw => "raw",
             Format::Ploop => "ploop",
             Format::Descriptor => "descriptor",
@@ -135,7 +139,40 @@ impl fmt::Display for Format {
             Format::Vmdk => "vmdk",
             Format::Ova => "ova",
             Format::Qcow2 => "qcow2",
-        })
+        }
+    }
+
+    /// One line on what the format is, for `--help`.
+    pub fn about(self) -> &'static str {
+        match self {
+            Format::Raw => "The file is the disk, byte for byte",
+            Format::Ploop => "OpenVZ ploop / Parallels expanding image (one delta, no chain)",
+            Format::Descriptor => "A ploop DiskDescriptor.xml naming a chain of deltas",
+            Format::Vhd => "Microsoft VHD: fixed, dynamic or differencing",
+            Format::Vdi => "VirtualBox VDI: static, dynamic or differencing",
+            Format::Vhdx => "Microsoft VHDX: fixed, dynamic or differencing",
+            Format::Vmdk => "VMware VMDK: sparse, flat and stream-optimized extents, delta chains",
+            Format::Ova => "An OVA (tar) holding VMDK disks, read in place",
+            Format::Qcow2 => "QEMU qcow2 (v2/v3), with its backing chain",
+        }
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+
+    /// A format by its [`Format::name`] (exactly; names are lowercase).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Format::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| format!("unknown format {s:?}"))
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -190,8 +227,10 @@ pub struct OpenOptions {
     pub snapshot: Option<String>,
 }
 
-/// Deepest chain of backing files opened through [`open_layer`].
-pub const MAX_BACKING_DEPTH: usize = 64;
+/// Most files in one chain of backing, differencing or delta files (the top included),
+/// for every format: each is an open file and a lookup per block, and a cycle that the
+/// name checks miss still ends here.
+pub const MAX_CHAIN_DEPTH: usize = 64;
 
 /// Where a file being opened sits in a chain of backing files: how deep, and which files
 /// are open above it (a file that is its own ancestor would otherwise recurse forever).
@@ -213,7 +252,7 @@ pub fn detect(path: &Path, file: &File) -> Result<Format, FormatError> {
     if ploop::probe(&head) {
         return Ok(Format::Ploop);
     }
-    if descriptor::probe(path, file, &head)? {
+    if ploop::descriptor::probe(path, file, &head)? {
         return Ok(Format::Descriptor);
     }
     if vhd::probe(path, file, &head)? {
@@ -288,10 +327,10 @@ pub fn open_layer(
             "backing chain loops back to this file",
         ));
     }
-    if pos.depth >= MAX_BACKING_DEPTH {
+    if pos.depth >= MAX_CHAIN_DEPTH {
         return Err(FormatError::corrupt(
             path,
-            format!("backing chain is deeper than {MAX_BACKING_DEPTH} files"),
+            format!("backing chain is deeper than {MAX_CHAIN_DEPTH} files"),
         ));
     }
     // This file's own position, with itself among the files its backing files must not be.
@@ -306,7 +345,7 @@ pub fn open_layer(
     match format {
         Format::Raw => Ok(Box::new(raw::Raw::new(path, file)?)),
         Format::Ploop => ploop::open_single(path, file),
-        Format::Descriptor => descriptor::open_chain(path, opts),
+        Format::Descriptor => ploop::descriptor::open_chain(path),
         Format::Vhd => vhd::open(path, file, opts),
         Format::Vdi => vdi::open(path, file),
         Format::Vhdx => vhdx::open(path, file, opts),

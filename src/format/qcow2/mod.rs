@@ -130,7 +130,7 @@ fn backing_format(name: &str) -> Option<Format> {
     match name {
         "vpc" => Some(Format::Vhd),
         "parallels" => Some(Format::Ploop),
-        _ => <Format as clap::ValueEnum>::from_str(name, false).ok(),
+        _ => name.parse().ok(),
     }
 }
 

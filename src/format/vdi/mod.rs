@@ -25,8 +25,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// Most files in one differencing chain (the top included).
-pub const MAX_CHAIN_DEPTH: usize = 32;
+pub use super::MAX_CHAIN_DEPTH;
 /// Most block map entries one file may have in memory (128 MiB of map): a 32 TiB disk
 /// with VirtualBox's 1 MiB blocks fits.
 pub const MAX_BLOCKS: u64 = 32 << 20;

@@ -24,7 +24,7 @@ const BITMAP_CACHE_BYTES: usize = 8 << 20;
 /// Sector size the bitmap and BAT are counted in.
 const SECTOR: u64 = 512;
 /// Bytes of a differencing disk mapped per call to the parent when building an allocation
-/// map (at most 16 Ki sector runs, so a chain of 32 files holds a few MiB of maps).
+/// map (at most 16 Ki sector runs, so a chain of 64 files holds a few MiB of maps).
 const LOWER_SLICE: u64 = 8 << 20;
 
 /// Bytes of the sector bitmap in front of each block: one bit per sector, padded to a

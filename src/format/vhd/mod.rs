@@ -39,8 +39,7 @@ use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// Most files in one differencing chain (the top included); deeper chains are refused.
-pub const MAX_CHAIN_DEPTH: usize = 32;
+pub use super::MAX_CHAIN_DEPTH;
 /// Most memory the BATs of one chain may take together (each file's BAT is kept whole;
 /// one file's is at most 128 MiB, and 32 of those would be too much to hold).
 pub const MAX_CHAIN_BAT_BYTES: u64 = 512 << 20;
@@ -61,7 +60,7 @@ impl Chain {
     /// Count a BAT of `entries` against [`MAX_CHAIN_BAT_BYTES`]; refuse the file whose
     /// BAT goes past it.
     fn charge_bat(&mut self, path: &Path, entries: usize) -> Result<(), FormatError> {
-        // Entries are u32 and at most MAX_BAT_ENTRIES per file, 32 files: no overflow.
+        // Entries are u32 and at most MAX_BAT_ENTRIES per file, MAX_CHAIN_DEPTH files: no overflow.
         self.bat_bytes += entries as u64 * 4;
         if self.bat_bytes > MAX_CHAIN_BAT_BYTES {
             return Err(FormatError::Unsupported {

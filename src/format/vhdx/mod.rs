@@ -42,8 +42,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Most files in one differencing chain (the top included).
-pub const MAX_CHAIN_DEPTH: usize = 32;
+pub use super::MAX_CHAIN_DEPTH;
 /// Most memory the BATs of one chain may take together.
 pub const MAX_CHAIN_BAT_BYTES: u64 = 512 << 20;
 /// Bytes of sector bitmaps kept in memory per differencing file.

@@ -27,8 +27,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
-/// Most files (descriptors) in one delta chain, the top included.
-pub const MAX_CHAIN_DEPTH: usize = 32;
+pub use super::MAX_CHAIN_DEPTH;
 
 /// True for a sparse extent header or a text descriptor.
 pub fn probe(head: &[u8]) -> bool {

@@ -8,6 +8,12 @@
 //! v1 size is the low 32 bits of the size field, v1 entries count 512-byte sectors and v2
 //! entries count clusters. Fields QEMU ignores when reading (flags, data offset, format
 //! extension) are ignored here too, so both agree byte for byte.
+//!
+//! [`descriptor`] opens the DiskDescriptor.xml that names a chain of such deltas (and of
+//! raw `Plain` files) for OpenVZ and Parallels Desktop; [`xml`] is its bounded reader.
+
+pub mod descriptor;
+mod xml;
 
 use super::{BlockSource, Extent, FormatError, LayerInfo};
 use std::fs::File;
@@ -303,7 +309,7 @@ impl Delta {
     }
 
     /// Bytes of a disk of `disk_size` bytes this delta stores data for.
-    fn allocated_bytes(&self, cluster_size: u64, disk_size: u64) -> u64 {
+    fn allocated_bytes(&self, disk_size: u64) -> u64 {
         match &self.kind {
             DeltaKind::Ploop { header, bat } => bat
                 .iter()
@@ -311,10 +317,7 @@ impl Delta {
                 .filter(|(_, &e)| e != 0)
                 .map(|(i, _)| header.cluster_len(i as u64))
                 .sum(),
-            DeltaKind::Plain { len } => {
-                let _ = cluster_size;
-                (*len).min(disk_size)
-            }
+            DeltaKind::Plain { len } => (*len).min(disk_size),
         }
     }
 }
@@ -343,6 +346,14 @@ impl Run {
 
 /// A ploop image: one file, or a chain of deltas (top first) that all share one cluster
 /// size. A read goes to the top delta and falls down the chain cluster by cluster.
+///
+/// Why a flat list here, when VHD, VHDX, VDI, VMDK and qcow2 stack their parent as a
+/// [`BlockSource`] (through [`crate::format::open_layer`]): every delta of a ploop chain
+/// shares one cluster size and one BAT geometry, set by the descriptor, so the lookup for
+/// one cluster is an index into each BAT in turn, and a run of clusters that resolve to
+/// the same delta is read with one pread; the `Plain` base is a delta kind with an
+/// identity map. Those formats' layers each have their own block size and parent
+/// format, so there the parent is just another source.
 #[derive(Debug)]
 pub struct Chain {
     deltas: Vec<Delta>,
@@ -512,7 +523,7 @@ impl BlockSource for Chain {
                 version: d.header().map(|h| h.version.name().to_string()),
                 role: role.clone(),
                 cluster_size: d.header().map(Header::cluster_size),
-                allocated_bytes: Some(d.allocated_bytes(self.cluster_size, self.size)),
+                allocated_bytes: Some(d.allocated_bytes(self.size)),
             })
             .collect()
     }

@@ -22,12 +22,11 @@
 //! Image files must resolve (after symlinks) inside the descriptor's folder: a hostile
 //! descriptor cannot make imgsafe read some other file of the user's into the appliance.
 
-mod xml;
+pub use super::xml::{parse as parse_xml, Element};
 
-pub use xml::{parse as parse_xml, Element};
-
-use super::ploop::{self, Chain, Delta, SECTOR_SIZE};
-use super::{BlockSource, Extent, FormatError, LayerInfo, OpenOptions};
+use super::xml;
+use super::{self as ploop, Chain, Delta, SECTOR_SIZE};
+use crate::format::{BlockSource, Extent, FormatError, LayerInfo};
 use std::collections::HashSet;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -37,8 +36,7 @@ use std::path::{Component, Path, PathBuf};
 pub const DEFAULT_TOP_GUID: &str = "{5fbaabe3-6958-40ff-92a7-860e329aab41}";
 /// ParentGUID of the root snapshot.
 pub const NONE_GUID: &str = "{00000000-0000-0000-0000-000000000000}";
-/// Deepest chain imgsafe opens (each delta is an open file and a lookup per cluster).
-pub const MAX_CHAIN_DEPTH: usize = 64;
+pub use crate::format::MAX_CHAIN_DEPTH;
 
 /// `Image/Type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,11 +353,12 @@ pub fn probe(path: &Path, file: &std::fs::File, head: &[u8]) -> Result<bool, For
     match root_is_descriptor(head) {
         Some(found) => Ok(found),
         // The whole file was in `head`: the prolog never ends.
-        None if head.len() < super::PROBE_LEN => Ok(false),
+        None if head.len() < crate::format::PROBE_LEN => Ok(false),
         None => {
-            let len = super::file_len(path, file)?;
+            let len = crate::format::file_len(path, file)?;
             let mut more = vec![0u8; usize::try_from(len).unwrap_or(PROBE_MAX).min(PROBE_MAX)];
-            super::read_exact_at(file, &mut more, 0).map_err(|e| FormatError::io(path, e))?;
+            crate::format::read_exact_at(file, &mut more, 0)
+                .map_err(|e| FormatError::io(path, e))?;
             Ok(root_is_descriptor(&more) == Some(true))
         }
     }
@@ -408,8 +407,8 @@ fn past(hay: &[u8], from: usize, close: &[u8]) -> Option<usize> {
 
 /// Read and interpret a descriptor file, with the size cap applied before reading.
 pub fn read_descriptor(path: &Path) -> Result<Descriptor, FormatError> {
-    let file = super::open_image_file(path)?;
-    let len = super::file_len(path, &file)?;
+    let file = crate::format::open_image_file(path)?;
+    let len = crate::format::file_len(path, &file)?;
     if len > xml::MAX_BYTES as u64 {
         return Err(FormatError::corrupt(
             path,
@@ -417,7 +416,7 @@ pub fn read_descriptor(path: &Path) -> Result<Descriptor, FormatError> {
         ));
     }
     let mut bytes = vec![0u8; len as usize];
-    super::read_exact_at(&file, &mut bytes, 0).map_err(|e| FormatError::io(path, e))?;
+    crate::format::read_exact_at(&file, &mut bytes, 0).map_err(|e| FormatError::io(path, e))?;
     let root = xml::parse(&bytes).map_err(|w| FormatError::corrupt(path, w))?;
     Descriptor::from_xml(&root).map_err(|w| FormatError::corrupt(path, w))
 }
@@ -495,8 +494,8 @@ fn image_path(xml_path: &Path, file: &str) -> Result<PathBuf, FormatError> {
 /// Open one delta: ploop by magic, raw only when declared Plain.
 fn open_delta(xml_path: &Path, entry: &ImageEntry) -> Result<Delta, FormatError> {
     let path = image_path(xml_path, &entry.file)?;
-    let file = super::open_image_file(&path)?;
-    let head = super::read_head(&path, &file)?;
+    let file = crate::format::open_image_file(&path)?;
+    let head = crate::format::read_head(&path, &file)?;
     if ploop::probe(&head) {
         return Delta::open_ploop(&path, file);
     }
@@ -561,8 +560,7 @@ const MAX_CHAIN_BAT_BYTES: u64 = 512 << 20;
 
 /// Open the chain a DiskDescriptor.xml describes: one [`Chain`] per `Storage` extent,
 /// joined by [`Split`] when there are several.
-pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>, FormatError> {
-    let _ = opts;
+pub fn open_chain(path: &Path) -> Result<Box<dyn BlockSource>, FormatError> {
     // Read the descriptor that image paths are resolved against, even if a symlink
     // pointing to it is swapped meanwhile.
     let real = path.canonicalize().map_err(|e| FormatError::io(path, e))?;
@@ -731,7 +729,7 @@ impl BlockSource for Split {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let end = super::check_read(self.size, offset, buf.len() as u64)?;
+        let end = crate::format::check_read(self.size, offset, buf.len() as u64)?;
         self.pieces(offset, end, |chain, inner, at, n| {
             let at = at as usize;
             chain.read_at(&mut buf[at..at + n as usize], inner)
@@ -743,7 +741,7 @@ impl BlockSource for Split {
         let mut out = Vec::new();
         self.pieces(offset, end, |chain, inner, at, n| {
             for e in chain.extents(inner, n)? {
-                super::push_extent(
+                crate::format::push_extent(
                     &mut out,
                     Extent {
                         offset: offset + at + e.offset.saturating_sub(inner),
@@ -1108,9 +1106,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let xml = plain_chain(dir.path(), 1 << 34, 1, 8 << 40);
 
-        let src = open_chain(&xml, &OpenOptions::default()).unwrap();
+        let src = open_chain(&xml).unwrap();
         let counted =
-            super::super::count_allocated(&*src, super::super::MAX_COUNTED_EXTENTS).unwrap();
+            crate::format::count_allocated(&*src, crate::format::MAX_COUNTED_EXTENTS).unwrap();
         let mut buf = [0u8; 4];
         src.read_at(&mut buf, (1 << 40) - 2).unwrap();
 
@@ -1124,10 +1122,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let xml = plain_chain(dir.path(), 2048, 131_073, 1 << 20);
 
-        let err = open_chain(&xml, &OpenOptions::default())
-            .err()
-            .unwrap()
-            .to_string();
+        let err = open_chain(&xml).err().unwrap().to_string();
 
         assert!(
             err.contains("Storage/Blocksize 131073 sectors is out of range"),
@@ -1185,7 +1180,7 @@ mod tests {
         std::fs::write(&endless, format!("<!--{}", "x".repeat(PROBE_MAX * 2))).unwrap();
         let probe_file = |p: &Path| {
             let f = std::fs::File::open(p).unwrap();
-            let head = super::super::read_head(p, &f).unwrap();
+            let head = crate::format::read_head(p, &f).unwrap();
             probe(p, &f, &head).unwrap()
         };
 
