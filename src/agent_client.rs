@@ -455,7 +455,7 @@ impl GuestFs for AgentClient {
             }
         }
         if let Some(e) = out_err {
-            return Err(Error::Other(format!("writing output: {e}")));
+            return Err(Error::Output(e));
         }
         if got != size {
             // The file changed size while read (cannot happen read-only) or the agent lied.

@@ -1,7 +1,10 @@
 //! The error every command returns, and its exit code.
 
+use crate::appliance::ApplianceError;
 use crate::format::FormatError;
-use std::path::PathBuf;
+use crate::vm::VmError;
+use std::io;
+use std::path::{Path, PathBuf};
 
 /// Exit codes, as documented in README.md.
 pub mod exit {
@@ -46,7 +49,13 @@ pub enum Error {
         image.display()
     )]
     TooLarge { image: PathBuf, size: u64, max: u64 },
-    /// The appliance or the VM failed.
+    /// The appliance could not be built (kernel, modules, initramfs, cache).
+    #[error(transparent)]
+    Build(#[from] ApplianceError),
+    /// QEMU could not be started or driven (see `vm::VmError` for each step).
+    #[error(transparent)]
+    Vm(VmError),
+    /// The appliance or the VM failed in a way phrased as one sentence.
     #[error("{what}")]
     Appliance { what: String },
     /// The guest agent never answered the handshake in time (the guest did not boot or
@@ -60,6 +69,17 @@ pub enum Error {
     /// Interrupted by a signal.
     #[error("interrupted")]
     Interrupted,
+    /// Writing the command's output (stdout) failed; see [`write_output`] for a reader
+    /// that went away.
+    #[error("writing output: {0}")]
+    Output(#[source] io::Error),
+    /// An appliance or guest failure while working on `image`, which it names first.
+    #[error("{}: {source}", image.display())]
+    OnImage {
+        image: PathBuf,
+        #[source]
+        source: Box<Error>,
+    },
     /// Any other failure, already phrased as one sentence.
     #[error("{0}")]
     Other(String),
@@ -75,25 +95,47 @@ impl Error {
             Error::Image(_) | Error::TooLarge { .. } => exit::IMAGE,
             Error::NotFound { .. } => exit::NOT_FOUND,
             Error::Filesystem { .. } => exit::FILESYSTEM,
-            Error::Appliance { .. } | Error::NoAnswer { .. } | Error::Guest { .. } => {
-                exit::APPLIANCE
-            }
+            Error::Build(_)
+            | Error::Vm(_)
+            | Error::Appliance { .. }
+            | Error::NoAnswer { .. }
+            | Error::Guest { .. } => exit::APPLIANCE,
+            Error::OnImage { source, .. } => source.exit_code(),
             Error::Interrupted => exit::INTERRUPTED,
+            Error::Output(_) => exit::OTHER,
             Error::Other(_) => exit::OTHER,
             Error::Usage(_) => exit::USAGE,
         }
     }
 
-    /// Name `image` in an appliance or guest failure (the other kinds name it already,
-    /// or are not about it).
-    pub fn with_image(self, image: &std::path::Path) -> Error {
+    /// Name `image` in this error, the one place that does it (the session calls it
+    /// for everything that fails while it works on an image): guest-side "not found"
+    /// and filesystem errors get it filled in, appliance and guest failures are wrapped
+    /// in [`Error::OnImage`]; the other kinds name their file already or are not
+    /// about the image.
+    pub fn about_image(self, image: &Path) -> Error {
         match self {
-            Error::Appliance { what } | Error::NoAnswer { what } => {
-                Error::appliance(format!("{}: {what}", image.display()))
-            }
-            Error::Guest { what } => {
-                Error::appliance(format!("{}: guest agent: {what}", image.display()))
-            }
+            Error::NotFound {
+                image: i,
+                path,
+                what,
+            } if i.as_os_str().is_empty() => Error::NotFound {
+                image: image.to_path_buf(),
+                path,
+                what,
+            },
+            Error::Filesystem { image: i, what } if i.as_os_str().is_empty() => Error::Filesystem {
+                image: image.to_path_buf(),
+                what,
+            },
+            e @ (Error::Build(_)
+            | Error::Vm(_)
+            | Error::Appliance { .. }
+            | Error::NoAnswer { .. }
+            | Error::Guest { .. }) => Error::OnImage {
+                image: image.to_path_buf(),
+                source: Box::new(e),
+            },
             other => other,
         }
     }
@@ -109,5 +151,53 @@ impl Error {
     }
 }
 
+/// The end of writing a command's output: a reader that went away
+/// (`imgsafe cat ... | head`) is not an error, anything else is [`Error::Output`].
+pub fn write_output(r: io::Result<()>) -> Result<()> {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.map_err(Error::Output),
+    }
+}
+
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appliance_failures_name_the_image_once_and_keep_their_exit_code() {
+        let e = Error::guest("bad frame").about_image(Path::new("d.img"));
+        let again = e.about_image(Path::new("d.img"));
+
+        assert_eq!(again.to_string(), "d.img: guest agent: bad frame");
+        assert_eq!(again.exit_code(), exit::APPLIANCE);
+        assert!(std::error::Error::source(&again).is_some());
+    }
+
+    #[test]
+    fn not_found_from_the_guest_gets_the_image_filled_in() {
+        let e = Error::NotFound {
+            image: PathBuf::new(),
+            path: "/x".into(),
+            what: "no such file or directory".into(),
+        }
+        .about_image(Path::new("d.img"));
+
+        assert_eq!(e.to_string(), "d.img: /x: no such file or directory");
+        assert_eq!(e.exit_code(), exit::NOT_FOUND);
+    }
+
+    #[test]
+    fn a_closed_reader_is_not_an_error_other_output_failures_are() {
+        let pipe = io::Error::from(io::ErrorKind::BrokenPipe);
+        let full = io::Error::from_raw_os_error(libc::ENOSPC);
+
+        assert!(write_output(Err(pipe)).is_ok());
+        let e = write_output(Err(full)).unwrap_err();
+        assert!(e.to_string().starts_with("writing output: "), "{e}");
+        assert_eq!(e.exit_code(), exit::OTHER);
+    }
+}

@@ -42,7 +42,7 @@ pub fn main_with_args<I: IntoIterator<Item = OsString>>(args: I) -> i32 {
     };
     trace::set_verbose(cli.verbose);
     match commands::run(cli.command) {
-        Ok(()) => error::exit::OK,
+        Ok(code) => code,
         // Whatever failed after SIGINT/SIGTERM failed because of it (QEMU was killed).
         Err(_) if vm::reaper::interrupted() => {
             eprintln!("imgsafe: {}", Error::Interrupted);

@@ -70,11 +70,38 @@ impl Session {
         Self::start_with_source(image_arg, source, false)
     }
 
+    /// [`Session::start`], then [`Session::run`].
+    pub fn run_started<T>(
+        image_arg: &Path,
+        image_args: &ImageArgs,
+        f: impl FnOnce(&mut Session) -> Result<T>,
+    ) -> Result<T> {
+        Self::start(image_arg, image_args)?.run(f)
+    }
+
+    /// [`Session::open_mounted`], then [`Session::run`].
+    pub fn run_mounted<T>(
+        image_arg: &Path,
+        image_args: &ImageArgs,
+        mount: &MountArgs,
+        f: impl FnOnce(&mut Session) -> Result<T>,
+    ) -> Result<T> {
+        Self::open_mounted(image_arg, image_args, mount)?.run(f)
+    }
+
     /// Like [`Session::start`] for an already decoded image. With `overlay`, the disk
     /// sits under a throwaway copy-on-write layer (a qcow2 file in the session's private
     /// temp dir, deleted with it) and filesystems are mounted read-write: the guest may
     /// write, the image (served read-only over NBD) never changes.
     pub fn start_with_source(
+        image_arg: &Path,
+        source: Arc<dyn BlockSource>,
+        overlay: bool,
+    ) -> Result<Session> {
+        Self::boot_with_source(image_arg, source, overlay).map_err(|e| e.about_image(image_arg))
+    }
+
+    fn boot_with_source(
         image_arg: &Path,
         source: Arc<dyn BlockSource>,
         overlay: bool,
@@ -382,32 +409,38 @@ impl Session {
         &mut self.agent
     }
 
-    /// Attach the image name to errors that came from the guest without one, and turn
-    /// any failure after a signal into [`Error::Interrupted`].
+    /// Name the image in an error (see [`Error::about_image`]), add what the guest
+    /// console said when QEMU is gone, and turn any failure after a signal into
+    /// [`Error::Interrupted`].
     pub fn annotate(&mut self, e: Error) -> Error {
         if vm::reaper::interrupted() {
             return Error::Interrupted;
         }
-        match e {
-            Error::NotFound { image, path, what } if image.as_os_str().is_empty() => {
-                Error::NotFound {
-                    image: self.image.clone(),
-                    path,
-                    what,
-                }
-            }
-            Error::Filesystem { image, what } if image.as_os_str().is_empty() => {
-                Error::Filesystem {
-                    image: self.image.clone(),
-                    what,
-                }
-            }
+        let e = match e {
             Error::Appliance { what } | Error::Guest { what }
                 if self.vm.exit_status().is_some() =>
             {
                 Error::appliance(format!("{what}{}", diagnostics(&mut self.vm)))
             }
+            Error::Vm(e) if self.vm.exit_status().is_some() => {
+                Error::appliance(format!("{e}{}", diagnostics(&mut self.vm)))
+            }
             other => other,
+        };
+        e.about_image(&self.image)
+    }
+
+    /// Run `f` on the session and always tear it down: a clean shutdown after
+    /// success, and after a failure the error annotated (see [`Session::annotate`])
+    /// and the VM killed.
+    pub fn run<T>(mut self, f: impl FnOnce(&mut Session) -> Result<T>) -> Result<T> {
+        match f(&mut self) {
+            Ok(v) => self.finish().map(|()| v),
+            Err(e) => {
+                let e = self.annotate(e);
+                self.abort();
+                Err(e)
+            }
         }
     }
 
@@ -429,7 +462,19 @@ impl Session {
         if vm::reaper::interrupted() {
             return Err(Error::Interrupted);
         }
-        bye.map(|_| ()).or(Ok(()))
+        match bye {
+            // An agent that breaks the protocol on its way out is reported like any
+            // other time it does.
+            Err(e @ Error::Guest { .. }) => Err(e.about_image(&self.image)),
+            // The command's work is done and QEMU is stopped either way; a guest that
+            // powered off before answering loses nothing (the image is never written,
+            // an overlay is thrown away), so this is only worth a note.
+            Err(e) => {
+                trace::note(&format!("the agent's goodbye failed: {e}"));
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
     }
 
     /// Tear down without asking the guest (after an error).

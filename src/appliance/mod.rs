@@ -47,12 +47,6 @@ impl ApplianceError {
     }
 }
 
-impl From<ApplianceError> for crate::Error {
-    fn from(e: ApplianceError) -> Self {
-        crate::Error::appliance(e.to_string())
-    }
-}
-
 /// A ready appliance in the cache.
 #[derive(Debug, Clone)]
 pub struct Appliance {

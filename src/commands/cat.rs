@@ -7,33 +7,24 @@ use std::io::{self, Write};
 
 /// Run `imgsafe cat`.
 pub fn run(args: CatArgs) -> Result<()> {
-    let mut s = Session::open_mounted(&args.image, &args.image_args, &args.mount)?;
-    let stage = crate::trace::stage("cat");
-    let stdout = io::stdout();
-    let mut out = io::BufWriter::with_capacity(1 << 20, stdout.lock());
-    let mut result = Ok(());
-    let mut total = 0;
-    for p in &args.paths {
-        match s.fs().read_file(p.as_bytes(), &mut out) {
-            Ok(n) => total += n,
-            Err(e) => {
-                result = Err(e);
-                break;
+    Session::run_mounted(&args.image, &args.image_args, &args.mount, |s| {
+        let stage = crate::trace::stage("cat");
+        let stdout = io::stdout();
+        let mut out = io::BufWriter::with_capacity(1 << 20, stdout.lock());
+        let mut total = 0;
+        for p in &args.paths {
+            match s.fs().read_file(p.as_bytes(), &mut out) {
+                Ok(n) => total += n,
+                // The reader went away mid-file (`imgsafe cat ... | head`): not an error.
+                Err(Error::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+                    stage.done(&format!("{total} bytes, reader gone"));
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
             }
         }
-    }
-    let flushed = out.flush();
-    stage.done(&format!("{total} bytes"));
-    let result =
-        result.and_then(|_| flushed.map_err(|e| Error::Other(format!("writing output: {e}"))));
-    match result {
-        Ok(()) => s.finish(),
-        // A reader that went away (`imgsafe cat ... | head`) is not an error.
-        Err(Error::Other(m)) if m.contains("Broken pipe") => s.finish(),
-        Err(e) => {
-            let e = s.annotate(e);
-            s.abort();
-            Err(e)
-        }
-    }
+        let flushed = crate::error::write_output(out.flush());
+        stage.done(&format!("{total} bytes"));
+        flushed
+    })
 }

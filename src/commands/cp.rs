@@ -1014,8 +1014,7 @@ mod tests {
             all.extend_from_slice(&self.extra);
             // Odd-sized chunks, so hole detection sees runs crossing chunk boundaries.
             for (i, chunk) in all.chunks(3000).enumerate() {
-                out.write_all(chunk)
-                    .map_err(|e| Error::Other(format!("writing output: {e}")))?;
+                out.write_all(chunk).map_err(Error::Output)?;
                 if i == 0 {
                     if let Some((dir, seen)) = &mut self.peek {
                         seen.push(listing(dir));

@@ -2,23 +2,16 @@
 
 use crate::cli::FilesystemsArgs;
 use crate::session::{self, Session};
-use crate::{Error, Result};
+use crate::Result;
 use imgsafe_proto::FsInfo;
 use std::io::Write;
 
 /// Run `imgsafe filesystems`.
 pub fn run(args: FilesystemsArgs) -> Result<()> {
-    let mut s = Session::start(&args.image, &args.image_args)?;
-    let found = s.filesystems().and_then(|l| Ok((s.detect_root()?, l)));
-    let (detected, list) = match found {
-        Ok(r) => r,
-        Err(e) => {
-            let e = s.annotate(e);
-            s.abort();
-            return Err(e);
-        }
-    };
-    s.finish()?;
+    let (detected, list) = Session::run_started(&args.image, &args.image_args, |s| {
+        let list = s.filesystems()?;
+        Ok((s.detect_root()?, list))
+    })?;
     // What ls/cat mount at / without -m: the detected root, else the one choose() picks.
     let (found, os) = match detected {
         Some((f, os)) => (Some(f.device), os),
@@ -31,16 +24,7 @@ pub fn run(args: FilesystemsArgs) -> Result<()> {
     } else {
         table(&list, root.as_deref(), detected.is_some())
     };
-    std::io::stdout()
-        .write_all(out.as_bytes())
-        .or_else(|e| {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })
-        .map_err(|e| Error::Other(format!("writing output: {e}")))
+    crate::error::write_output(std::io::stdout().write_all(out.as_bytes()))
 }
 
 /// Human-readable size with binary units.

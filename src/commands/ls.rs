@@ -6,24 +6,18 @@
 use crate::agent_client::GuestFs;
 use crate::cli::LsArgs;
 use crate::session::Session;
-use crate::{Error, Result};
+use crate::Result;
 use imgsafe_proto::{Entry, FileType, WalkEntry};
 use std::io::{self, Write};
 
 /// Run `imgsafe ls`.
 pub fn run(args: LsArgs) -> Result<()> {
-    let mut s = Session::open_mounted(&args.image, &args.image_args, &args.mount)?;
-    let stage = crate::trace::stage("ls");
-    let r = list(s.fs(), &args);
-    stage.done("");
-    match r {
-        Ok(()) => s.finish(),
-        Err(e) => {
-            let e = s.annotate(e);
-            s.abort();
-            Err(e)
-        }
-    }
+    Session::run_mounted(&args.image, &args.image_args, &args.mount, |s| {
+        let stage = crate::trace::stage("ls");
+        let r = list(s.fs(), &args);
+        stage.done("");
+        r
+    })
 }
 
 /// One listed entry: its path below the listed directory (just its name unless -R).
@@ -44,11 +38,7 @@ fn list(fs: &mut dyn GuestFs, args: &LsArgs) -> Result<()> {
     } else {
         write_text(&mut out, &rows, args.long, tty)
     };
-    match r.and_then(|_| out.flush()) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        Err(e) => Err(Error::Other(format!("writing output: {e}"))),
-    }
+    crate::error::write_output(r.and_then(|_| out.flush()))
 }
 
 fn collect(fs: &mut dyn GuestFs, path: &[u8], recursive: bool) -> Result<Vec<Row>> {

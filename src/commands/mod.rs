@@ -12,33 +12,19 @@ pub mod shell;
 use crate::cli::Command;
 use crate::Result;
 
-/// Run one parsed subcommand. Appliance and guest failures are reported against the
-/// image the command was working on, as every other failure is.
-pub fn run(cmd: Command) -> Result<()> {
-    let image = match &cmd {
-        Command::Ls(a) => Some(a.image.clone()),
-        Command::Cat(a) => Some(a.image.clone()),
-        Command::Filesystems(a) => Some(a.image.clone()),
-        Command::Shell(a) => Some(a.image.clone()),
-        // cp names its image inside its sources; info and serve start no VM.
-        _ => None,
-    };
-    let result = dispatch(cmd);
-    match image {
-        Some(image) => result.map_err(|e| e.with_image(&image)),
-        None => result,
-    }
-}
-
-fn dispatch(cmd: Command) -> Result<()> {
+/// Run one parsed subcommand; `Ok` holds the exit code: 0, or a shell's own status.
+/// Every command that works on an image names it in its errors through its session
+/// (see [`crate::Error::about_image`]).
+pub fn run(cmd: Command) -> Result<i32> {
+    let done = |r: Result<()>| r.map(|()| crate::error::exit::OK);
     match cmd {
-        Command::Ls(a) => ls::run(a),
-        Command::Cat(a) => cat::run(a),
-        Command::Cp(a) => cp::run(a),
-        Command::Filesystems(a) => filesystems::run(a),
-        Command::Info(a) => info::run(a),
-        Command::Serve(a) => serve::run(a),
-        Command::Appliance(a) => appliance::run(a),
+        Command::Ls(a) => done(ls::run(a)),
+        Command::Cat(a) => done(cat::run(a)),
+        Command::Cp(a) => done(cp::run(a)),
+        Command::Filesystems(a) => done(filesystems::run(a)),
+        Command::Info(a) => done(info::run(a)),
+        Command::Serve(a) => done(serve::run(a)),
+        Command::Appliance(a) => done(appliance::run(a)),
         Command::Shell(a) => shell::run(a),
     }
 }

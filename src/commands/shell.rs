@@ -40,38 +40,25 @@ enum Mode {
     Pipes,
 }
 
-/// Run the shell; exits the process with the shell's status when it is not 0.
-pub fn run(args: ShellArgs) -> Result<()> {
+/// Run the shell; `Ok` holds imgsafe's exit code, the shell's own status (as with
+/// `ssh host cmd`), returned once the session is torn down.
+pub fn run(args: ShellArgs) -> Result<i32> {
     let mode = if args.command.is_none() && term::is_tty(libc::STDIN_FILENO) {
         Mode::Interactive
     } else {
         Mode::Pipes
     };
     // A shell is useful even on a disk with no filesystem (hexdump /dev/vda).
-    let mut s = Session::open_mounted_with(
+    let s = Session::open_mounted_with(
         &args.image,
         &args.image_args,
         &args.mount,
         args.overlay,
         true,
     )?;
-    let status = match drive(&mut s, &args, mode) {
-        Ok(st) => st,
-        Err(e) => {
-            let e = s.annotate(e);
-            s.abort();
-            return Err(e);
-        }
-    };
-    s.finish()?;
-    let code = exit_code(status);
-    if code != 0 {
-        let _ = io::stdout().flush();
-        // The session is torn down and nothing else is pending: the shell's status is
-        // imgsafe's, as with `ssh host cmd`.
-        std::process::exit(code);
-    }
-    Ok(())
+    let status = s.run(|s| drive(s, &args, mode))?;
+    let _ = io::stdout().flush();
+    Ok(exit_code(status))
 }
 
 /// The exit code for a shell status: its own, or 128+N for a signal.
@@ -276,9 +263,7 @@ fn copy_output<R: io::Read>(r: &mut R, wake: &OwnedFd) -> Result<ShellStatus> {
             }
             ShellFrame::Msg(Response::ShellExit { status }) => {
                 return match out_failed {
-                    Some(e) if e.kind() != io::ErrorKind::BrokenPipe => {
-                        Err(Error::Other(format!("writing output: {e}")))
-                    }
+                    Some(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(Error::Output(e)),
                     _ => Ok(status),
                 };
             }

@@ -55,7 +55,7 @@ impl From<VmError> for crate::Error {
         if reaper::interrupted() {
             crate::Error::Interrupted
         } else {
-            crate::Error::appliance(e.to_string())
+            crate::Error::Vm(e)
         }
     }
 }
