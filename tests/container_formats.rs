@@ -5,15 +5,7 @@
 //! over it written by qemu-io, and the parent inside an OVA). The chains hold a change the base does not have, so a
 //! reader that ignores the top layer fails.
 
-#[path = "common/ploopwriter.rs"]
-mod ploopwriter;
 mod support;
-#[path = "common/vdidiff.rs"]
-mod vdidiff;
-#[path = "common/vhdwriter.rs"]
-mod vhdwriter;
-#[path = "common/vhdxdiff.rs"]
-mod vhdxdiff;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -5,16 +5,14 @@
 //! Inputs are good images from the test writers in tests/common, patched in one field
 //! (checksums recomputed unless the checksum is the point of the case).
 
-mod common;
-#[path = "common/ploopwriter.rs"]
-mod ploopwriter;
 mod support;
+use support::ploopwriter;
 
-use common::vhdwriter::{self, VhdImage, BAT_OFFSET, HEADER_OFFSET};
 use ploopwriter::{guid, write_descriptor, write_ploop, DescImage, Spec, NONE_GUID};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use support::vhdwriter::{self, VhdImage, BAT_OFFSET, HEADER_OFFSET};
 use support::{code, sha256, stderr};
 
 /// Exit code for a missing, unreadable or corrupt image (src/error.rs `exit::IMAGE`).

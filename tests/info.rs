@@ -1,8 +1,7 @@
 //! `imgsafe info` on raw, ploop and ploop chains, run as the real binary.
 
-#[path = "common/ploopwriter.rs"]
-mod ploopwriter;
 mod support;
+use support::ploopwriter;
 
 use ploopwriter::{write_ploop, write_two_delta_descriptor, Spec};
 use serde_json::Value;

@@ -8,8 +8,6 @@
 //! the source raw disk byte for byte; the Compressed bases are made by
 //! `qemu-img convert -O parallels` and qemu-img reads each of them back as its piece.
 
-#[path = "common/ploopwriter.rs"]
-mod ploopwriter;
 mod support;
 
 use ploopwriter::{write_ploop, Spec, NONE_GUID, TOP_GUID};

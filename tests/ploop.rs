@@ -1,8 +1,7 @@
 //! ploop images and DiskDescriptor.xml chains, read through `imgsafe::format::open` and
 //! checked byte for byte against the raw source and against `qemu-img convert -f parallels`.
-
-#[path = "common/ploopwriter.rs"]
-mod ploopwriter;
+mod support;
+use support::ploopwriter;
 
 use imgsafe::format::{self, BlockSource, Extent, OpenOptions};
 use ploopwriter::{

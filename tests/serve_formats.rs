@@ -9,18 +9,15 @@
 //! Corrupt containers fail at the command line with the image exit code and one line
 //! naming the file (the full table is in tests/corrupt_images.rs).
 
-mod common;
-#[path = "common/ploopwriter.rs"]
-mod ploopwriter;
 mod support;
 
-use common::vhdwriter::{self, VhdImage};
 use ploopwriter::{guid, write_descriptor, write_ploop, DescImage, Spec, NONE_GUID, TOP_GUID};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
+use support::vhdwriter::{self, VhdImage};
 use support::*;
 
 const MIB: usize = 1 << 20;

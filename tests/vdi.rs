@@ -6,8 +6,6 @@
 //! from; broken headers refused at the command line naming the file and the field.
 
 mod support;
-#[path = "common/vdidiff.rs"]
-mod vdidiff;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -1,13 +1,12 @@
 //! VHD decoding, checked against the raw source and against qemu-img (`-f vpc`), plus
 //! differencing chains and broken files made by the test writer in tests/common.
+mod support;
 
-mod common;
-
-use common::vhdwriter::{self, macx, w2ku, w2ru, VhdImage, BAT_OFFSET, HEADER_OFFSET};
 use imgsafe::format::{self, BlockSource, OpenOptions};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use support::vhdwriter::{self, macx, w2ku, w2ru, VhdImage, BAT_OFFSET, HEADER_OFFSET};
 
 const MIB: u64 = 1 << 20;
 

@@ -7,8 +7,6 @@
 //! refused at the command line naming the file and the field.
 
 mod support;
-#[path = "common/vhdxdiff.rs"]
-mod vhdxdiff;
 
 use imgsafe::format::vhdx::crc32c::crc32c_with_hole;
 use std::fs;

@@ -3,7 +3,11 @@
 #![allow(dead_code)]
 
 pub mod lvm;
+pub mod ploopwriter;
 pub mod serve;
+pub mod vdidiff;
+pub mod vhdwriter;
+pub mod vhdxdiff;
 
 use sha2::{Digest, Sha256};
 use std::ffi::OsStr;

@@ -1,7 +1,6 @@
 //! Test-only ploop writer: v1 and v2 images with any cluster size, data clusters written in
 //! a shuffled order, and DiskDescriptor.xml files for delta chains.
 //!
-//! Include with `#[path = "common/ploopwriter.rs"] mod ploopwriter;`.
 #![allow(dead_code)]
 
 use std::path::Path;
