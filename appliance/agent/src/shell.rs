@@ -17,10 +17,16 @@ use imgsafe_proto::{
     read_shell_frame, write_data, write_msg, write_stderr, ErrorKind, FrameError, Request,
     Response, ShellFrame, ShellMount, ShellStart, ShellStatus, WinSize,
 };
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use rustix::pipe::PipeFlags;
+use rustix::process::{kill_process, kill_process_group, waitpid, Pid, Signal, WaitOptions};
+use rustix::termios::{tcsetwinsize, Winsize};
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -110,7 +116,7 @@ fn pump_input<R: Read>(
             }
             ShellFrame::Msg(Request::ShellResize { rows, cols }) => {
                 if let (true, Some(f)) = (pty, &input) {
-                    set_winsize(f.as_raw_fd(), WinSize { rows, cols });
+                    set_winsize(f, WinSize { rows, cols });
                 }
             }
             // A pty has no separate EOF (the host sends ^D bytes); a pipe is closed.
@@ -118,9 +124,8 @@ fn pump_input<R: Read>(
             ShellFrame::Msg(Request::ShellOutputClosed) => {
                 // Nobody reads the output any more: the commands writing it would get
                 // SIGPIPE on a local pipe, so end the group that way (the status says so).
-                let sig = if pty { libc::SIGHUP } else { libc::SIGPIPE };
-                // SAFETY: a negative pid signals the group the shell leads (setsid).
-                unsafe { libc::kill(-pid, sig) };
+                let sig = if pty { Signal::HUP } else { Signal::PIPE };
+                signal_group(pid, sig);
             }
             ShellFrame::Msg(Request::ShellDone) => return Ok(()),
             ShellFrame::Msg(_) | ShellFrame::Stderr(_) => {}
@@ -140,34 +145,35 @@ fn pump_output<W: Write>(
     let mut open = [true, err.is_some()];
     let mut buf = vec![0u8; OUTPUT_CHUNK];
     loop {
-        let mut fds = vec![pollfd(status.as_raw_fd())];
         let streams: Vec<(usize, &File)> = [Some(out), err]
             .into_iter()
             .enumerate()
             .filter_map(|(i, f)| f.filter(|_| open[i]).map(|f| (i, f)))
             .collect();
-        fds.extend(streams.iter().map(|(_, f)| pollfd(f.as_raw_fd())));
-        if !poll(&mut fds, -1)? {
+        let mut fds = vec![pollfd(&*status)];
+        fds.extend(streams.iter().map(|(_, f)| pollfd(*f)));
+        if !poll(&mut fds, None)? {
             continue;
         }
-        for ((i, f), p) in streams.iter().zip(&fds[1..]) {
-            if p.revents != 0 {
+        let ready: Vec<bool> = fds.iter().map(|p| !p.revents().is_empty()).collect();
+        drop(fds);
+        for ((i, f), &r) in streams.iter().zip(&ready[1..]) {
+            if r {
                 open[*i] = forward(w, f, *i == 1, &mut buf)?;
             }
         }
-        if fds[0].revents != 0 {
+        if ready[0] {
             break;
         }
     }
     // The shell is gone: end its process group (pipe mode leftovers such as `sleep &`),
     // then take whatever output is already buffered, without waiting for more.
-    // SAFETY: kill with a negative pid signals the group the shell led (setsid).
-    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    signal_group(pid, Signal::KILL);
     for (i, f) in [Some(out), err].into_iter().enumerate() {
         let Some(f) = f else { continue };
         while open[i] {
-            let mut p = [pollfd(f.as_raw_fd())];
-            if !poll(&mut p, 0)? || p[0].revents == 0 {
+            let mut p = [pollfd(f)];
+            if !poll(&mut p, Some(&Timespec::default()))? || p[0].revents().is_empty() {
                 break;
             }
             open[i] = forward(w, f, i == 1, &mut buf)?;
@@ -198,27 +204,24 @@ fn forward<W: Write>(w: &mut W, mut f: &File, stderr: bool, buf: &mut [u8]) -> i
     Ok(true)
 }
 
-fn pollfd(fd: RawFd) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
+fn pollfd<F: AsFd>(f: &F) -> PollFd<'_> {
+    PollFd::new(f, PollFlags::IN)
+}
+
+/// poll(2) (`None`: no timeout); false when interrupted by a signal.
+fn poll(fds: &mut [PollFd<'_>], timeout: Option<&Timespec>) -> io::Result<bool> {
+    match rustix::event::poll(fds, timeout) {
+        Ok(n) => Ok(n > 0),
+        Err(Errno::INTR) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
-/// poll(2); false when interrupted by a signal.
-fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<bool> {
-    // SAFETY: fds is a valid array of fds.len() pollfd structs.
-    let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted {
-            Ok(false)
-        } else {
-            Err(e)
-        };
+/// Send `sig` to the process group `pid` leads (the shell, after its setsid).
+fn signal_group(pid: libc::pid_t, sig: Signal) {
+    if let Some(pid) = Pid::from_raw(pid) {
+        let _ = kill_process_group(pid, sig);
     }
-    Ok(rc > 0)
 }
 
 /// The shell's status as the supervisor reported it, then reap the supervisor (unless
@@ -227,11 +230,10 @@ fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<bool> {
 fn reap(status: &mut File, supervisor: libc::pid_t) -> ShellStatus {
     let mut raw = [0u8; 4];
     let got = status.read_exact(&mut raw);
-    let mut ignored = 0;
-    // SAFETY: waitpid on our own child; ECHILD if the reaper thread was first.
-    while unsafe { libc::waitpid(supervisor, &mut ignored, 0) } < 0
-        && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
-    {}
+    // Our own child; ECHILD if the reaper thread was first.
+    if let Some(pid) = Pid::from_raw(supervisor) {
+        while matches!(waitpid(Some(pid), WaitOptions::empty()), Err(Errno::INTR)) {}
+    }
     if got.is_err() {
         return ShellStatus::Signaled(libc::SIGKILL);
     }
@@ -249,22 +251,20 @@ fn decode_status(st: libc::c_int) -> ShellStatus {
 
 /// SIGKILL the shell and its process group (the host is gone).
 fn kill_session(pid: libc::pid_t) {
-    // SAFETY: kill takes no pointers; the pid is our unreaped child (or its group).
-    unsafe {
-        libc::kill(-pid, libc::SIGKILL);
-        libc::kill(pid, libc::SIGKILL);
+    signal_group(pid, Signal::KILL);
+    if let Some(pid) = Pid::from_raw(pid) {
+        let _ = kill_process(pid, Signal::KILL);
     }
 }
 
-fn set_winsize(fd: RawFd, size: WinSize) {
-    let ws = libc::winsize {
+fn set_winsize<F: AsFd>(fd: F, size: WinSize) {
+    let ws = Winsize {
         ws_row: size.rows,
         ws_col: size.cols,
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
-    // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
-    unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
+    let _ = tcsetwinsize(fd, ws);
 }
 
 /// The running shell and the host-facing ends of its stdio.
@@ -295,47 +295,25 @@ fn cstring(bytes: &[u8], what: &str) -> Result<CString, OpError> {
 
 /// A pipe, both ends close-on-exec: (read, write).
 fn pipe() -> Result<(OwnedFd, OwnedFd), OpError> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds on success.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(os_err("pipe", io::Error::last_os_error()));
-    }
-    // SAFETY: both fds were just created and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    rustix::pipe::pipe_with(PipeFlags::CLOEXEC).map_err(|e| os_err("pipe", e.into()))
 }
 
 /// A new pty of `size`: (master, slave), both close-on-exec.
 fn open_pty(size: WinSize) -> Result<(OwnedFd, OwnedFd), OpError> {
-    // SAFETY: posix_openpt returns a new fd or -1.
-    let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
-    if m < 0 {
-        return Err(os_err("opening /dev/ptmx", io::Error::last_os_error()));
-    }
-    // SAFETY: m is a new fd we own.
-    let master = unsafe { OwnedFd::from_raw_fd(m) };
-    let mut name = [0 as libc::c_char; 64];
-    // SAFETY: valid fd; ptsname_r writes at most name.len() bytes.
-    let ok = unsafe {
-        libc::grantpt(m) == 0
-            && libc::unlockpt(m) == 0
-            && libc::ptsname_r(m, name.as_mut_ptr(), name.len()) == 0
-    };
-    if !ok {
-        return Err(os_err("setting up the pty", io::Error::last_os_error()));
-    }
-    // SAFETY: ptsname_r NUL-terminated the name.
-    let s = unsafe {
-        libc::open(
-            name.as_ptr(),
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-        )
-    };
-    if s < 0 {
-        return Err(os_err("opening the pty slave", io::Error::last_os_error()));
-    }
-    // SAFETY: s is a new fd we own.
-    let slave = unsafe { OwnedFd::from_raw_fd(s) };
-    set_winsize(master.as_raw_fd(), size);
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+        .map_err(|e| os_err("opening /dev/ptmx", e.into()))?;
+    let name = grantpt(&master)
+        .and_then(|()| unlockpt(&master))
+        .and_then(|()| ptsname(&master, Vec::new()))
+        .map_err(|e| os_err("setting up the pty", e.into()))?;
+    let slave = rustix::fs::open(
+        name.as_c_str(),
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| os_err("opening the pty slave", e.into()))?;
+    set_winsize(&master, size);
     Ok((master, slave))
 }
 

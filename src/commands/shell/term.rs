@@ -2,31 +2,36 @@
 //! SIGWINCH turned into readable bytes on a pipe. Each is a guard restored on drop, so
 //! every way out of the session (return, error, panic unwinding) restores the terminal.
 
+use rustix::termios;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// The write end of the SIGWINCH pipe (-1 = none); read by the signal handler.
 static WINCH_PIPE: AtomicI32 = AtomicI32::new(-1);
 
+/// `fd` as a borrowed fd, for the duration of one call on a process-wide fd.
+fn borrowed(fd: RawFd) -> BorrowedFd<'static> {
+    // SAFETY: only used on the standard fds and fds the caller keeps open for the
+    // call; rustix just passes the number to the syscall.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
 /// True if `fd` is a terminal.
 pub fn is_tty(fd: RawFd) -> bool {
-    // SAFETY: isatty takes no pointers.
-    unsafe { libc::isatty(fd) == 1 }
+    termios::isatty(borrowed(fd))
 }
 
 /// The size of the terminal on `fd`, if it is one and reports a non-zero size.
 pub fn window_size(fd: RawFd) -> Option<(u16, u16)> {
-    // SAFETY: TIOCGWINSZ fills one winsize.
-    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) };
-    (rc == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
+    let ws = termios::tcgetwinsize(borrowed(fd)).ok()?;
+    (ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
 }
 
 /// The terminal on `fd` in raw mode until dropped.
 pub struct RawMode {
     fd: RawFd,
-    saved: libc::termios,
+    saved: termios::Termios,
 }
 
 impl RawMode {
@@ -34,26 +39,22 @@ impl RawMode {
     /// output processing): every byte goes to the guest's pty, whose line discipline
     /// does all of that instead.
     pub fn enable(fd: RawFd) -> io::Result<RawMode> {
-        // SAFETY: termios is plain data that tcgetattr fills.
-        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
-        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut raw = saved;
-        // SAFETY: cfmakeraw edits the struct in place.
-        unsafe { libc::cfmakeraw(&mut raw) };
-        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let saved = termios::tcgetattr(borrowed(fd))?;
+        let mut raw = saved.clone();
+        raw.make_raw();
+        termios::tcsetattr(borrowed(fd), termios::OptionalActions::Now, &raw)?;
         Ok(RawMode { fd, saved })
     }
 }
 
 impl Drop for RawMode {
     fn drop(&mut self) {
-        // SAFETY: restoring the settings read in `enable`; TCSADRAIN lets pending
-        // output be written with the raw settings it was meant for.
-        unsafe { libc::tcsetattr(self.fd, libc::TCSADRAIN, &self.saved) };
+        // Drain: pending output is written with the raw settings it was meant for.
+        let _ = termios::tcsetattr(
+            borrowed(self.fd),
+            termios::OptionalActions::Drain,
+            &self.saved,
+        );
     }
 }
 
@@ -111,13 +112,9 @@ extern "C" fn on_winch(_: libc::c_int) {
 impl Winch {
     /// Install the handler.
     pub fn install() -> io::Result<Winch> {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 fills two fds.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: both fds are new and ours.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (read, write) = rustix::pipe::pipe_with(
+            rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+        )?;
         WINCH_PIPE.store(write.as_raw_fd(), Ordering::SeqCst);
         let guard = SignalGuard::set(
             libc::SIGWINCH,
@@ -138,9 +135,7 @@ impl Winch {
     /// Empty the pipe after a wake-up.
     pub fn drain(&self) {
         let mut buf = [0u8; 64];
-        // SAFETY: reading into a local buffer from our non-blocking pipe.
-        while unsafe { libc::read(self.read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {
-        }
+        while rustix::io::read(&self.read, &mut buf).is_ok_and(|n| n > 0) {}
     }
 }
 
