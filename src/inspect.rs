@@ -7,6 +7,7 @@
 //! parsed here on the host as bytes, and every text taken from it is cleaned before it
 //! reaches a terminal.
 
+use imgsafe_proto::fstypes::{fs_type, is_mountable as mountable_type};
 use imgsafe_proto::{unescape_octal, FsInfo};
 
 /// Largest `/etc/fstab` read (a real one is a few hundred bytes).
@@ -15,13 +16,6 @@ pub const MAX_FSTAB: u64 = 1 << 20;
 const MAX_ENTRIES: usize = 1024;
 /// Longest text from the image shown in a warning.
 const MAX_SHOWN: usize = 200;
-
-/// Filesystem types the agent can mount.
-pub const MOUNTABLE: &[&str] = &[
-    "ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "iso9660", "udf",
-];
-/// Types a Linux root filesystem usually has; tried first when looking for the root.
-const LINUX_ROOT_TYPES: &[&str] = &["ext4", "ext3", "ext2", "xfs", "btrfs"];
 
 /// fstab types that are not on the disk: swap, network and pseudo filesystems.
 const NOT_ON_DISK: &[&str] = &[
@@ -51,7 +45,6 @@ const NOT_ON_DISK: &[&str] = &[
     "rpc_pipefs",
     "nfsd",
     "overlay",
-    "squashfs",
     "nfs",
     "nfs4",
     "cifs",
@@ -172,7 +165,7 @@ pub fn shown(s: &str) -> String {
 
 /// True if the agent can mount what it found on `f`.
 pub fn is_mountable(f: &FsInfo) -> bool {
-    !f.partitioned && f.fstype.as_deref().is_some_and(|t| MOUNTABLE.contains(&t))
+    !f.partitioned && f.fstype.as_deref().is_some_and(mountable_type)
 }
 
 /// The filesystems that may be the guest's root, most likely first: Linux types before
@@ -182,7 +175,8 @@ pub fn root_candidates(list: &[FsInfo]) -> Vec<&FsInfo> {
     c.sort_by_key(|f| {
         !f.fstype
             .as_deref()
-            .is_some_and(|t| LINUX_ROOT_TYPES.contains(&t))
+            .and_then(fs_type)
+            .is_some_and(|t| t.linux_root)
     });
     c
 }

@@ -7,6 +7,7 @@ use crate::format::BlockSource;
 use crate::inspect::{self, Planned};
 use crate::vm::{self, Vm};
 use crate::{appliance, image, nbd, trace, warm, Error, Result};
+use imgsafe_proto::fstypes::is_mountable;
 use imgsafe_proto::{FileType, FsInfo};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +20,6 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Filesystem types the agent can mount.
-const MOUNTABLE: &[&str] = inspect::MOUNTABLE;
 /// Files whose presence marks a filesystem as an operating system's root.
 const ROOT_MARKERS: [&[u8]; 2] = [b"/etc/fstab", b"/etc/os-release"];
 
@@ -753,7 +753,7 @@ pub fn choose<'a>(
 ) -> std::result::Result<&'a FsInfo, String> {
     let mountable: Vec<&FsInfo> = list
         .iter()
-        .filter(|f| !f.partitioned && f.fstype.as_deref().is_some_and(|t| MOUNTABLE.contains(&t)))
+        .filter(|f| !f.partitioned && f.fstype.as_deref().is_some_and(is_mountable))
         .collect();
     if let Some(c) = choice {
         let c = c.trim();
@@ -764,7 +764,7 @@ pub fn choose<'a>(
             list.iter().find(|f| f.device == want || f.device == c)
         };
         return match found {
-            Some(f) if f.fstype.as_deref().is_some_and(|t| MOUNTABLE.contains(&t)) => Ok(f),
+            Some(f) if f.fstype.as_deref().is_some_and(is_mountable) => Ok(f),
             Some(f) => Err(format!(
                 "{}: {} cannot be mounted; found: {}",
                 f.device,

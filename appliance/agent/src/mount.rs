@@ -5,6 +5,7 @@
 use crate::error::{errno_text, OpError};
 use crate::probe::probe;
 use crate::resolve::resolve_creating;
+use imgsafe_proto::fstypes::fs_type;
 use imgsafe_proto::ErrorKind;
 use std::ffi::CString;
 use std::fs::File;
@@ -13,38 +14,6 @@ use std::path::Path;
 
 /// Flags of every mount: read-only, and nothing in the image may run or reach a device.
 const FLAGS: libc::c_ulong = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
-
-/// (type, options) to try in order; the next one is tried only when the kernel refuses
-/// an option or type (EINVAL, ENODEV). Never an attempt that could replay a journal.
-pub fn attempts(fstype: &str) -> Vec<(&str, &'static str)> {
-    match fstype {
-        // The ext4 driver serves ext2/ext3 too; `noload` skips the journal entirely.
-        "ext2" => vec![("ext2", "noload"), ("ext2", ""), ("ext4", "noload")],
-        "ext3" => vec![("ext3", "noload"), ("ext4", "noload")],
-        "ext4" => vec![("ext4", "noload")],
-        "xfs" => vec![("xfs", "norecovery")],
-        // `rescue=` appeared in Linux 5.9; older kernels spell it `nologreplay`.
-        "btrfs" => vec![("btrfs", "rescue=nologreplay"), ("btrfs", "nologreplay")],
-        "vfat" => vec![("vfat", "utf8"), ("vfat", "")],
-        "iso9660" => vec![("iso9660", "utf8"), ("iso9660", "")],
-        other => vec![(other, "")],
-    }
-}
-
-/// Read-write (type, options) to try first for a `writable` mount; a journal may be
-/// replayed, into the copy-on-write layer. Types not listed are mounted read-only.
-fn writable_attempts(fstype: &str) -> Vec<(&str, &'static str)> {
-    match fstype {
-        "ext2" => vec![("ext2", ""), ("ext4", "")],
-        "ext3" => vec![("ext3", ""), ("ext4", "")],
-        "ext4" | "xfs" | "btrfs" => vec![(fstype, "")],
-        "vfat" => vec![("vfat", "utf8"), ("vfat", "")],
-        _ => Vec::new(),
-    }
-}
-
-/// Types the probe reports that are not mountable filesystems.
-const NOT_MOUNTABLE: [&str; 3] = ["swap", "LVM2_member", "jbd"];
 
 fn cstr(s: &[u8], what: &str) -> Result<CString, OpError> {
     CString::new(s).map_err(|_| OpError::new(ErrorKind::BadRequest, format!("{what} contains NUL")))
@@ -88,12 +57,12 @@ pub fn mount(
         Some(t) => t.to_string(),
         None => probed_type(device)?,
     };
-    if NOT_MOUNTABLE.contains(&fstype.as_str()) {
+    let Some(kind) = fs_type(&fstype) else {
         return Err(OpError::new(
             ErrorKind::Mount,
-            format!("{device}: {fstype} is not a mountable filesystem"),
+            format!("{device}: {fstype} is not a filesystem imgsafe mounts"),
         ));
-    }
+    };
     let target = resolve_creating(sysroot, mountpoint.as_bytes())
         .map_err(|e| OpError::new(ErrorKind::Mount, format!("mountpoint {}", e.message)))?;
     let src = cstr(device.as_bytes(), "device")?;
@@ -102,15 +71,10 @@ pub fn mount(
         "mountpoint",
     )?;
     let mut last = io::Error::from_raw_os_error(libc::EINVAL);
-    let rw = if writable {
-        writable_attempts(&fstype)
-    } else {
-        Vec::new()
-    };
-    let ro = attempts(&fstype);
+    let rw: &[(&str, &str)] = if writable { kind.writable } else { &[] };
     let all = rw.iter().map(|a| (*a, FLAGS & !libc::MS_RDONLY));
-    for ((t, opts), flags) in all.chain(ro.iter().map(|a| (*a, FLAGS))) {
-        crate::init::load_fs_modules(t);
+    crate::init::load_fs_modules(kind.name);
+    for ((t, opts), flags) in all.chain(kind.read_only.iter().map(|a| (*a, FLAGS))) {
         let ty = cstr(t.as_bytes(), "fstype")?;
         let data = cstr(opts.as_bytes(), "options")?;
         // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
@@ -189,28 +153,6 @@ fn unmount_below(sysroot: &Path) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn journaled_types_never_fall_back_to_replaying() {
-        for t in ["ext3", "ext4", "xfs", "btrfs"] {
-            let opts = attempts(t);
-
-            assert!(opts.iter().all(|(_, o)| !o.is_empty()), "{t}: {opts:?}");
-        }
-    }
-
-    #[test]
-    fn only_writable_filesystems_get_read_write_attempts() {
-        assert_eq!(writable_attempts("ext3"), vec![("ext3", ""), ("ext4", "")]);
-        assert_eq!(writable_attempts("xfs"), vec![("xfs", "")]);
-        assert!(writable_attempts("iso9660").is_empty());
-        assert!(writable_attempts("udf").is_empty());
-    }
-
-    #[test]
-    fn btrfs_prefers_rescue_syntax() {
-        assert_eq!(attempts("btrfs")[0], ("btrfs", "rescue=nologreplay"));
-    }
 
     #[test]
     fn non_device_paths_are_refused() {

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 mod escape;
+pub mod fstypes;
 pub use escape::unescape_octal;
 
 /// Bumped whenever a message changes shape.
