@@ -88,6 +88,28 @@ pub const FILESYSTEMS: &[FsType] = &[
         writable: &[],
         linux_root: false,
     },
+    FsType {
+        name: "exfat",
+        modules: &["exfat", "nls_utf8"],
+        read_only: &[("exfat", "")],
+        writable: &[("exfat", "")],
+        linux_root: false,
+    },
+    // Read-only by design: the kernel never writes either.
+    FsType {
+        name: "squashfs",
+        modules: &["squashfs"],
+        read_only: &[("squashfs", "")],
+        writable: &[],
+        linux_root: false,
+    },
+    FsType {
+        name: "erofs",
+        modules: &["erofs"],
+        read_only: &[("erofs", "")],
+        writable: &[],
+        linux_root: false,
+    },
 ];
 
 /// The entry for a type the probe reported, if imgsafe mounts it.

@@ -234,8 +234,8 @@ pub struct FsInfo {
     pub device: String,
     /// Size in bytes.
     pub size: u64,
-    /// Filesystem type as `mount` names it (`ext4`, `xfs`, `btrfs`, `vfat`, `iso9660`,
-    /// `swap`, `LVM2_member`), None when nothing was recognised.
+    /// Filesystem type as the probe names it: one of [`fstypes::FILESYSTEMS`], or
+    /// `swap`, `LVM2_member`, `jbd`; None when nothing was recognised.
     pub fstype: Option<String>,
     pub label: Option<String>,
     pub uuid: Option<String>,
