@@ -38,15 +38,25 @@ fn probed_type(device: &str) -> Result<String, OpError> {
     })
 }
 
-/// Mount `device` at `sysroot` + `mountpoint`, read-only unless `writable` and the
+/// How to mount one device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct How<'a> {
+    /// The type to mount it as; None = the type the probe finds.
+    pub fstype: Option<&'a str>,
+    /// Read-write where the filesystem allows it (over a copy-on-write layer only).
+    pub writable: bool,
+    /// btrfs only: the subvolume to mount instead of the default one.
+    pub subvolid: Option<u64>,
+}
+
+/// Mount `device` at `sysroot` + `mountpoint`, read-only unless `how.writable` and the
 /// filesystem can be written (then read-only is the fallback); returns the type used.
-pub fn mount(
-    sysroot: &Path,
-    device: &str,
-    mountpoint: &str,
-    fstype: Option<&str>,
-    writable: bool,
-) -> Result<String, OpError> {
+pub fn mount(sysroot: &Path, device: &str, mountpoint: &str, how: How) -> Result<String, OpError> {
+    let How {
+        fstype,
+        writable,
+        subvolid,
+    } = how;
     if !device.starts_with("/dev/") || device.split('/').any(|c| c == "..") {
         return Err(OpError::new(
             ErrorKind::BadRequest,
@@ -63,6 +73,12 @@ pub fn mount(
             format!("{device}: {fstype} is not a filesystem imgsafe mounts"),
         ));
     };
+    if subvolid.is_some() && kind.name != "btrfs" {
+        return Err(OpError::new(
+            ErrorKind::BadRequest,
+            format!("{device}: {fstype} has no subvolumes"),
+        ));
+    }
     let target = resolve_creating(sysroot, mountpoint.as_bytes())
         .map_err(|e| OpError::new(ErrorKind::Mount, format!("mountpoint {}", e.message)))?;
     let src = cstr(device.as_bytes(), "device")?;
@@ -76,6 +92,11 @@ pub fn mount(
     crate::init::load_fs_modules(kind.name);
     for ((t, opts), flags) in all.chain(kind.read_only.iter().map(|a| (*a, FLAGS))) {
         let ty = cstr(t.as_bytes(), "fstype")?;
+        let opts = match subvolid {
+            Some(id) if opts.is_empty() => format!("subvolid={id}"),
+            Some(id) => format!("{opts},subvolid={id}"),
+            None => opts.to_string(),
+        };
         let data = cstr(opts.as_bytes(), "options")?;
         // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
         let rc = unsafe {
@@ -158,8 +179,13 @@ mod tests {
     fn non_device_paths_are_refused() {
         let dir = tempfile::tempdir().unwrap();
 
-        let err = mount(dir.path(), "/dev/../etc/passwd", "/", Some("ext4"), false).unwrap_err();
-        let err2 = mount(dir.path(), "relative", "/", Some("ext4"), true).unwrap_err();
+        let how = How {
+            fstype: Some("ext4"),
+            ..How::default()
+        };
+
+        let err = mount(dir.path(), "/dev/../etc/passwd", "/", how).unwrap_err();
+        let err2 = mount(dir.path(), "relative", "/", how).unwrap_err();
 
         assert_eq!(err.kind, ErrorKind::BadRequest);
         assert_eq!(err2.kind, ErrorKind::BadRequest);
