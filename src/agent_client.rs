@@ -682,10 +682,7 @@ mod tests {
 
     #[test]
     fn subvolumes_from_the_guest_are_checked() {
-        let sv = |id, p: &str| Subvolume {
-            id,
-            path: p.into(),
-        };
+        let sv = |id, p: &str| Subvolume { id, path: p.into() };
 
         assert!(valid_subvolume(&sv(256, "@/.snapshots/1/snapshot")));
         assert!(!valid_subvolume(&sv(5, "top")));

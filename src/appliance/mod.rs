@@ -112,13 +112,23 @@ pub struct HostProgram {
 }
 
 /// Host programs copied into the guest: lvm2's `lvm` activates volume groups (the
-/// agent runs it); `file` gives `imgsafe shell` file-type detection when the host has it.
+/// agent runs it); ntfs-3g mounts NTFS; `file` gives `imgsafe shell` file-type
+/// detection when the host has it.
 pub const HOST_PROGRAMS: &[HostProgram] = &[
     HostProgram {
         candidates: &["/sbin/lvm", "/usr/sbin/lvm"],
         guest: "/sbin/lvm",
         package: "lvm2",
         optional: false,
+        data: &[],
+    },
+    // NTFS, through FUSE (the appliance kernel has no ntfs3); lowntfs-3g because it
+    // links only libntfs-3g (its own FUSE code, no libfuse or fusermount).
+    HostProgram {
+        candidates: &["/bin/lowntfs-3g", "/usr/bin/lowntfs-3g"],
+        guest: imgsafe_proto::fstypes::NTFS_3G,
+        package: "ntfs-3g",
+        optional: true,
         data: &[],
     },
     HostProgram {

@@ -81,6 +81,15 @@ pub fn mount(sysroot: &Path, device: &str, mountpoint: &str, how: How) -> Result
     }
     let target = resolve_creating(sysroot, mountpoint.as_bytes())
         .map_err(|e| OpError::new(ErrorKind::Mount, format!("mountpoint {}", e.message)))?;
+    if let Some(program) = kind.fuse {
+        crate::init::load_fs_modules(kind.name);
+        let opts = kind.read_only.first().map_or("ro", |(_, o)| *o);
+        if writable {
+            crate::init::log(&format!("{device}: {fstype} is mounted read-only"));
+        }
+        fuse_mount(Path::new(program), device, &target.host, opts)?;
+        return Ok(fstype);
+    }
     let src = cstr(device.as_bytes(), "device")?;
     let dst = cstr(
         std::os::unix::ffi::OsStrExt::as_bytes(target.host.as_os_str()),
@@ -125,6 +134,68 @@ pub fn mount(sysroot: &Path, device: &str, mountpoint: &str, how: How) -> Result
             errno_text(&last)
         ),
     ))
+}
+
+/// Most bytes of a FUSE driver's complaint kept for the error message.
+const MAX_FUSE_LOG: u64 = 4096;
+
+/// Mount through a FUSE program (`PROGRAM -o OPTS DEVICE TARGET`), which mounts, goes
+/// into the background to serve the filesystem, and exits 0 once it is mounted. It
+/// stays read-only: `ro` is always in OPTS, and the disk itself is read-only.
+fn fuse_mount(program: &Path, device: &str, target: &Path, opts: &str) -> Result<(), OpError> {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    if !program.is_file() {
+        return Err(OpError::new(
+            ErrorKind::Mount,
+            format!(
+                "{device}: {} is not in the appliance: install the Debian package ntfs-3g on the host",
+                program.display()
+            ),
+        ));
+    }
+    let opts = format!("{opts},nodev,nosuid");
+    let mut child = Command::new(program)
+        .arg("-o")
+        .arg(&opts)
+        .arg(device)
+        .arg(target)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            OpError::new(
+                ErrorKind::Mount,
+                format!("running {}: {}", program.display(), errno_text(&e)),
+            )
+        })?;
+    let mut said = String::new();
+    if let Some(err) = child.stderr.take() {
+        let _ = err.take(MAX_FUSE_LOG).read_to_string(&mut said);
+    }
+    let failed = |why: String| {
+        let said = said.lines().next().unwrap_or("").trim();
+        OpError::new(ErrorKind::Mount, format!("mount {device}: {why}: {said}"))
+    };
+    // PID 1's reaper thread may collect the child first; then whether the mount is
+    // there says how it went.
+    match child.wait() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(failed(s.to_string())),
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) && is_mount_point(target) => Ok(()),
+        Err(e) => Err(failed(errno_text(&e))),
+    }
+}
+
+/// Whether `path` is a mount point (listed in /proc/self/mounts).
+fn is_mount_point(path: &Path) -> bool {
+    let mounts = std::fs::read("/proc/self/mounts").unwrap_or_default();
+    let want = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    mounts
+        .split(|&c| c == b'\n')
+        .filter_map(|l| l.split(|&c| c == b' ').nth(1))
+        .any(|t| imgsafe_proto::unescape_octal(t) == want)
 }
 
 /// `Unmount`: remove every mount at or below sysroot + `mountpoint`, deepest first;

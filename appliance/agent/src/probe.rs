@@ -43,6 +43,11 @@ const EXFAT_LABEL_ENTRY: u8 = 0x83;
 const EXFAT_DIR_SCAN: u64 = 64 * 1024;
 /// NTFS boot sector OEM id at byte 3.
 const NTFS_NAME: &[u8; 8] = b"NTFS    ";
+/// NTFS: the $Volume file's MFT record number, and its $VOLUME_NAME attribute type.
+const NTFS_VOLUME_RECORD: u64 = 3;
+const NTFS_ATTR_VOLUME_NAME: u32 = 0x60;
+/// NTFS update sequence stride: fixups protect the last 2 bytes of every 512 bytes.
+const NTFS_FIXUP_STRIDE: usize = 512;
 /// squashfs superblock magic at byte 0 (squashfs_fs.h SQUASHFS_MAGIC, little-endian).
 const SQUASHFS_MAGIC: &[u8; 4] = b"hsqs";
 /// EROFS superblock offset and magic (erofs_fs.h EROFS_SUPER_OFFSET, EROFS_SUPER_MAGIC_V1).
@@ -167,7 +172,7 @@ pub fn probe<F: FileExt>(dev: &F, size: u64) -> Probe {
         };
     }
     // UDF before ISO 9660: a hybrid disc is read through its UDF side, as blkid does.
-    let probers: [fn(&F, u64) -> Option<Probe>; 11] = [
+    let probers: [fn(&F, u64) -> Option<Probe>; 12] = [
         probe_ext,
         probe_xfs,
         probe_btrfs,
@@ -176,6 +181,7 @@ pub fn probe<F: FileExt>(dev: &F, size: u64) -> Probe {
         probe_swap,
         probe_lvm2,
         probe_exfat,
+        probe_ntfs,
         probe_vfat,
         probe_squashfs,
         probe_erofs,
@@ -368,6 +374,78 @@ fn exfat_label<F: FileExt>(dev: &F, size: u64, bs: &[u8]) -> Option<String> {
             }
             _ => {}
         }
+    }
+    None
+}
+
+/// NTFS: UUID = the 64-bit volume serial as blkid shows it (16 hex digits), label from
+/// the $VOLUME_NAME attribute of the $Volume file's MFT record.
+fn probe_ntfs<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
+    let bs = read(dev, size, 0, 512)?;
+    if &bs[3..11] != NTFS_NAME {
+        return None;
+    }
+    let sector = u64::from(le16(&bs, 11));
+    let spc = bs[13];
+    // Values above 128 are a negative power of two (large clusters, Windows 10 1903+).
+    let per_cluster = if spc <= 128 {
+        u64::from(spc)
+    } else {
+        1u64.checked_shl(u32::from(spc.wrapping_neg()))?
+    };
+    if !matches!(sector, 256..=4096) || !sector.is_power_of_two() || per_cluster == 0 {
+        return None;
+    }
+    let cluster = sector.checked_mul(per_cluster)?;
+    let rec = bs[0x40] as i8;
+    let record = if rec > 0 {
+        cluster.checked_mul(rec as u64)?
+    } else {
+        1u64.checked_shl(u32::from(rec.unsigned_abs()))?
+    };
+    let uuid = format!("{:016X}", le64(&bs, 0x48));
+    let label = le64(&bs, 0x30)
+        .checked_mul(cluster)
+        .and_then(|mft| mft.checked_add(NTFS_VOLUME_RECORD.checked_mul(record)?))
+        .filter(|_| (1024..=65536).contains(&record))
+        .and_then(|off| read(dev, size, off, record as usize))
+        .and_then(ntfs_volume_name);
+    found("ntfs", label, Some(uuid))
+}
+
+/// The $VOLUME_NAME of one MFT record, after its update sequence fixups are applied.
+fn ntfs_volume_name(mut r: Vec<u8>) -> Option<String> {
+    if &r[0..4] != b"FILE" {
+        return None;
+    }
+    let usa = usize::from(le16(&r, 4));
+    let count = usize::from(le16(&r, 6));
+    if count < 2 || (count - 1) * NTFS_FIXUP_STRIDE > r.len() || usa + 2 * count > r.len() {
+        return None;
+    }
+    let check = [r[usa], r[usa + 1]];
+    for i in 1..count {
+        let end = i * NTFS_FIXUP_STRIDE;
+        if r[end - 2..end] != check {
+            return None;
+        }
+        let fix = [r[usa + 2 * i], r[usa + 2 * i + 1]];
+        r[end - 2..end].copy_from_slice(&fix);
+    }
+    let mut at = usize::from(le16(&r, 0x14));
+    while at + 24 <= r.len() {
+        let kind = le32(&r, at);
+        let len = le32(&r, at + 4) as usize;
+        if kind == 0xFFFF_FFFF || len < 24 || at + len > r.len() {
+            return None;
+        }
+        if kind == NTFS_ATTR_VOLUME_NAME && r[at + 8] == 0 {
+            let vlen = le32(&r, at + 0x10) as usize;
+            let voff = usize::from(le16(&r, at + 0x14));
+            let value = r.get(at + voff..(at + voff).checked_add(vlen)?)?;
+            return utf16le(value);
+        }
+        at += len;
     }
     None
 }
@@ -881,6 +959,37 @@ mod tests {
         std::fs::create_dir(&src).unwrap();
         std::fs::write(src.join("hello.txt"), b"hi\n").unwrap();
         src
+    }
+
+    #[test]
+    fn ntfs_label_and_serial() {
+        let dir = tempfile::tempdir().unwrap();
+        let ntfs = ("ntfs-3g", "mkntfs");
+        let ascii = formatted(
+            dir.path(),
+            "n",
+            16 << 20,
+            ntfs,
+            &["-F", "-Q", "-q", "-L", "Win lab"],
+        );
+        let unicode = formatted(
+            dir.path(),
+            "u",
+            16 << 20,
+            ntfs,
+            &["-F", "-Q", "-q", "-L", "\u{e9}t\u{e9} \u{263a}"],
+        );
+
+        assert_matches_blkid(&ascii, "ntfs");
+        assert_eq!(probe_file(&ascii).label.as_deref(), Some("Win lab"));
+        assert_eq!(
+            probe_file(&unicode).label.as_deref(),
+            Some("\u{e9}t\u{e9} \u{263a}")
+        );
+        assert_eq!(
+            partition_table(&File::open(&ascii).unwrap(), 16 << 20),
+            None
+        );
     }
 
     #[test]

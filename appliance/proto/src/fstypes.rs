@@ -19,7 +19,14 @@ pub struct FsType {
     pub writable: &'static [(&'static str, &'static str)],
     /// A Linux root usually has this type: tried first when looking for the root.
     pub linux_root: bool,
+    /// Mounted by this FUSE program in the appliance rather than by a kernel driver
+    /// (then `read_only` gives its `-o` options).
+    pub fuse: Option<&'static str>,
 }
+
+/// The FUSE NTFS driver in the appliance: lowntfs-3g, copied from the host's ntfs-3g
+/// package (Debian's cloud kernel has no ntfs3).
+pub const NTFS_3G: &str = "/usr/bin/lowntfs-3g";
 
 /// Every type imgsafe mounts, in the order a root is looked for among equals.
 pub const FILESYSTEMS: &[FsType] = &[
@@ -31,6 +38,7 @@ pub const FILESYSTEMS: &[FsType] = &[
         read_only: &[("ext4", "noload")],
         writable: &[("ext4", "")],
         linux_root: true,
+        fuse: None,
     },
     FsType {
         name: "ext3",
@@ -38,6 +46,7 @@ pub const FILESYSTEMS: &[FsType] = &[
         read_only: &[("ext3", "noload"), ("ext4", "noload")],
         writable: &[("ext3", ""), ("ext4", "")],
         linux_root: true,
+        fuse: None,
     },
     FsType {
         name: "ext2",
@@ -45,6 +54,7 @@ pub const FILESYSTEMS: &[FsType] = &[
         read_only: &[("ext2", "noload"), ("ext2", ""), ("ext4", "noload")],
         writable: &[("ext2", ""), ("ext4", "")],
         linux_root: true,
+        fuse: None,
     },
     FsType {
         name: "xfs",
@@ -52,6 +62,7 @@ pub const FILESYSTEMS: &[FsType] = &[
         read_only: &[("xfs", "norecovery")],
         writable: &[("xfs", "")],
         linux_root: true,
+        fuse: None,
     },
     // `rescue=` appeared in Linux 5.9; older kernels spell it `nologreplay`.
     FsType {
@@ -60,6 +71,7 @@ pub const FILESYSTEMS: &[FsType] = &[
         read_only: &[("btrfs", "rescue=nologreplay"), ("btrfs", "nologreplay")],
         writable: &[("btrfs", "")],
         linux_root: true,
+        fuse: None,
     },
     FsType {
         name: "vfat",
@@ -73,6 +85,7 @@ pub const FILESYSTEMS: &[FsType] = &[
         read_only: &[("vfat", "utf8"), ("vfat", "")],
         writable: &[("vfat", "utf8"), ("vfat", "")],
         linux_root: false,
+        fuse: None,
     },
     FsType {
         name: "iso9660",
@@ -80,6 +93,7 @@ pub const FILESYSTEMS: &[FsType] = &[
         read_only: &[("iso9660", "utf8"), ("iso9660", "")],
         writable: &[],
         linux_root: false,
+        fuse: None,
     },
     FsType {
         name: "udf",
@@ -87,6 +101,7 @@ pub const FILESYSTEMS: &[FsType] = &[
         read_only: &[("udf", "utf8"), ("udf", "")],
         writable: &[],
         linux_root: false,
+        fuse: None,
     },
     FsType {
         name: "exfat",
@@ -94,6 +109,7 @@ pub const FILESYSTEMS: &[FsType] = &[
         read_only: &[("exfat", "")],
         writable: &[("exfat", "")],
         linux_root: false,
+        fuse: None,
     },
     // Read-only by design: the kernel never writes either.
     FsType {
@@ -102,6 +118,7 @@ pub const FILESYSTEMS: &[FsType] = &[
         read_only: &[("squashfs", "")],
         writable: &[],
         linux_root: false,
+        fuse: None,
     },
     FsType {
         name: "erofs",
@@ -109,6 +126,18 @@ pub const FILESYSTEMS: &[FsType] = &[
         read_only: &[("erofs", "")],
         writable: &[],
         linux_root: false,
+        fuse: None,
+    },
+    // Alternate data streams are not shown (streams_interface=none); reparse points
+    // (junctions, symlinks) are shown as symlinks, which the agent never follows
+    // out of the mounted tree.
+    FsType {
+        name: "ntfs",
+        modules: &["fuse"],
+        read_only: &[("ntfs", "ro,streams_interface=none,noatime")],
+        writable: &[],
+        linux_root: false,
+        fuse: Some(NTFS_3G),
     },
 ];
 
