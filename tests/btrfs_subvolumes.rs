@@ -135,3 +135,28 @@ fn a_default_subvolume_root_is_found_as_before() {
     assert_eq!(ok_stdout(&home), "big.bin\nletter\n");
     img.assert_unchanged();
 }
+
+/// Regression for the path of a nested subvolume: the kernel gives each subvolume's
+/// place inside its parent (`1/` of `@/.snapshots`), which must be joined up to the
+/// top level.
+#[test]
+fn a_root_in_a_nested_snapper_snapshot_is_found_and_named_by_its_full_path() {
+    let t = tempfile::tempdir().unwrap();
+    let snap = "@/.snapshots/1/snapshot";
+    write(
+        t.path(),
+        &format!("{snap}/etc/os-release"),
+        b"ID=opensuse-tumbleweed\n",
+    );
+    write(t.path(), "@/readme", b"not a root\n");
+    let img = btrfs_with_subvolumes(t.path(), &["@", "@/.snapshots", snap], None);
+
+    let found = run(["cat", &img.arg(), "/etc/os-release"]);
+    let by_hand = run(["ls", "-m", &format!("/dev/vda@{snap}"), &img.arg(), "/etc"]);
+    let top = run(["ls", "-m", "/dev/vda@/", &img.arg(), "/"]);
+
+    assert_eq!(ok_stdout(&found), "ID=opensuse-tumbleweed\n");
+    assert_eq!(ok_stdout(&by_hand), "os-release\n");
+    assert_eq!(ok_stdout(&top), "@\n");
+    img.assert_unchanged();
+}
