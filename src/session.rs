@@ -348,6 +348,11 @@ impl Session {
         Ok(etc)
     }
 
+    /// The default subvolume's id and the subvolumes of the btrfs on `device`.
+    pub fn subvolumes(&mut self, device: &str) -> Result<(u64, Vec<Subvolume>)> {
+        self.subvolumes_of(device)
+    }
+
     /// The subvolumes of the btrfs on `device` (asked once).
     fn subvolumes_of(&mut self, device: &str) -> Result<(u64, Vec<Subvolume>)> {
         if !self.subvolumes.contains_key(device) {

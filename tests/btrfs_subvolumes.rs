@@ -78,6 +78,7 @@ fn fedora_root_and_home_subvolumes_are_assembled_from_fstab() {
     let img = btrfs_with_subvolumes(tree.path(), &["root", "home"], None);
     let out = tempfile::tempdir().unwrap();
 
+    let fsl = run(["filesystems", "--json", &img.arg()]);
     let ls = run(["ls", &img.arg(), "/etc"]);
     let cat = run(["cat", &img.arg(), "/home/me/letter"]);
     let cp = run([
@@ -86,6 +87,17 @@ fn fedora_root_and_home_subvolumes_are_assembled_from_fstab() {
         out.path().to_str().unwrap(),
     ]);
 
+    let doc: serde_json::Value = serde_json::from_str(&ok_stdout(&fsl)).unwrap();
+    let fs0 = &doc["filesystems"][0];
+    let paths: Vec<&str> = fs0["subvolumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["root", "home"], "{doc}");
+    assert_eq!(fs0["default_subvolume"], 5);
+    assert_eq!(fs0["root"], true, "{doc}");
     assert_eq!(ok_stdout(&ls), "fstab\nos-release\n");
     assert_eq!(ok_stdout(&cat), "Dear imgsafe,\n");
     assert_eq!(ok_stdout(&cp), "");
