@@ -552,19 +552,26 @@ fn udf_uuid(vsid: &[u8]) -> Option<String> {
             .collect(),
         _ => return None,
     };
-    let bytes: Vec<u8> = bytes.into_iter().take_while(|&b| b != 0).take(16).collect();
-    if bytes.len() < 8 {
+    // blkid reads the identifier into a zeroed 16-byte buffer: bytes past its end are 0.
+    let len = bytes.iter().take_while(|&&b| b != 0).count();
+    if len < 8 {
         return None;
     }
-    let hex = bytes.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let mut buf = [0u8; 16];
+    let n = len.min(16);
+    buf[..n].copy_from_slice(&bytes[..n]);
+    let hex = buf[..n]
+        .iter()
+        .take_while(|b| b.is_ascii_hexdigit())
+        .count();
     let lower = |b: &[u8]| String::from_utf8_lossy(b).to_ascii_lowercase();
     let as_hex = |b: &[u8]| b.iter().map(|c| format!("{c:02x}")).collect::<String>();
     Some(if hex >= 16 {
-        lower(&bytes[..16])
+        lower(&buf)
     } else if hex >= 8 {
-        lower(&bytes[..8]) + &as_hex(&bytes[8..bytes.len().min(12)])
+        lower(&buf[..8]) + &as_hex(&buf[8..12])
     } else {
-        as_hex(&bytes[..8])
+        as_hex(&buf[..8])
     })
 }
 
@@ -1055,6 +1062,49 @@ mod tests {
             probe_file(&unicode).label.as_deref(),
             Some("\u{e9}t\u{e9} \u{263a}")
         );
+    }
+
+    /// Overwrite the volume set identifier of every primary volume descriptor in the
+    /// main sequence of a `block`-byte-block UDF image (blkid does not check tag CRCs).
+    fn set_udf_vsid(p: &Path, block: u64, vsid: &[u8]) {
+        let f = File::options().read(true).write(true).open(p).unwrap();
+        let size = f.metadata().unwrap().len();
+        let (_, vds, len) = udf_anchor(&f, size, block).unwrap();
+        let mut field = [0u8; 128];
+        field[0] = 8;
+        field[1..1 + vsid.len()].copy_from_slice(vsid);
+        field[127] = vsid.len() as u8 + 1;
+        for i in 0..u64::from(len) / block {
+            let off = (u64::from(vds) + i) * block;
+            let d = read(&f, size, off, 2).unwrap();
+            if le16(&d, 0) == UDF_TAG_PVD {
+                f.write_all_at(&field, off + 72).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn udf_uuid_from_any_volume_set_identifier_as_blkid_derives_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let vsids: [&[u8]; 5] = [
+            b"12345678xyz",
+            b"123456789Zq",
+            b"xyzxyzxyzxyz",
+            b"abc",
+            b"0123456789abcdefghij",
+        ];
+        for (i, vsid) in vsids.into_iter().enumerate() {
+            let p = formatted(
+                dir.path(),
+                &format!("u{i}"),
+                8 << 20,
+                ("udftools", "mkudffs"),
+                &["-b", "512", "--media-type=hd"],
+            );
+            set_udf_vsid(&p, 512, vsid);
+
+            assert_matches_blkid(&p, "udf");
+        }
     }
 
     #[test]
