@@ -3,7 +3,7 @@
 //! structures from the disk itself, only the kernel's answers, and bounds those).
 
 use crate::error::{errno_text, OpError};
-use imgsafe_proto::{ErrorKind, Subvolume, BTRFS_TOP_LEVEL, MAX_PATH, MAX_SUBVOLUMES};
+use imgsafe_proto::{ErrorKind, Subvolume, BTRFS_TOP_LEVEL, MAX_FRAME, MAX_PATH, MAX_SUBVOLUMES};
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
@@ -180,7 +180,15 @@ fn list_mounted(fd: &File) -> Result<(u64, Vec<Subvolume>), OpError> {
         rel.extend_from_slice(name);
         refs.insert(id, (parent, rel));
     }
-    Ok((default_subvolume(fd)?, full_paths(&refs)))
+    let list = full_paths(&refs);
+    // The answer must fit one frame, whatever the paths' lengths.
+    if list.iter().map(|s| s.path.len() + 64).sum::<usize>() > MAX_FRAME / 2 {
+        return Err(OpError::new(
+            ErrorKind::Mount,
+            "btrfs subvolume paths too long to list",
+        ));
+    }
+    Ok((default_subvolume(fd)?, list))
 }
 
 /// The default subvolume's id and every subvolume of the btrfs on `device`.
