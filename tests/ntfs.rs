@@ -47,6 +47,7 @@ fn ntfs_lists_reads_and_copies_with_case_insensitive_names() {
 
     let fsl = run(["filesystems", &img.arg()]);
     let ls = run(["ls", &img.arg(), "/"]);
+    let long = run(["ls", "-l", &img.arg(), "/"]);
     let exact = run(["cat", &img.arg(), "/Hello.TXT"]);
     let folded = run(["cat", &img.arg(), "/hello.txt"]);
     let unicode = run(["cat", &img.arg(), &format!("/{}", UNICODE.to_uppercase())]);
@@ -74,6 +75,11 @@ fn ntfs_lists_reads_and_copies_with_case_insensitive_names() {
         "{names}"
     );
     assert!(!names.contains("secret"), "{names}");
+    let modes = ok_stdout(&long);
+    assert!(
+        modes.lines().all(|l| l.starts_with("-rw-r--r-- ")),
+        "{modes}"
+    );
     assert_eq!(ok_stdout(&exact), "hello NTFS\n");
     assert_eq!(ok_stdout(&folded), "hello NTFS\n");
     assert_eq!(ok_stdout(&unicode), "unicode\n");

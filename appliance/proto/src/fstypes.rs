@@ -130,11 +130,16 @@ pub const FILESYSTEMS: &[FsType] = &[
     },
     // Alternate data streams are not shown (streams_interface=none); reparse points
     // (junctions, symlinks) are shown as symlinks, which the agent never follows
-    // out of the mounted tree.
+    // out of the mounted tree. NTFS has no POSIX modes and ntfs-3g would show every
+    // file as 0777: files are 0644 and directories 0755 instead, so `cp` makes no
+    // world-writable or executable copies.
     FsType {
         name: "ntfs",
         modules: &["fuse"],
-        read_only: &[("ntfs", "ro,streams_interface=none,noatime")],
+        read_only: &[(
+            "ntfs",
+            "ro,streams_interface=none,noatime,fmask=0133,dmask=0022",
+        )],
         writable: &[],
         linux_root: false,
         fuse: Some(NTFS_3G),
