@@ -6,7 +6,8 @@
 
 use crate::{Error, Result};
 use imgsafe_proto::{
-    self as proto, validate_name, Entry, ErrorKind, Frame, FsInfo, Request, Response, WalkEntry,
+    self as proto, validate_name, Entry, ErrorKind, Frame, FsInfo, Request, Response, Subvolume,
+    WalkEntry, MAX_SUBVOLUMES,
 };
 use std::io::{BufReader, BufWriter, Write};
 use std::os::unix::net::UnixStream;
@@ -260,24 +261,49 @@ impl AgentClient {
         }
     }
 
-    /// Mount `device` read-only at `mountpoint` below the guest sysroot.
+    /// Mount `device` read-only at `mountpoint` below the guest sysroot (a btrfs: its
+    /// subvolume `subvolid`, or its default one).
     pub fn mount(
         &mut self,
         device: &str,
         mountpoint: &str,
         fstype: Option<&str>,
+        subvolid: Option<u64>,
     ) -> Result<String> {
         let req = Request::Mount {
             device: device.into(),
             mountpoint: mountpoint.into(),
             fstype: fstype.map(Into::into),
             writable: self.writable_mounts,
+            subvolid,
         };
         match self.call(&req)? {
             Response::Mounted { fstype, .. } => Ok(fstype),
             Response::Error { message, .. } => Err(Error::Filesystem {
                 image: Default::default(),
                 what: format!("mounting {device}: {message}"),
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The default subvolume's id and the subvolumes of the btrfs on `device`, each
+    /// checked: an id of a real subvolume and a relative path without `.`, `..` or
+    /// empty components.
+    pub fn subvolumes(&mut self, device: &str) -> Result<(u64, Vec<Subvolume>)> {
+        let req = Request::Subvolumes {
+            device: device.into(),
+        };
+        match self.call(&req)? {
+            Response::Subvolumes { default, list }
+                if list.len() <= MAX_SUBVOLUMES && list.iter().all(valid_subvolume) =>
+            {
+                Ok((default, list))
+            }
+            Response::Subvolumes { .. } => Err(Error::guest("a bad subvolume list")),
+            Response::Error { message, .. } => Err(Error::Filesystem {
+                image: Default::default(),
+                what: format!("listing the subvolumes of {device}: {message}"),
             }),
             other => Err(unexpected(&other)),
         }
@@ -329,6 +355,16 @@ fn check_entry(e: &Entry) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A subvolume as the agent may report one (see [`AgentClient::subvolumes`]).
+fn valid_subvolume(s: &Subvolume) -> bool {
+    s.id > imgsafe_proto::BTRFS_TOP_LEVEL
+        && s.path.len() <= imgsafe_proto::MAX_PATH
+        && !s.path.contains('\0')
+        && s.path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 fn unexpected(r: &Response) -> Error {
@@ -642,6 +678,19 @@ mod tests {
             .to_string()
             .contains("did not answer in time"));
         assert_eq!(asked, 3);
+    }
+
+    #[test]
+    fn subvolumes_from_the_guest_are_checked() {
+        let sv = |id, p: &str| Subvolume { id, path: p.into() };
+
+        assert!(valid_subvolume(&sv(256, "@/.snapshots/1/snapshot")));
+        assert!(!valid_subvolume(&sv(5, "top")));
+        assert!(!valid_subvolume(&sv(256, "/abs")));
+        assert!(!valid_subvolume(&sv(256, "a/../b")));
+        assert!(!valid_subvolume(&sv(256, "a//b")));
+        assert!(!valid_subvolume(&sv(256, "")));
+        assert!(!valid_subvolume(&sv(256, "nul\0")));
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! parsed here on the host as bytes, and every text taken from it is cleaned before it
 //! reaches a terminal.
 
-use imgsafe_proto::{unescape_octal, FsInfo};
+use imgsafe_proto::fstypes::{fs_type, is_mountable as mountable_type};
+use imgsafe_proto::{unescape_octal, FsInfo, Subvolume, BTRFS_TOP_LEVEL};
 
 /// Largest `/etc/fstab` read (a real one is a few hundred bytes).
 pub const MAX_FSTAB: u64 = 1 << 20;
@@ -15,13 +16,6 @@ pub const MAX_FSTAB: u64 = 1 << 20;
 const MAX_ENTRIES: usize = 1024;
 /// Longest text from the image shown in a warning.
 const MAX_SHOWN: usize = 200;
-
-/// Filesystem types the agent can mount.
-pub const MOUNTABLE: &[&str] = &[
-    "ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "iso9660", "udf",
-];
-/// Types a Linux root filesystem usually has; tried first when looking for the root.
-const LINUX_ROOT_TYPES: &[&str] = &["ext4", "ext3", "ext2", "xfs", "btrfs"];
 
 /// fstab types that are not on the disk: swap, network and pseudo filesystems.
 const NOT_ON_DISK: &[&str] = &[
@@ -51,7 +45,6 @@ const NOT_ON_DISK: &[&str] = &[
     "rpc_pipefs",
     "nfsd",
     "overlay",
-    "squashfs",
     "nfs",
     "nfs4",
     "cifs",
@@ -95,6 +88,71 @@ pub struct Planned {
     pub fstype: Option<String>,
     /// Absolute, normalised mountpoint.
     pub mountpoint: String,
+    /// btrfs: the subvolume to mount instead of the default one.
+    pub subvol: Option<Subvol>,
+}
+
+/// A btrfs subvolume as fstab (`subvol=`, `subvolid=`) or `-m DEV@SUBVOL` names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subvol {
+    /// Path from the top level; `/` and `` are the top level itself.
+    Path(String),
+    /// Subvolume id.
+    Id(u64),
+}
+
+/// Subvolumes tried for a root, at most, after the default one.
+const MAX_ROOT_SUBVOLUMES: usize = 16;
+/// Where distributions keep `/`: Ubuntu and openSUSE `@`, Fedora `root`, others.
+const ROOT_SUBVOLUMES: &[&str] = &["@", "root", "@root", "@rootfs", "rootfs"];
+
+impl Subvol {
+    /// The subvolume fstab options ask for: `subvolid=` (the kernel's own key) over
+    /// `subvol=`.
+    pub fn from_options(options: &[String]) -> Option<Subvol> {
+        let value = |key: &str| {
+            options
+                .iter()
+                .find_map(|o| o.strip_prefix(key).map(String::from))
+        };
+        if let Some(id) = value("subvolid=").and_then(|v| v.parse().ok()) {
+            return Some(Subvol::Id(id));
+        }
+        value("subvol=").map(Subvol::Path)
+    }
+
+    /// The id of the subvolume this names among `list` (the top level is
+    /// [`BTRFS_TOP_LEVEL`]).
+    pub fn resolve(&self, list: &[Subvolume]) -> Option<u64> {
+        match self {
+            Subvol::Id(id) => {
+                (*id == BTRFS_TOP_LEVEL || list.iter().any(|s| s.id == *id)).then_some(*id)
+            }
+            Subvol::Path(p) => {
+                let want = p.trim_matches('/');
+                if want.is_empty() {
+                    return Some(BTRFS_TOP_LEVEL);
+                }
+                list.iter().find(|s| s.path == want).map(|s| s.id)
+            }
+        }
+    }
+}
+
+/// The subvolumes that may hold a root, most likely first: the conventional names,
+/// then the others, snapshots last; the default one (already tried) left out.
+pub fn root_subvolumes(list: &[Subvolume], default: u64) -> Vec<&Subvolume> {
+    let mut c: Vec<&Subvolume> = list.iter().filter(|s| s.id != default).collect();
+    c.sort_by_key(|s| {
+        let named = ROOT_SUBVOLUMES.iter().position(|n| *n == s.path);
+        let snapshot = s
+            .path
+            .split('/')
+            .any(|c| c == ".snapshots" || c == "snapshots");
+        (snapshot, named.unwrap_or(ROOT_SUBVOLUMES.len()), s.id)
+    });
+    c.truncate(MAX_ROOT_SUBVOLUMES);
+    c
 }
 
 /// Parse fstab text: comment and blank lines skipped, fields split at blanks, at most
@@ -172,7 +230,7 @@ pub fn shown(s: &str) -> String {
 
 /// True if the agent can mount what it found on `f`.
 pub fn is_mountable(f: &FsInfo) -> bool {
-    !f.partitioned && f.fstype.as_deref().is_some_and(|t| MOUNTABLE.contains(&t))
+    !f.partitioned && f.fstype.as_deref().is_some_and(mountable_type)
 }
 
 /// The filesystems that may be the guest's root, most likely first: Linux types before
@@ -182,7 +240,8 @@ pub fn root_candidates(list: &[FsInfo]) -> Vec<&FsInfo> {
     c.sort_by_key(|f| {
         !f.fstype
             .as_deref()
-            .is_some_and(|t| LINUX_ROOT_TYPES.contains(&t))
+            .and_then(fs_type)
+            .is_some_and(|t| t.linux_root)
     });
     c
 }
@@ -268,6 +327,7 @@ pub fn plan_fstab(
     entries: &[FstabEntry],
     list: &[FsInfo],
     root: &FsInfo,
+    root_subvol: Option<&Subvolume>,
 ) -> (Vec<Planned>, Vec<String>) {
     let (mut plan, mut warnings): (Vec<Planned>, Vec<String>) = (Vec::new(), Vec::new());
     for e in entries {
@@ -286,7 +346,14 @@ pub fn plan_fstab(
             warnings.push(format!("{what}: no such device in the image; skipped"));
             continue;
         };
-        if f.device == root.device {
+        let subvol = Subvol::from_options(&e.options);
+        let same_subvol = match (&subvol, root_subvol) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(Subvol::Id(id)), Some(r)) => *id == r.id,
+            (Some(Subvol::Path(p)), Some(r)) => p.trim_matches('/') == r.path,
+        };
+        if f.device == root.device && same_subvol {
             warnings.push(format!(
                 "{what}: the root filesystem again (subvolume or bind mount); skipped"
             ));
@@ -300,10 +367,12 @@ pub fn plan_fstab(
             warnings.push(format!("{what}: mountpoint listed twice; skipped"));
             continue;
         }
+        let btrfs = f.fstype.as_deref() == Some("btrfs");
         plan.push(Planned {
             device: f.device.clone(),
             fstype: f.fstype.clone(),
             mountpoint,
+            subvol: subvol.filter(|_| btrfs),
         });
     }
     plan.sort_by_key(|p| depth(&p.mountpoint));
@@ -319,6 +388,11 @@ pub fn plan_manual(args: &[String], list: &[FsInfo]) -> Result<Vec<Planned>, Str
         let (dev, mp) = match a.trim().split_once(':') {
             Some((d, m)) => (d, Some(m)),
             None => (a.trim(), None),
+        };
+        // No device, partition number or LVM name has an `@`: after it, a subvolume.
+        let (dev, subvol) = match dev.split_once('@') {
+            Some((d, sv)) => (d, Some(Subvol::Path(sv.to_string()))),
+            None => (dev, None),
         };
         let mountpoint = match mp {
             None => "/".to_string(),
@@ -347,10 +421,14 @@ pub fn plan_manual(args: &[String], list: &[FsInfo]) -> Result<Vec<Planned>, Str
             };
             return Err(format!("-m {a}: {why}"));
         }
+        if subvol.is_some() && f.fstype.as_deref() != Some("btrfs") {
+            return Err(format!("-m {a}: only btrfs has subvolumes"));
+        }
         plan.push(Planned {
             device: f.device.clone(),
             fstype: f.fstype.clone(),
             mountpoint,
+            subvol,
         });
     }
     if !plan.iter().any(|p| p.mountpoint == "/") {
@@ -517,7 +595,7 @@ mod tests {
         let root = list[2].clone();
         let fstab = parse_fstab(b"UUID=aaaaaaaa-2222-3333-4444-555555555555 / ext4 defaults\n/dev/mapper/vg0-my--data /home/me xfs defaults\nLABEL=boot /boot ext4 defaults\nUUID=0000 /srv ext4 defaults\n/dev/vda3 none swap sw\nLABEL=boot relative ext4 defaults\n/dev/vda3 /swapfs auto defaults\n");
 
-        let (plan, warnings) = plan_fstab(&fstab, &list, &root);
+        let (plan, warnings) = plan_fstab(&fstab, &list, &root, None);
 
         let got: Vec<(&str, &str)> = plan
             .iter()
@@ -593,6 +671,98 @@ mod tests {
             .collect();
 
         assert_eq!(c, ["/dev/vda3", "/dev/vda1"]);
+    }
+
+    fn subvols() -> Vec<Subvolume> {
+        [
+            (256, "@"),
+            (257, "@home"),
+            (258, "@/.snapshots"),
+            (259, "@/.snapshots/1/snapshot"),
+            (260, "data"),
+            (261, "root"),
+        ]
+        .map(|(id, p)| Subvolume { id, path: p.into() })
+        .to_vec()
+    }
+
+    #[test]
+    fn root_subvolumes_try_conventional_names_first_and_snapshots_last() {
+        let list = subvols();
+
+        let order: Vec<u64> = root_subvolumes(&list, 261).iter().map(|s| s.id).collect();
+
+        assert_eq!(order, [256, 257, 260, 258, 259]);
+    }
+
+    #[test]
+    fn fstab_subvolume_options_resolve_by_path_or_id() {
+        let list = subvols();
+        let opts = |o: &str| o.split(',').map(String::from).collect::<Vec<_>>();
+
+        let path = Subvol::from_options(&opts("compress=zstd:1,subvol=/@home"));
+        let id = Subvol::from_options(&opts("subvol=@,subvolid=260"));
+
+        assert_eq!(path, Some(Subvol::Path("/@home".into())));
+        assert_eq!(path.unwrap().resolve(&list), Some(257));
+        assert_eq!(id.unwrap().resolve(&list), Some(260));
+        assert_eq!(
+            Subvol::Path("/".into()).resolve(&list),
+            Some(BTRFS_TOP_LEVEL)
+        );
+        assert_eq!(Subvol::Path("nope".into()).resolve(&list), None);
+        assert_eq!(Subvol::Id(999).resolve(&list), None);
+        assert_eq!(Subvol::from_options(&opts("defaults")), None);
+    }
+
+    #[test]
+    fn fstab_mounts_other_subvolumes_of_the_root_device_but_not_the_root_again() {
+        let list = vec![fs("/dev/vda", "btrfs", "aaaa", "", None)];
+        let root_sv = Subvolume {
+            id: 256,
+            path: "root".into(),
+        };
+        let fstab = parse_fstab(
+            b"UUID=aaaa / btrfs subvol=root 0 0
+UUID=aaaa /home btrfs subvol=home 0 0
+UUID=aaaa /again btrfs subvol=/root 0 0
+UUID=aaaa /top btrfs defaults 0 0
+",
+        );
+
+        let (plan, warnings) = plan_fstab(&fstab, &list, &list[0], Some(&root_sv));
+
+        let got: Vec<(&str, Option<Subvol>)> = plan
+            .iter()
+            .map(|p| (p.mountpoint.as_str(), p.subvol.clone()))
+            .collect();
+        assert_eq!(got, [("/home", Some(Subvol::Path("home".into())))]);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+    }
+
+    #[test]
+    fn manual_assembly_takes_a_subvolume_after_at() {
+        let mut list = disk();
+        list.push(fs("/dev/vdb", "btrfs", "bbbb", "", None));
+        let args: Vec<String> = ["/dev/vdb@@", "/dev/vdb@@home:/home"]
+            .map(String::from)
+            .to_vec();
+
+        let plan = plan_manual(&args, &list).unwrap();
+        let not_btrfs = plan_manual(&["2@x".to_string()], &list).unwrap_err();
+
+        let got: Vec<(&str, Option<Subvol>)> = plan
+            .iter()
+            .map(|p| (p.mountpoint.as_str(), p.subvol.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/", Some(Subvol::Path("@".into()))),
+                ("/home", Some(Subvol::Path("@home".into())))
+            ]
+        );
+        assert!(not_btrfs.contains("only btrfs"), "{not_btrfs}");
     }
 
     #[test]

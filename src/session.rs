@@ -7,7 +7,8 @@ use crate::format::BlockSource;
 use crate::inspect::{self, Planned};
 use crate::vm::{self, Vm};
 use crate::{appliance, image, nbd, trace, warm, Error, Result};
-use imgsafe_proto::{FileType, FsInfo};
+use imgsafe_proto::fstypes::is_mountable;
+use imgsafe_proto::{FileType, FsInfo, Subvolume};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,14 +20,23 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Filesystem types the agent can mount.
-const MOUNTABLE: &[&str] = inspect::MOUNTABLE;
 /// Files whose presence marks a filesystem as an operating system's root.
 const ROOT_MARKERS: [&[u8]; 2] = [b"/etc/fstab", b"/etc/os-release"];
 
 /// The filesystem found to be the guest's root.
+/// What [`Session::root_at`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RootKind {
+    /// A [`ROOT_MARKERS`] file: an installed OS (left mounted).
+    Os,
+    /// Only an /etc directory (unmounted again).
+    Etc,
+}
+
 enum Root {
-    /// It has /etc/fstab or /etc/os-release: an installed OS, whose fstab is followed.
-    Os(FsInfo),
+    /// It has /etc/fstab or /etc/os-release: an installed OS, whose fstab is followed;
+    /// on a btrfs, maybe in a subvolume other than the default one.
+    Os(FsInfo, Option<Subvolume>),
     /// Of several filesystems, the only one with an /etc directory.
     EtcOnly(FsInfo),
 }
@@ -42,6 +52,8 @@ pub struct Session {
     nbd: Option<nbd::Server>,
     _dir: crate::rundir::RunDir,
     filesystems: Option<Vec<FsInfo>>,
+    /// Each btrfs device's subvolumes once asked for: (default id, list).
+    subvolumes: std::collections::HashMap<String, (u64, Vec<Subvolume>)>,
 }
 
 /// The per-answer timeout in force.
@@ -164,6 +176,7 @@ impl Session {
             nbd: Some(nbd),
             _dir: dir,
             filesystems: None,
+            subvolumes: Default::default(),
         })
     }
 
@@ -252,9 +265,16 @@ impl Session {
             }
             return Ok(());
         }
-        if mount.inspect || inspect::root_candidates(&list).len() > 1 {
+        let candidates = inspect::root_candidates(&list);
+        // A lone btrfs may keep its root in a subvolume: look for it too.
+        let btrfs = candidates
+            .iter()
+            .any(|f| f.fstype.as_deref() == Some("btrfs"));
+        if mount.inspect || candidates.len() > 1 || btrfs {
             match self.find_root(&list, !mount.inspect)? {
-                Some(Root::Os(root)) => return self.mount_fstab(&root, &list),
+                Some(Root::Os(root, subvol)) => {
+                    return self.mount_fstab(&root, subvol.as_ref(), &list)
+                }
                 // Looks like a Linux root but says nothing of its mounts: it alone.
                 Some(Root::EtcOnly(_)) => return Ok(()),
                 None => {}
@@ -271,6 +291,7 @@ impl Session {
             device: fs.device,
             fstype: fs.fstype,
             mountpoint: "/".into(),
+            subvol: None,
         })
     }
 
@@ -284,7 +305,7 @@ impl Session {
             self.agent.unmount("/").map_err(|e| self.fail(e))?;
         }
         Ok(root.map(|r| match r {
-            Root::Os(f) => (f, true),
+            Root::Os(f, _) => (f, true),
             Root::EtcOnly(f) => (f, false),
         }))
     }
@@ -296,32 +317,25 @@ impl Session {
         let stage = trace::stage("inspect");
         let mut with_etc: Vec<FsInfo> = Vec::new();
         for f in inspect::root_candidates(list) {
-            match self.agent.mount(&f.device, "/", f.fstype.as_deref()) {
-                Ok(_) => {}
-                // A candidate the kernel refuses is simply not the root.
-                Err(Error::Filesystem { .. }) => continue,
-                Err(e) => return Err(self.fail(e)),
-            }
-            for marker in ROOT_MARKERS {
-                match self.agent.stat(marker) {
-                    Ok(_) => {
-                        stage.done(&format!("root is {}", f.device));
-                        return Ok(Some(Root::Os(f.clone())));
-                    }
-                    Err(Error::NotFound { .. }) => {}
-                    Err(e) => return Err(self.fail(e)),
+            match self.root_at(f, None)? {
+                Some(RootKind::Os) => {
+                    stage.done(&format!("root is {}", f.device));
+                    return Ok(Some(Root::Os(f.clone(), None)));
                 }
+                Some(RootKind::Etc) => with_etc.push(f.clone()),
+                None => {}
             }
-            match self.agent.stat(b"/etc") {
-                Ok(e) if e.kind == FileType::Directory => with_etc.push(f.clone()),
-                Ok(_) | Err(Error::NotFound { .. }) => {}
-                Err(e) => return Err(self.fail(e)),
+            if f.fstype.as_deref() != Some("btrfs") {
+                continue;
             }
-            self.agent.unmount("/").map_err(|e| self.fail(e))?;
+            if let Some(sv) = self.root_subvolume(f)? {
+                stage.done(&format!("root is {}@{}", f.device, sv.path));
+                return Ok(Some(Root::Os(f.clone(), Some(sv))));
+            }
         }
         if let (true, [only]) = (etc_only, with_etc.as_slice()) {
             self.agent
-                .mount(&only.device, "/", only.fstype.as_deref())
+                .mount(&only.device, "/", only.fstype.as_deref(), None)
                 .map_err(|e| self.fail(e))?;
             stage.done(&format!("root is {} (has /etc)", only.device));
             return Ok(Some(Root::EtcOnly(only.clone())));
@@ -330,9 +344,73 @@ impl Session {
         Ok(None)
     }
 
+    /// Mount `f` (its subvolume `subvolid`, if given) at / and say whether it looks like
+    /// a root; it stays mounted only when it has a [`ROOT_MARKERS`] file. None when it
+    /// is not a root, or the kernel refuses it.
+    fn root_at(&mut self, f: &FsInfo, subvolid: Option<u64>) -> Result<Option<RootKind>> {
+        match self
+            .agent
+            .mount(&f.device, "/", f.fstype.as_deref(), subvolid)
+        {
+            Ok(_) => {}
+            // A candidate the kernel refuses is simply not the root.
+            Err(Error::Filesystem { .. }) => return Ok(None),
+            Err(e) => return Err(self.fail(e)),
+        }
+        for marker in ROOT_MARKERS {
+            match self.agent.stat(marker) {
+                Ok(_) => return Ok(Some(RootKind::Os)),
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+        let etc = match self.agent.stat(b"/etc") {
+            Ok(e) if e.kind == FileType::Directory => Some(RootKind::Etc),
+            Ok(_) | Err(Error::NotFound { .. }) => None,
+            Err(e) => return Err(self.fail(e)),
+        };
+        self.agent.unmount("/").map_err(|e| self.fail(e))?;
+        Ok(etc)
+    }
+
+    /// The default subvolume's id and the subvolumes of the btrfs on `device`.
+    pub fn subvolumes(&mut self, device: &str) -> Result<(u64, Vec<Subvolume>)> {
+        self.subvolumes_of(device)
+    }
+
+    /// The subvolumes of the btrfs on `device` (asked once).
+    fn subvolumes_of(&mut self, device: &str) -> Result<(u64, Vec<Subvolume>)> {
+        if !self.subvolumes.contains_key(device) {
+            let found = self.agent.subvolumes(device).map_err(|e| self.fail(e))?;
+            self.subvolumes.insert(device.to_string(), found);
+        }
+        Ok(self.subvolumes[device].clone())
+    }
+
+    /// The subvolume of `f` other than its default one that holds an installed OS's
+    /// root, left mounted at / (see [`inspect::root_subvolumes`] for the order).
+    fn root_subvolume(&mut self, f: &FsInfo) -> Result<Option<Subvolume>> {
+        let (default, list) = match self.subvolumes_of(&f.device) {
+            Ok(found) => found,
+            Err(Error::Filesystem { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        for sv in inspect::root_subvolumes(&list, default) {
+            if self.root_at(f, Some(sv.id))? == Some(RootKind::Os) {
+                return Ok(Some(sv.clone()));
+            }
+        }
+        Ok(None)
+    }
+
     /// With `root` mounted at /, mount what its /etc/fstab lists; entries that cannot be
     /// resolved or mounted are skipped with a one-line warning.
-    fn mount_fstab(&mut self, root: &FsInfo, list: &[FsInfo]) -> Result<()> {
+    fn mount_fstab(
+        &mut self,
+        root: &FsInfo,
+        root_subvol: Option<&Subvolume>,
+        list: &[FsInfo],
+    ) -> Result<()> {
         let text = match self.read_fstab() {
             Ok(t) => t,
             Err(what) => {
@@ -343,7 +421,8 @@ impl Session {
                 Vec::new()
             }
         };
-        let (plan, warnings) = inspect::plan_fstab(&inspect::parse_fstab(&text), list, root);
+        let (plan, warnings) =
+            inspect::plan_fstab(&inspect::parse_fstab(&text), list, root, root_subvol);
         for w in warnings {
             eprintln!("imgsafe: warning: {w}");
         }
@@ -389,9 +468,23 @@ impl Session {
     /// Mount one filesystem of the tree.
     fn mount_one(&mut self, p: &Planned) -> Result<()> {
         let stage = trace::stage("mount");
+        let subvolid = match &p.subvol {
+            None => None,
+            Some(sv) => {
+                let (_, list) = self.subvolumes_of(&p.device)?;
+                let Some(id) = sv.resolve(&list) else {
+                    let name = match sv {
+                        inspect::Subvol::Path(p) => inspect::shown(p),
+                        inspect::Subvol::Id(id) => format!("id {id}"),
+                    };
+                    return Err(self.fs_error(format!("{}: no btrfs subvolume {name}", p.device)));
+                };
+                Some(id)
+            }
+        };
         let fstype = self
             .agent
-            .mount(&p.device, &p.mountpoint, p.fstype.as_deref())
+            .mount(&p.device, &p.mountpoint, p.fstype.as_deref(), subvolid)
             .map_err(|e| self.fail(e))?;
         stage.done(&format!("{} on {} ({fstype})", p.device, p.mountpoint));
         Ok(())
@@ -792,7 +885,7 @@ fn restore(
 pub fn choose(list: &[FsInfo]) -> std::result::Result<&FsInfo, String> {
     let mountable: Vec<&FsInfo> = list
         .iter()
-        .filter(|f| !f.partitioned && f.fstype.as_deref().is_some_and(|t| MOUNTABLE.contains(&t)))
+        .filter(|f| !f.partitioned && f.fstype.as_deref().is_some_and(is_mountable))
         .collect();
     match mountable.as_slice() {
         [] => Err("no filesystem found in the image".into()),

@@ -8,50 +8,6 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use support::*;
 
-/// Assert that `copy` holds what `orig` holds: same names, types, contents, permission
-/// bits, mtimes and symlink targets (`lost+found`, which mke2fs adds, is ignored).
-fn assert_same_tree(orig: &Path, copy: &Path) {
-    let rel = |root: &Path, all: Vec<std::path::PathBuf>| {
-        let mut v: Vec<_> = all
-            .into_iter()
-            .map(|p| p.strip_prefix(root).unwrap().to_path_buf())
-            .collect();
-        v.retain(|p| !p.starts_with("lost+found"));
-        v.sort();
-        v
-    };
-    let want = rel(orig, walk(orig));
-    assert_eq!(rel(copy, walk(copy)), want);
-    for p in &want {
-        let (a, b) = (
-            fs::symlink_metadata(orig.join(p)).unwrap(),
-            fs::symlink_metadata(copy.join(p)).unwrap(),
-        );
-        assert_eq!(a.file_type(), b.file_type(), "{}", p.display());
-        assert_eq!(a.mtime(), b.mtime(), "mtime of {}", p.display());
-        if a.file_type().is_symlink() {
-            assert_eq!(
-                fs::read_link(orig.join(p)).unwrap(),
-                fs::read_link(copy.join(p)).unwrap()
-            );
-            continue;
-        }
-        assert_eq!(
-            a.mode() & 0o7777,
-            b.mode() & 0o7777,
-            "mode of {}",
-            p.display()
-        );
-        if a.is_file() {
-            assert!(
-                fs::read(orig.join(p)).unwrap() == fs::read(copy.join(p)).unwrap(),
-                "content of {}",
-                p.display()
-            );
-        }
-    }
-}
-
 #[test]
 fn whole_image_copies_out_as_the_tree_it_was_built_from() {
     let src = tempfile::tempdir().unwrap();

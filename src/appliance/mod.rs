@@ -67,37 +67,28 @@ pub struct Appliance {
 /// loaded costs boot time under TCG.
 pub const BOOT_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_console", "crc32c_intel"];
 
-/// Modules loaded only when a filesystem of that type is mounted (see the agent's
-/// `load_fs_modules`): (mount type, modules). ext2/3/4 are built into Debian kernels.
-pub const FS_MODULES: &[(&str, &[&str])] = &[
-    ("xfs", &["xfs"]),
-    (
-        "btrfs",
-        &["crc32c_intel", "blake2b_generic", "xxhash_generic", "btrfs"],
-    ),
-    (
-        "vfat",
-        &[
-            "vfat",
-            "nls_ascii",
-            "nls_utf8",
-            "nls_cp437",
-            "nls_iso8859_1",
-        ],
-    ),
-    ("iso9660", &["isofs", "nls_utf8"]),
-    ("udf", &["udf", "nls_utf8"]),
-    (
-        "dm",
-        &[
-            "dm_mod",
-            "dm_snapshot",
-            "dm_mirror",
-            "dm_zero",
-            "dm_thin_pool",
-        ],
-    ),
-];
+/// Modules loaded only when the agent needs them (see its `load_fs_modules`), beyond
+/// each filesystem type's own list in [`imgsafe_proto::fstypes::FILESYSTEMS`]: the
+/// device-mapper targets LVM volumes use, loaded before LVM is activated.
+pub const ON_DEMAND_MODULES: &[(&str, &[&str])] = &[(
+    "dm",
+    &[
+        "dm_mod",
+        "dm_snapshot",
+        "dm_mirror",
+        "dm_zero",
+        "dm_thin_pool",
+    ],
+)];
+
+/// Every on-demand module group: (name the agent asks for, modules).
+fn module_groups() -> impl Iterator<Item = (&'static str, &'static [&'static str])> {
+    let fs = imgsafe_proto::fstypes::FILESYSTEMS
+        .iter()
+        .filter(|t| !t.modules.is_empty())
+        .map(|t| (t.name, t.modules));
+    fs.chain(ON_DEMAND_MODULES.iter().copied())
+}
 
 /// A host program copied into the appliance, with the shared libraries it loads.
 #[derive(Debug, Clone, Copy)]
@@ -115,13 +106,23 @@ pub struct HostProgram {
 }
 
 /// Host programs copied into the guest: lvm2's `lvm` activates volume groups (the
-/// agent runs it); `file` gives `imgsafe shell` file-type detection when the host has it.
+/// agent runs it); ntfs-3g mounts NTFS; `file` gives `imgsafe shell` file-type
+/// detection when the host has it.
 pub const HOST_PROGRAMS: &[HostProgram] = &[
     HostProgram {
         candidates: &["/sbin/lvm", "/usr/sbin/lvm"],
         guest: "/sbin/lvm",
         package: "lvm2",
         optional: false,
+        data: &[],
+    },
+    // NTFS, through FUSE (the appliance kernel has no ntfs3); lowntfs-3g because it
+    // links only libntfs-3g (its own FUSE code, no libfuse or fusermount).
+    HostProgram {
+        candidates: &["/bin/lowntfs-3g", "/usr/bin/lowntfs-3g"],
+        guest: imgsafe_proto::fstypes::NTFS_3G,
+        package: "ntfs-3g",
+        optional: true,
         data: &[],
     },
     HostProgram {
@@ -271,9 +272,8 @@ struct Plan {
 
 fn plan(inputs: &Inputs) -> Result<Plan, ApplianceError> {
     let modules = modules::resolve(&inputs.modules_dir, BOOT_MODULES)?;
-    let fs_modules = FS_MODULES
-        .iter()
-        .map(|(t, m)| Ok((*t, modules::resolve(&inputs.modules_dir, m)?)))
+    let fs_modules = module_groups()
+        .map(|(t, m)| Ok((t, modules::resolve(&inputs.modules_dir, m)?)))
         .collect::<Result<Vec<_>, ApplianceError>>()?;
     let mut libs = elf::closure(&inputs.agent).map_err(|e| ApplianceError::io(&inputs.agent, e))?;
     for (_, path) in &inputs.programs {

@@ -3,14 +3,34 @@
 use crate::cli::FilesystemsArgs;
 use crate::session::{self, Session};
 use crate::Result;
-use imgsafe_proto::FsInfo;
+use imgsafe_proto::{FsInfo, Subvolume};
+use std::collections::BTreeMap;
 use std::io::Write;
+
+/// Each btrfs device's subvolumes: (default id, list).
+type Subvolumes = BTreeMap<String, (u64, Vec<Subvolume>)>;
+
+/// The subvolumes of each btrfs in `list`; one the kernel will not mount shows none.
+fn subvolumes_of(s: &mut Session, list: &[FsInfo]) -> Result<Subvolumes> {
+    let mut out = Subvolumes::new();
+    for f in list.iter().filter(|f| f.fstype.as_deref() == Some("btrfs")) {
+        match s.subvolumes(&f.device) {
+            Ok(found) => {
+                out.insert(f.device.clone(), found);
+            }
+            Err(crate::Error::Filesystem { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
 
 /// Run `imgsafe filesystems`.
 pub fn run(args: FilesystemsArgs) -> Result<()> {
-    let (detected, list) = Session::run_started(&args.image, &args.image_args, |s| {
+    let (detected, list, subvolumes) = Session::run_started(&args.image, &args.image_args, |s| {
         let list = s.filesystems()?;
-        Ok((s.detect_root()?, list))
+        let subvolumes = subvolumes_of(s, &list)?;
+        Ok((s.detect_root()?, list, subvolumes))
     })?;
     // What ls/cat mount at / without -m: the detected root, else the one choose() picks.
     let (found, os) = match detected {
@@ -20,9 +40,9 @@ pub fn run(args: FilesystemsArgs) -> Result<()> {
     let detected = found.clone().filter(|_| os);
     let root = found.or_else(|| session::choose(&list).ok().map(|f| f.device.clone()));
     let out = if args.json {
-        json(&list, root.as_deref(), detected.as_deref())
+        json(&list, root.as_deref(), detected.as_deref(), &subvolumes)
     } else {
-        table(&list, root.as_deref(), detected.is_some())
+        table(&list, root.as_deref(), detected.is_some()) + &subvolume_table(&subvolumes)
     };
     crate::error::write_output(std::io::stdout().write_all(out.as_bytes()))
 }
@@ -97,7 +117,28 @@ fn table(list: &[FsInfo], root: Option<&str>, detected: bool) -> String {
     out
 }
 
-fn json(list: &[FsInfo], root: Option<&str>, detected: Option<&str>) -> String {
+/// The subvolumes of each btrfs, for `-m DEV@PATH`; empty when there are none.
+fn subvolume_table(subvolumes: &Subvolumes) -> String {
+    let mut out = String::new();
+    for (device, (default, list)) in subvolumes.iter().filter(|(_, (_, l))| !l.is_empty()) {
+        out.push_str(&format!(
+            "\nbtrfs subvolumes of {} (mount one with -m DEV@PATH):\n",
+            clean(device)
+        ));
+        for sv in list {
+            let mark = if sv.id == *default { "  (default)" } else { "" };
+            out.push_str(&format!("  {:>6}  {}{mark}\n", sv.id, clean(&sv.path)));
+        }
+    }
+    out
+}
+
+fn json(
+    list: &[FsInfo],
+    root: Option<&str>,
+    detected: Option<&str>,
+    subvolumes: &Subvolumes,
+) -> String {
     let v: Vec<serde_json::Value> = list
         .iter()
         .map(|f| {
@@ -112,6 +153,12 @@ fn json(list: &[FsInfo], root: Option<&str>, detected: Option<&str>) -> String {
                 "partitioned": f.partitioned,
                 "default": root == Some(f.device.as_str()),
                 "root": detected == Some(f.device.as_str()),
+                "default_subvolume": subvolumes.get(&f.device).map(|(d, _)| d),
+                "subvolumes": subvolumes.get(&f.device).map(|(_, l)| {
+                    l.iter()
+                        .map(|s| serde_json::json!({ "id": s.id, "path": s.path }))
+                        .collect::<Vec<_>>()
+                }),
             })
         })
         .collect();
@@ -130,6 +177,24 @@ mod tests {
         assert_eq!(human_size(512), "512 B");
         assert_eq!(human_size(64 << 20), "64.0 MiB");
         assert_eq!(human_size(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn subvolumes_are_listed_per_device_with_the_default_marked() {
+        let sv = |id, p: &str| Subvolume { id, path: p.into() };
+        let mut all = Subvolumes::new();
+        all.insert(
+            "/dev/vda2".into(),
+            (257, vec![sv(256, "@"), sv(257, "@\x1bhome")]),
+        );
+        all.insert("/dev/vdb".into(), (5, vec![]));
+
+        let text = subvolume_table(&all);
+
+        assert_eq!(
+            text,
+            "\nbtrfs subvolumes of /dev/vda2 (mount one with -m DEV@PATH):\n     256  @\n     257  @?home  (default)\n"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! real tools at test time, and prove the image file is never written.
 #![allow(dead_code)]
 
+pub mod exfat;
 pub mod lvm;
 pub mod ploopwriter;
 pub mod serve;
@@ -14,7 +15,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -64,6 +65,50 @@ pub fn must(c: &mut Command) {
         "{c:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Assert that `copy` holds what `orig` holds: same names, types, contents, permission
+/// bits, mtimes and symlink targets (`lost+found`, which mke2fs adds, is ignored).
+pub fn assert_same_tree(orig: &Path, copy: &Path) {
+    let rel = |root: &Path, all: Vec<std::path::PathBuf>| {
+        let mut v: Vec<_> = all
+            .into_iter()
+            .map(|p| p.strip_prefix(root).unwrap().to_path_buf())
+            .collect();
+        v.retain(|p| !p.starts_with("lost+found"));
+        v.sort();
+        v
+    };
+    let want = rel(orig, walk(orig));
+    assert_eq!(rel(copy, walk(copy)), want);
+    for p in &want {
+        let (a, b) = (
+            fs::symlink_metadata(orig.join(p)).unwrap(),
+            fs::symlink_metadata(copy.join(p)).unwrap(),
+        );
+        assert_eq!(a.file_type(), b.file_type(), "{}", p.display());
+        assert_eq!(a.mtime(), b.mtime(), "mtime of {}", p.display());
+        if a.file_type().is_symlink() {
+            assert_eq!(
+                fs::read_link(orig.join(p)).unwrap(),
+                fs::read_link(copy.join(p)).unwrap()
+            );
+            continue;
+        }
+        assert_eq!(
+            a.mode() & 0o7777,
+            b.mode() & 0o7777,
+            "mode of {}",
+            p.display()
+        );
+        if a.is_file() {
+            assert!(
+                fs::read(orig.join(p)).unwrap() == fs::read(copy.join(p)).unwrap(),
+                "content of {}",
+                p.display()
+            );
+        }
+    }
 }
 
 /// sha256 of a file, hex.

@@ -65,6 +65,7 @@ pub fn run() -> ! {
     }
 }
 
+pub mod btrfs;
 pub mod devices;
 pub mod entry;
 pub mod error;

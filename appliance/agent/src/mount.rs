@@ -5,6 +5,7 @@
 use crate::error::{errno_text, OpError};
 use crate::probe::probe;
 use crate::resolve::resolve_creating;
+use imgsafe_proto::fstypes::fs_type;
 use imgsafe_proto::ErrorKind;
 use std::ffi::CString;
 use std::fs::File;
@@ -13,38 +14,6 @@ use std::path::Path;
 
 /// Flags of every mount: read-only, and nothing in the image may run or reach a device.
 const FLAGS: libc::c_ulong = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
-
-/// (type, options) to try in order; the next one is tried only when the kernel refuses
-/// an option or type (EINVAL, ENODEV). Never an attempt that could replay a journal.
-pub fn attempts(fstype: &str) -> Vec<(&str, &'static str)> {
-    match fstype {
-        // The ext4 driver serves ext2/ext3 too; `noload` skips the journal entirely.
-        "ext2" => vec![("ext2", "noload"), ("ext2", ""), ("ext4", "noload")],
-        "ext3" => vec![("ext3", "noload"), ("ext4", "noload")],
-        "ext4" => vec![("ext4", "noload")],
-        "xfs" => vec![("xfs", "norecovery")],
-        // `rescue=` appeared in Linux 5.9; older kernels spell it `nologreplay`.
-        "btrfs" => vec![("btrfs", "rescue=nologreplay"), ("btrfs", "nologreplay")],
-        "vfat" => vec![("vfat", "utf8"), ("vfat", "")],
-        "iso9660" => vec![("iso9660", "utf8"), ("iso9660", "")],
-        other => vec![(other, "")],
-    }
-}
-
-/// Read-write (type, options) to try first for a `writable` mount; a journal may be
-/// replayed, into the copy-on-write layer. Types not listed are mounted read-only.
-fn writable_attempts(fstype: &str) -> Vec<(&str, &'static str)> {
-    match fstype {
-        "ext2" => vec![("ext2", ""), ("ext4", "")],
-        "ext3" => vec![("ext3", ""), ("ext4", "")],
-        "ext4" | "xfs" | "btrfs" => vec![(fstype, "")],
-        "vfat" => vec![("vfat", "utf8"), ("vfat", "")],
-        _ => Vec::new(),
-    }
-}
-
-/// Types the probe reports that are not mountable filesystems.
-const NOT_MOUNTABLE: [&str; 3] = ["swap", "LVM2_member", "jbd"];
 
 fn cstr(s: &[u8], what: &str) -> Result<CString, OpError> {
     CString::new(s).map_err(|_| OpError::new(ErrorKind::BadRequest, format!("{what} contains NUL")))
@@ -69,15 +38,25 @@ fn probed_type(device: &str) -> Result<String, OpError> {
     })
 }
 
-/// Mount `device` at `sysroot` + `mountpoint`, read-only unless `writable` and the
+/// How to mount one device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct How<'a> {
+    /// The type to mount it as; None = the type the probe finds.
+    pub fstype: Option<&'a str>,
+    /// Read-write where the filesystem allows it (over a copy-on-write layer only).
+    pub writable: bool,
+    /// btrfs only: the subvolume to mount instead of the default one.
+    pub subvolid: Option<u64>,
+}
+
+/// Mount `device` at `sysroot` + `mountpoint`, read-only unless `how.writable` and the
 /// filesystem can be written (then read-only is the fallback); returns the type used.
-pub fn mount(
-    sysroot: &Path,
-    device: &str,
-    mountpoint: &str,
-    fstype: Option<&str>,
-    writable: bool,
-) -> Result<String, OpError> {
+pub fn mount(sysroot: &Path, device: &str, mountpoint: &str, how: How) -> Result<String, OpError> {
+    let How {
+        fstype,
+        writable,
+        subvolid,
+    } = how;
     if !device.starts_with("/dev/") || device.split('/').any(|c| c == "..") {
         return Err(OpError::new(
             ErrorKind::BadRequest,
@@ -88,30 +67,45 @@ pub fn mount(
         Some(t) => t.to_string(),
         None => probed_type(device)?,
     };
-    if NOT_MOUNTABLE.contains(&fstype.as_str()) {
+    let Some(kind) = fs_type(&fstype) else {
         return Err(OpError::new(
             ErrorKind::Mount,
-            format!("{device}: {fstype} is not a mountable filesystem"),
+            format!("{device}: {fstype} is not a filesystem imgsafe mounts"),
+        ));
+    };
+    if subvolid.is_some() && kind.name != "btrfs" {
+        return Err(OpError::new(
+            ErrorKind::BadRequest,
+            format!("{device}: {fstype} has no subvolumes"),
         ));
     }
     let target = resolve_creating(sysroot, mountpoint.as_bytes())
         .map_err(|e| OpError::new(ErrorKind::Mount, format!("mountpoint {}", e.message)))?;
+    if let Some(program) = kind.fuse {
+        crate::init::load_fs_modules(kind.name);
+        let opts = kind.read_only.first().map_or("ro", |(_, o)| *o);
+        if writable {
+            crate::init::log(&format!("{device}: {fstype} is mounted read-only"));
+        }
+        fuse_mount(Path::new(program), device, &target.host, opts)?;
+        return Ok(fstype);
+    }
     let src = cstr(device.as_bytes(), "device")?;
     let dst = cstr(
         std::os::unix::ffi::OsStrExt::as_bytes(target.host.as_os_str()),
         "mountpoint",
     )?;
     let mut last = io::Error::from_raw_os_error(libc::EINVAL);
-    let rw = if writable {
-        writable_attempts(&fstype)
-    } else {
-        Vec::new()
-    };
-    let ro = attempts(&fstype);
+    let rw: &[(&str, &str)] = if writable { kind.writable } else { &[] };
     let all = rw.iter().map(|a| (*a, FLAGS & !libc::MS_RDONLY));
-    for ((t, opts), flags) in all.chain(ro.iter().map(|a| (*a, FLAGS))) {
-        crate::init::load_fs_modules(t);
+    crate::init::load_fs_modules(kind.name);
+    for ((t, opts), flags) in all.chain(kind.read_only.iter().map(|a| (*a, FLAGS))) {
         let ty = cstr(t.as_bytes(), "fstype")?;
+        let opts = match subvolid {
+            Some(id) if opts.is_empty() => format!("subvolid={id}"),
+            Some(id) => format!("{opts},subvolid={id}"),
+            None => opts.to_string(),
+        };
         let data = cstr(opts.as_bytes(), "options")?;
         // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
         let rc = unsafe {
@@ -140,6 +134,68 @@ pub fn mount(
             errno_text(&last)
         ),
     ))
+}
+
+/// Most bytes of a FUSE driver's complaint kept for the error message.
+const MAX_FUSE_LOG: u64 = 4096;
+
+/// Mount through a FUSE program (`PROGRAM -o OPTS DEVICE TARGET`), which mounts, goes
+/// into the background to serve the filesystem, and exits 0 once it is mounted. It
+/// stays read-only: `ro` is always in OPTS, and the disk itself is read-only.
+fn fuse_mount(program: &Path, device: &str, target: &Path, opts: &str) -> Result<(), OpError> {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    if !program.is_file() {
+        return Err(OpError::new(
+            ErrorKind::Mount,
+            format!(
+                "{device}: {} is not in the appliance: install the Debian package ntfs-3g on the host",
+                program.display()
+            ),
+        ));
+    }
+    let opts = format!("{opts},nodev,nosuid");
+    let mut child = Command::new(program)
+        .arg("-o")
+        .arg(&opts)
+        .arg(device)
+        .arg(target)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            OpError::new(
+                ErrorKind::Mount,
+                format!("running {}: {}", program.display(), errno_text(&e)),
+            )
+        })?;
+    let mut said = String::new();
+    if let Some(err) = child.stderr.take() {
+        let _ = err.take(MAX_FUSE_LOG).read_to_string(&mut said);
+    }
+    let failed = |why: String| {
+        let said = said.lines().next().unwrap_or("").trim();
+        OpError::new(ErrorKind::Mount, format!("mount {device}: {why}: {said}"))
+    };
+    // PID 1's reaper thread may collect the child first; then whether the mount is
+    // there says how it went.
+    match child.wait() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(failed(s.to_string())),
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) && is_mount_point(target) => Ok(()),
+        Err(e) => Err(failed(errno_text(&e))),
+    }
+}
+
+/// Whether `path` is a mount point (listed in /proc/self/mounts).
+fn is_mount_point(path: &Path) -> bool {
+    let mounts = std::fs::read("/proc/self/mounts").unwrap_or_default();
+    let want = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    mounts
+        .split(|&c| c == b'\n')
+        .filter_map(|l| l.split(|&c| c == b' ').nth(1))
+        .any(|t| imgsafe_proto::unescape_octal(t) == want)
 }
 
 /// `Unmount`: remove every mount at or below sysroot + `mountpoint`, deepest first;
@@ -191,33 +247,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn journaled_types_never_fall_back_to_replaying() {
-        for t in ["ext3", "ext4", "xfs", "btrfs"] {
-            let opts = attempts(t);
-
-            assert!(opts.iter().all(|(_, o)| !o.is_empty()), "{t}: {opts:?}");
-        }
-    }
-
-    #[test]
-    fn only_writable_filesystems_get_read_write_attempts() {
-        assert_eq!(writable_attempts("ext3"), vec![("ext3", ""), ("ext4", "")]);
-        assert_eq!(writable_attempts("xfs"), vec![("xfs", "")]);
-        assert!(writable_attempts("iso9660").is_empty());
-        assert!(writable_attempts("udf").is_empty());
-    }
-
-    #[test]
-    fn btrfs_prefers_rescue_syntax() {
-        assert_eq!(attempts("btrfs")[0], ("btrfs", "rescue=nologreplay"));
-    }
-
-    #[test]
     fn non_device_paths_are_refused() {
         let dir = tempfile::tempdir().unwrap();
 
-        let err = mount(dir.path(), "/dev/../etc/passwd", "/", Some("ext4"), false).unwrap_err();
-        let err2 = mount(dir.path(), "relative", "/", Some("ext4"), true).unwrap_err();
+        let how = How {
+            fstype: Some("ext4"),
+            ..How::default()
+        };
+
+        let err = mount(dir.path(), "/dev/../etc/passwd", "/", how).unwrap_err();
+        let err2 = mount(dir.path(), "relative", "/", how).unwrap_err();
 
         assert_eq!(err.kind, ErrorKind::BadRequest);
         assert_eq!(err2.kind, ErrorKind::BadRequest);

@@ -35,6 +35,37 @@ const BTRFS_MAGIC: &[u8; 8] = b"_BHRfS_M";
 /// ISO 9660 (ECMA-119 8.4): the primary volume descriptor lives in sector 16.
 const ISO_PVD: u64 = 16 * 2048;
 const ISO_MAGIC: &[u8; 5] = b"CD001";
+/// exFAT boot sector: FileSystemName at byte 3 (Microsoft exFAT specification, 3.1.2).
+const EXFAT_NAME: &[u8; 8] = b"EXFAT   ";
+/// exFAT directory entry type of the volume label (exFAT specification, 7.3).
+const EXFAT_LABEL_ENTRY: u8 = 0x83;
+/// Most bytes of the exFAT root directory scanned for the label entry.
+const EXFAT_DIR_SCAN: u64 = 64 * 1024;
+/// NTFS boot sector OEM id at byte 3.
+const NTFS_NAME: &[u8; 8] = b"NTFS    ";
+/// NTFS: the $Volume file's MFT record number, and its $VOLUME_NAME attribute type.
+const NTFS_VOLUME_RECORD: u64 = 3;
+const NTFS_ATTR_VOLUME_NAME: u32 = 0x60;
+/// NTFS update sequence stride: fixups protect the last 2 bytes of every 512 bytes.
+const NTFS_FIXUP_STRIDE: usize = 512;
+/// squashfs superblock magic at byte 0 (squashfs_fs.h SQUASHFS_MAGIC, little-endian).
+const SQUASHFS_MAGIC: &[u8; 4] = b"hsqs";
+/// EROFS superblock offset and magic (erofs_fs.h EROFS_SUPER_OFFSET, EROFS_SUPER_MAGIC_V1).
+const EROFS_SB: u64 = 1024;
+const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
+/// ECMA-167 2/8.3: the volume recognition sequence starts at byte 32768.
+const VRS_START: u64 = 32768;
+/// Most volume structure descriptors looked at in the recognition sequence.
+const VRS_MAX: u64 = 64;
+/// ECMA-167 3/10.2: the anchor volume descriptor pointer is in logical sector 256.
+const UDF_ANCHOR_SECTOR: u64 = 256;
+/// ECMA-167 3/7.2.1 descriptor tag identifiers used here.
+const UDF_TAG_PVD: u16 = 1;
+const UDF_TAG_ANCHOR: u16 = 2;
+const UDF_TAG_LVD: u16 = 6;
+const UDF_TAG_TERMINATOR: u16 = 8;
+/// Most descriptors read from the main volume descriptor sequence.
+const UDF_VDS_MAX: u64 = 64;
 /// Linux swap signatures, in the last 10 bytes of the first page.
 const SWAP_MAGIC_V2: &[u8; 10] = b"SWAPSPACE2";
 const SWAP_MAGIC_V1: &[u8; 10] = b"SWAP-SPACE";
@@ -140,14 +171,20 @@ pub fn probe<F: FileExt>(dev: &F, size: u64) -> Probe {
             ..Probe::default()
         };
     }
-    let probers: [fn(&F, u64) -> Option<Probe>; 7] = [
+    // UDF before ISO 9660: a hybrid disc is read through its UDF side, as blkid does.
+    let probers: [fn(&F, u64) -> Option<Probe>; 12] = [
         probe_ext,
         probe_xfs,
         probe_btrfs,
+        probe_udf,
         probe_iso9660,
         probe_swap,
         probe_lvm2,
+        probe_exfat,
+        probe_ntfs,
         probe_vfat,
+        probe_squashfs,
+        probe_erofs,
     ];
     probers
         .iter()
@@ -295,6 +332,249 @@ fn lvm_uuid(raw: &[u8]) -> Option<String> {
     )
 }
 
+/// UTF-16LE text up to the first NUL, as a label (None when empty).
+fn utf16le(raw: &[u8]) -> Option<String> {
+    let units: Vec<u16> = raw
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .take_while(|&u| u != 0)
+        .collect();
+    label(String::from_utf16_lossy(&units).as_bytes())
+}
+
+/// exFAT: serial number as blkid shows it (XXXX-XXXX), label from the root directory's
+/// volume label entry (looked for in the root directory's first cluster only).
+fn probe_exfat<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
+    let bs = read(dev, size, 0, 512)?;
+    let (sector_shift, cluster_shift) = (bs[108], bs[109]);
+    if &bs[3..11] != EXFAT_NAME
+        || !(9..=12).contains(&sector_shift)
+        || u32::from(sector_shift) + u32::from(cluster_shift) > 25
+    {
+        return None;
+    }
+    let v = &bs[100..104];
+    let uuid = format!("{:02X}{:02X}-{:02X}{:02X}", v[3], v[2], v[1], v[0]);
+    found("exfat", exfat_label(dev, size, &bs), Some(uuid))
+}
+
+fn exfat_label<F: FileExt>(dev: &F, size: u64, bs: &[u8]) -> Option<String> {
+    let sector = 1u64 << bs[108];
+    let cluster = sector << bs[109];
+    let heap = u64::from(le32(bs, 88)).checked_mul(sector)?;
+    let root = u64::from(le32(bs, 96)).checked_sub(2)?;
+    let off = heap.checked_add(root.checked_mul(cluster)?)?;
+    let dir = read(dev, size, off, cluster.min(EXFAT_DIR_SCAN) as usize)?;
+    for e in dir.chunks_exact(32) {
+        match e[0] {
+            0 => return None,
+            EXFAT_LABEL_ENTRY => {
+                let n = usize::from(e[1].min(11));
+                return utf16le(&e[2..2 + 2 * n]);
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// NTFS: UUID = the 64-bit volume serial as blkid shows it (16 hex digits), label from
+/// the $VOLUME_NAME attribute of the $Volume file's MFT record.
+fn probe_ntfs<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
+    let bs = read(dev, size, 0, 512)?;
+    if &bs[3..11] != NTFS_NAME {
+        return None;
+    }
+    let sector = u64::from(le16(&bs, 11));
+    let spc = bs[13];
+    // Values above 128 are a negative power of two (large clusters, Windows 10 1903+).
+    let per_cluster = if spc <= 128 {
+        u64::from(spc)
+    } else {
+        1u64.checked_shl(u32::from(spc.wrapping_neg()))?
+    };
+    if !matches!(sector, 256..=4096) || !sector.is_power_of_two() || per_cluster == 0 {
+        return None;
+    }
+    let cluster = sector.checked_mul(per_cluster)?;
+    let rec = bs[0x40] as i8;
+    let record = if rec > 0 {
+        cluster.checked_mul(rec as u64)?
+    } else {
+        1u64.checked_shl(u32::from(rec.unsigned_abs()))?
+    };
+    let uuid = format!("{:016X}", le64(&bs, 0x48));
+    let label = le64(&bs, 0x30)
+        .checked_mul(cluster)
+        .and_then(|mft| mft.checked_add(NTFS_VOLUME_RECORD.checked_mul(record)?))
+        .filter(|_| (1024..=65536).contains(&record))
+        .and_then(|off| read(dev, size, off, record as usize))
+        .and_then(ntfs_volume_name);
+    found("ntfs", label, Some(uuid))
+}
+
+/// The $VOLUME_NAME of one MFT record, after its update sequence fixups are applied.
+fn ntfs_volume_name(mut r: Vec<u8>) -> Option<String> {
+    if &r[0..4] != b"FILE" {
+        return None;
+    }
+    let usa = usize::from(le16(&r, 4));
+    let count = usize::from(le16(&r, 6));
+    if count < 2 || (count - 1) * NTFS_FIXUP_STRIDE > r.len() || usa + 2 * count > r.len() {
+        return None;
+    }
+    let check = [r[usa], r[usa + 1]];
+    for i in 1..count {
+        let end = i * NTFS_FIXUP_STRIDE;
+        if r[end - 2..end] != check {
+            return None;
+        }
+        let fix = [r[usa + 2 * i], r[usa + 2 * i + 1]];
+        r[end - 2..end].copy_from_slice(&fix);
+    }
+    let mut at = usize::from(le16(&r, 0x14));
+    while at + 24 <= r.len() {
+        let kind = le32(&r, at);
+        let len = le32(&r, at + 4) as usize;
+        if kind == 0xFFFF_FFFF || len < 24 || at + len > r.len() {
+            return None;
+        }
+        if kind == NTFS_ATTR_VOLUME_NAME && r[at + 8] == 0 {
+            let vlen = le32(&r, at + 0x10) as usize;
+            let voff = usize::from(le16(&r, at + 0x14));
+            let value = r.get(at + voff..(at + voff).checked_add(vlen)?)?;
+            return utf16le(value);
+        }
+        at += len;
+    }
+    None
+}
+
+/// squashfs 4 (the only version Linux mounts): no label or UUID.
+fn probe_squashfs<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
+    let sb = read(dev, size, 0, 96)?;
+    (&sb[0..4] == SQUASHFS_MAGIC && le16(&sb, 28) == 4).then_some(())?;
+    found("squashfs", None, None)
+}
+
+/// EROFS: uuid at 48, volume_name at 64 of the superblock (erofs_fs.h).
+fn probe_erofs<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
+    let sb = read(dev, size, EROFS_SB, 128)?;
+    if le32(&sb, 0) != EROFS_MAGIC || !(9..=16).contains(&sb[12]) {
+        return None;
+    }
+    found("erofs", label(&sb[64..80]), uuid_be(&sb[48..64]))
+}
+
+/// UDF: an NSR descriptor in the volume recognition sequence, then the anchor and the
+/// main volume descriptor sequence for the labels. LABEL is the logical volume
+/// identifier and UUID comes from the volume set identifier, as blkid derives them.
+fn probe_udf<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
+    udf_has_nsr(dev, size).then_some(())?;
+    let (block, vds, vds_len) = [512u64, 1024, 2048, 4096]
+        .into_iter()
+        .find_map(|b| udf_anchor(dev, size, b))?;
+    let (mut lvid, mut vsid) = (None, None);
+    for i in 0..(u64::from(vds_len) / block).min(UDF_VDS_MAX) {
+        let off = (u64::from(vds) + i).checked_mul(block)?;
+        let Some(d) = read(dev, size, off, 512) else {
+            break;
+        };
+        match le16(&d, 0) {
+            UDF_TAG_PVD if vsid.is_none() => vsid = Some(d[72..200].to_vec()),
+            UDF_TAG_LVD if lvid.is_none() => lvid = dstring(&d[84..212]),
+            UDF_TAG_TERMINATOR => break,
+            _ => {}
+        }
+    }
+    let uuid = vsid.as_deref().and_then(udf_uuid);
+    found(
+        "udf",
+        lvid.as_deref().and_then(|l| label(l.as_bytes())),
+        uuid,
+    )
+}
+
+/// Whether the volume recognition sequence holds an NSR02/NSR03 descriptor (ECMA-167
+/// 3/9.1). Descriptors are 2048 bytes apart, or one block apart for larger blocks.
+fn udf_has_nsr<F: FileExt>(dev: &F, size: u64) -> bool {
+    for step in [2048u64, 4096] {
+        for i in 0..VRS_MAX {
+            let Some(d) = read(dev, size, VRS_START + i * step, 6) else {
+                break;
+            };
+            match &d[1..6] {
+                b"NSR02" | b"NSR03" => return true,
+                b"BEA01" | b"CD001" | b"CDW02" | b"BOOT2" => {}
+                _ => break,
+            }
+        }
+    }
+    false
+}
+
+/// The anchor at sector 256 for block size `block`: (main VDS location, length).
+fn udf_anchor<F: FileExt>(dev: &F, size: u64, block: u64) -> Option<(u64, u32, u32)> {
+    let a = read(dev, size, UDF_ANCHOR_SECTOR * block, 512)?;
+    let tagged_here = u64::from(le32(&a, 12)) == UDF_ANCHOR_SECTOR;
+    (le16(&a, 0) == UDF_TAG_ANCHOR && tagged_here).then(|| (block, le32(&a, 20), le32(&a, 16)))
+}
+
+/// An OSTA CS0 dstring (UDF 2.1.1 and 2.1.3): compression id 8 (8-bit) or 16 (UTF-16BE),
+/// the used length in the last byte.
+fn dstring(d: &[u8]) -> Option<String> {
+    let used = usize::from(*d.last()?).min(d.len() - 1);
+    let body = d.get(1..used)?;
+    match d[0] {
+        8 => Some(body.iter().map(|&b| char::from(b)).collect()),
+        16 => {
+            let units: Vec<u16> = body
+                .chunks_exact(2)
+                .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                .collect();
+            Some(String::from_utf16_lossy(&units))
+        }
+        _ => None,
+    }
+}
+
+/// blkid's UUID from a volume set identifier: its first 16 characters when they are hex
+/// digits (as mkudffs and Windows write it), else the leading hex digits completed with
+/// the hex of the bytes after them, 16 characters in all; None with fewer than 8 bytes.
+fn udf_uuid(vsid: &[u8]) -> Option<String> {
+    let used = usize::from(*vsid.last()?).min(vsid.len() - 1);
+    let body = vsid.get(1..used)?;
+    let bytes: Vec<u8> = match vsid[0] {
+        8 => body.to_vec(),
+        16 => body
+            .chunks_exact(2)
+            .map(|c| if c[0] == 0 { c[1] } else { b'?' })
+            .collect(),
+        _ => return None,
+    };
+    // blkid reads the identifier into a zeroed 16-byte buffer: bytes past its end are 0.
+    let len = bytes.iter().take_while(|&&b| b != 0).count();
+    if len < 8 {
+        return None;
+    }
+    let mut buf = [0u8; 16];
+    let n = len.min(16);
+    buf[..n].copy_from_slice(&bytes[..n]);
+    let hex = buf[..n]
+        .iter()
+        .take_while(|b| b.is_ascii_hexdigit())
+        .count();
+    let lower = |b: &[u8]| String::from_utf8_lossy(b).to_ascii_lowercase();
+    let as_hex = |b: &[u8]| b.iter().map(|c| format!("{c:02x}")).collect::<String>();
+    Some(if hex >= 16 {
+        lower(&buf)
+    } else if hex >= 8 {
+        lower(&buf[..8]) + &as_hex(&buf[8..12])
+    } else {
+        as_hex(&buf[..8])
+    })
+}
+
 /// FAT boot sector BPB sanity checks (Microsoft FAT spec, section 3.1).
 fn is_fat_boot_sector(bs: &[u8]) -> bool {
     let jump_ok = (bs[0] == 0xEB && bs[2] == 0x90) || bs[0] == 0xE9;
@@ -386,7 +666,10 @@ fn mbr_entry(sec: &[u8], i: usize) -> (u8, u8, u32, u32) {
 
 fn mbr<F: FileExt>(dev: &F, size: u64) -> Option<Vec<PartEntry>> {
     let sec = read(dev, size, 0, 512)?;
-    if sec[510..512] != MBR_SIGNATURE || is_fat_boot_sector(&sec) {
+    // exFAT and NTFS boot sectors also end in 0x55AA, with boot code where MBR
+    // entries would be.
+    let vbr = &sec[3..11] == EXFAT_NAME || &sec[3..11] == NTFS_NAME;
+    if sec[510..512] != MBR_SIGNATURE || is_fat_boot_sector(&sec) || vbr {
         return None;
     }
     let entries: Vec<_> = (0..4).map(|i| mbr_entry(&sec, i)).collect();
@@ -659,6 +942,169 @@ mod tests {
         );
 
         assert_matches_blkid(&p, "iso9660");
+    }
+
+    #[test]
+    fn exfat_label_and_serial() {
+        let dir = tempfile::tempdir().unwrap();
+        let exfat = ("exfatprogs", "mkfs.exfat");
+        let ascii = formatted(dir.path(), "ex", 16 << 20, exfat, &["-L", "Ex lab"]);
+        let unicode = formatted(dir.path(), "ex2", 16 << 20, exfat, &["-L", "\u{e9}t\u{e9}"]);
+
+        assert_matches_blkid(&ascii, "exfat");
+        assert_eq!(probe_file(&ascii).label.as_deref(), Some("Ex lab"));
+        assert_eq!(probe_file(&unicode).label.as_deref(), Some("\u{e9}t\u{e9}"));
+        assert_eq!(
+            partition_table(&File::open(&ascii).unwrap(), 16 << 20),
+            None
+        );
+    }
+
+    /// A directory with one file, for the tools that build a filesystem from one.
+    fn tree(dir: &Path) -> std::path::PathBuf {
+        let src = dir.join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("hello.txt"), b"hi\n").unwrap();
+        src
+    }
+
+    #[test]
+    fn ntfs_label_and_serial() {
+        let dir = tempfile::tempdir().unwrap();
+        let ntfs = ("ntfs-3g", "mkntfs");
+        let ascii = formatted(
+            dir.path(),
+            "n",
+            16 << 20,
+            ntfs,
+            &["-F", "-Q", "-q", "-L", "Win lab"],
+        );
+        let unicode = formatted(
+            dir.path(),
+            "u",
+            16 << 20,
+            ntfs,
+            &["-F", "-Q", "-q", "-L", "\u{e9}t\u{e9} \u{263a}"],
+        );
+
+        assert_matches_blkid(&ascii, "ntfs");
+        assert_eq!(probe_file(&ascii).label.as_deref(), Some("Win lab"));
+        assert_eq!(
+            probe_file(&unicode).label.as_deref(),
+            Some("\u{e9}t\u{e9} \u{263a}")
+        );
+        assert_eq!(
+            partition_table(&File::open(&ascii).unwrap(), 16 << 20),
+            None
+        );
+    }
+
+    #[test]
+    fn squashfs_4() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = tree(dir.path());
+        let p = dir.path().join("sq");
+        run(
+            "squashfs-tools",
+            "mksquashfs",
+            &[
+                src.to_str().unwrap(),
+                p.to_str().unwrap(),
+                "-quiet",
+                "-noappend",
+            ],
+        );
+
+        assert_matches_blkid(&p, "squashfs");
+    }
+
+    #[test]
+    fn erofs_uuid() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = tree(dir.path());
+        let p = dir.path().join("ero");
+        let uuid = "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0";
+        run(
+            "erofs-utils",
+            "mkfs.erofs",
+            &[
+                "--quiet",
+                &format!("-U{uuid}"),
+                p.to_str().unwrap(),
+                src.to_str().unwrap(),
+            ],
+        );
+
+        assert_matches_blkid(&p, "erofs");
+        assert_eq!(probe_file(&p).uuid.as_deref(), Some(uuid));
+    }
+
+    #[test]
+    fn udf_label_and_volume_set_uuid_for_each_block_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let udf = ("udftools", "mkudffs");
+        for (block, vsid) in [("512", "0123456789ABCDEF"), ("2048", "cafe"), ("4096", "x")] {
+            let vsid = format!("--vsid={vsid}");
+            let args = ["-b", block, "--media-type=hd", "--lvid=Udf lab", &vsid];
+            let p = formatted(dir.path(), block, 16 << 20, udf, &args);
+
+            assert_matches_blkid(&p, "udf");
+            assert_eq!(probe_file(&p).label.as_deref(), Some("Udf lab"));
+        }
+        let unicode = formatted(
+            dir.path(),
+            "u",
+            16 << 20,
+            udf,
+            &["--lvid=\u{e9}t\u{e9} \u{263a}"],
+        );
+        assert_eq!(
+            probe_file(&unicode).label.as_deref(),
+            Some("\u{e9}t\u{e9} \u{263a}")
+        );
+    }
+
+    /// Overwrite the volume set identifier of every primary volume descriptor in the
+    /// main sequence of a `block`-byte-block UDF image (blkid does not check tag CRCs).
+    fn set_udf_vsid(p: &Path, block: u64, vsid: &[u8]) {
+        let f = File::options().read(true).write(true).open(p).unwrap();
+        let size = f.metadata().unwrap().len();
+        let (_, vds, len) = udf_anchor(&f, size, block).unwrap();
+        let mut field = [0u8; 128];
+        field[0] = 8;
+        field[1..1 + vsid.len()].copy_from_slice(vsid);
+        field[127] = vsid.len() as u8 + 1;
+        for i in 0..u64::from(len) / block {
+            let off = (u64::from(vds) + i) * block;
+            let d = read(&f, size, off, 2).unwrap();
+            if le16(&d, 0) == UDF_TAG_PVD {
+                f.write_all_at(&field, off + 72).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn udf_uuid_from_any_volume_set_identifier_as_blkid_derives_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let vsids: [&[u8]; 5] = [
+            b"12345678xyz",
+            b"123456789Zq",
+            b"xyzxyzxyzxyz",
+            b"abc",
+            b"0123456789abcdefghij",
+        ];
+        for (i, vsid) in vsids.into_iter().enumerate() {
+            let p = formatted(
+                dir.path(),
+                &format!("u{i}"),
+                8 << 20,
+                ("udftools", "mkudffs"),
+                &["-b", "512", "--media-type=hd"],
+            );
+            set_udf_vsid(&p, 512, vsid);
+
+            assert_matches_blkid(&p, "udf");
+        }
     }
 
     #[test]

@@ -73,6 +73,38 @@ fn join(root: &Path, components: &[Vec<u8>]) -> PathBuf {
     p
 }
 
+/// statfs f_type of FUSE mounts (linux/magic.h FUSE_SUPER_MAGIC): in the appliance only
+/// NTFS is mounted through FUSE.
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+/// Most directory entries looked at for one case-insensitive lookup.
+const MAX_CASE_SCAN: usize = 65536;
+
+/// On a case-insensitive filesystem (NTFS, as Windows looks names up), the one name in
+/// `missing`'s directory that equals its last component ignoring case; None when the
+/// directory is elsewhere, or none or several match.
+fn case_insensitive_match(missing: &Path) -> Option<Vec<u8>> {
+    let (dir, want) = (missing.parent()?, missing.file_name()?.to_str()?);
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statfs writes into the zeroed struct we own; c is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 || st.f_type as i64 != FUSE_SUPER_MAGIC {
+        return None;
+    }
+    let fold = |s: &str| s.chars().flat_map(char::to_uppercase).collect::<String>();
+    let want = fold(want);
+    let mut found = None;
+    for e in std::fs::read_dir(dir).ok()?.take(MAX_CASE_SCAN) {
+        let name = e.ok()?.file_name();
+        if name.to_str().is_some_and(|n| fold(n) == want) {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(name.as_bytes().to_vec());
+        }
+    }
+    found
+}
+
 /// Resolve `path` under `root`. Every component must exist; intermediate ones must be
 /// directories (after following links).
 pub fn resolve(root: &Path, path: &[u8], last: Final) -> Result<Resolved, OpError> {
@@ -112,11 +144,17 @@ fn resolve_with(
         }
         let is_last = pending.is_empty();
         done.push(c);
-        let host = join(root, &done);
+        let mut host = join(root, &done);
         let meta = match std::fs::symlink_metadata(&host) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if missing(&host).map_err(|e| OpError::io(path, &e))? {
+                if let Some(real) = case_insensitive_match(&host) {
+                    host.set_file_name(OsStr::from_bytes(&real));
+                    if let Some(last) = done.last_mut() {
+                        *last = real;
+                    }
+                    std::fs::symlink_metadata(&host).map_err(|e| OpError::io(path, &e))?
+                } else if missing(&host).map_err(|e| OpError::io(path, &e))? {
                     std::fs::symlink_metadata(&host).map_err(|e| OpError::io(path, &e))?
                 } else {
                     return Err(OpError::io(path, &e));

@@ -163,12 +163,28 @@ impl Agent {
                 mountpoint,
                 fstype,
                 writable,
+                subvolid,
             } => {
-                let r = mount(root, &device, &mountpoint, fstype.as_deref(), writable);
+                let how = crate::mount::How {
+                    fstype: fstype.as_deref(),
+                    writable,
+                    subvolid,
+                };
+                let r = mount(root, &device, &mountpoint, how);
                 if let Err(e) = &r {
                     self.log(&e.message);
                 }
                 answer(w, r.map(|fstype| Response::Mounted { device, fstype }))?
+            }
+            Request::Subvolumes { device } => {
+                let r = crate::btrfs::subvolumes(&device);
+                if let Err(e) = &r {
+                    self.log(&e.message);
+                }
+                answer(
+                    w,
+                    r.map(|(default, list)| Response::Subvolumes { default, list }),
+                )?
             }
             Request::ReadDir { path } => readdir::read_dir(root, &path, w)?,
             Request::Stat { path } => answer(

@@ -18,10 +18,11 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 mod escape;
+pub mod fstypes;
 pub use escape::unescape_octal;
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest frame (kind byte + payload) either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest data chunk the agent sends in one `KIND_DATA` frame.
@@ -44,6 +45,11 @@ pub const PORT_NAME: &str = "org.imgsafe.agent";
 
 /// Most bytes of entropy one `Hello` carries.
 pub const MAX_ENTROPY: usize = 256;
+/// Most btrfs subvolumes one `Subvolumes` answer lists.
+pub const MAX_SUBVOLUMES: usize = 1024;
+/// The id of a btrfs filesystem's top-level subvolume (BTRFS_FS_TREE_OBJECTID).
+pub const BTRFS_TOP_LEVEL: u64 = 5;
+
 /// Most disks one `Hello` asks the agent to wait for.
 pub const MAX_HELLO_DISKS: usize = 16;
 /// Longest virtio-blk serial (the device's ID string is 20 bytes).
@@ -110,7 +116,13 @@ pub enum Request {
         mountpoint: String,
         fstype: Option<String>,
         writable: bool,
+        /// btrfs only: mount this subvolume (an id from `Subvolumes`) instead of the
+        /// filesystem's default one.
+        subvolid: Option<u64>,
     },
+    /// The subvolumes of the btrfs on `device` (mounted privately, read-only, for as
+    /// long as it takes to list them). Answered by `Subvolumes`.
+    Subvolumes { device: String },
     /// List a directory of the mounted tree. Answered by one or more `DirEntries` frames,
     /// the last with `done: true`.
     ReadDir { path: Vec<u8> },
@@ -233,8 +245,8 @@ pub struct FsInfo {
     pub device: String,
     /// Size in bytes.
     pub size: u64,
-    /// Filesystem type as `mount` names it (`ext4`, `xfs`, `btrfs`, `vfat`, `iso9660`,
-    /// `swap`, `LVM2_member`), None when nothing was recognised.
+    /// Filesystem type as the probe names it: one of [`fstypes::FILESYSTEMS`], or
+    /// `swap`, `LVM2_member`, `jbd`; None when nothing was recognised.
     pub fstype: Option<String>,
     pub label: Option<String>,
     pub uuid: Option<String>,
@@ -244,6 +256,16 @@ pub struct FsInfo {
     pub partuuid: Option<String>,
     /// True for a whole disk that carries a partition table.
     pub partitioned: bool,
+}
+
+/// One btrfs subvolume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subvolume {
+    /// Its id (256 and up; [`BTRFS_TOP_LEVEL`] is the top level itself).
+    pub id: u64,
+    /// Its path from the top level, without a leading `/` (`@home`,
+    /// `@/.snapshots/1/snapshot`), as `subvol=` takes it.
+    pub path: String,
 }
 
 /// Category of an agent-side failure, so the host can pick an exit code.
@@ -281,6 +303,12 @@ pub enum Response {
     Mounted {
         device: String,
         fstype: String,
+    },
+    /// At most [`MAX_SUBVOLUMES`], in id order.
+    Subvolumes {
+        /// The subvolume a mount without `subvolid` gets.
+        default: u64,
+        list: Vec<Subvolume>,
     },
     DirEntries {
         entries: Vec<Entry>,
