@@ -60,6 +60,9 @@ pub enum Error {
     /// Interrupted by a signal.
     #[error("interrupted")]
     Interrupted,
+    /// A step of `cp` failed on the host side (the destination, mostly).
+    #[error(transparent)]
+    Copy(#[from] crate::commands::cp::CpError),
     /// Any other failure, already phrased as one sentence.
     #[error("{0}")]
     Other(String),
@@ -79,7 +82,7 @@ impl Error {
                 exit::APPLIANCE
             }
             Error::Interrupted => exit::INTERRUPTED,
-            Error::Other(_) => exit::OTHER,
+            Error::Other(_) | Error::Copy(_) => exit::OTHER,
             Error::Usage(_) => exit::USAGE,
         }
     }
