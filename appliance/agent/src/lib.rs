@@ -68,6 +68,7 @@ pub fn run() -> ! {
 pub mod devices;
 pub mod entry;
 pub mod error;
+pub mod extents;
 pub mod hello;
 pub mod init;
 pub mod lvm;
