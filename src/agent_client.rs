@@ -6,7 +6,8 @@
 
 use crate::{Error, Result};
 use imgsafe_proto::{
-    self as proto, validate_name, Entry, ErrorKind, Frame, FsInfo, Request, Response, WalkEntry,
+    self as proto, validate_name, Entry, ErrorKind, FileMap, Frame, FsInfo, Request, Response,
+    WalkEntry,
 };
 use std::io::{BufReader, BufWriter, Write};
 use std::os::unix::net::UnixStream;
@@ -22,10 +23,80 @@ pub trait GuestFs {
     fn read_file(&mut self, path: &[u8], out: &mut dyn Write) -> Result<u64>;
     /// Every entry below a directory, depth first, pre-order, symlinks not followed.
     fn walk(&mut self, path: &[u8], each: &mut dyn FnMut(WalkEntry) -> Result<()>) -> Result<()>;
+    /// Read several regular files, in order, into `sink`. The requests go out together
+    /// and the answers are read in order, so a tree of small files costs one round trip
+    /// per batch, not per file. Only the last file may ask for a map (`mapped`); when the
+    /// sink declines the map, that file is streamed. The default streams one by one.
+    fn read_files(&mut self, files: &[FileRequest], sink: &mut dyn FileSink) -> Result<()> {
+        for (i, f) in files.iter().enumerate() {
+            let size = self.stat(&f.path)?.size;
+            sink.begin(i, size)?;
+            let mut w = SinkWriter { sink, failed: None };
+            let r = self.read_file(&f.path, &mut w);
+            finish_stream(w, r)?;
+        }
+        Ok(())
+    }
     /// The raw channel, for a `Shell` session that takes it over (None: no agent behind).
     fn shell_channel(&mut self) -> Option<ShellChannel<'_>> {
         None
     }
+}
+
+/// One file of a [`GuestFs::read_files`] batch.
+#[derive(Debug, Clone)]
+pub struct FileRequest {
+    /// Guest path.
+    pub path: Vec<u8>,
+    /// Ask for a map of where its bytes lie instead of the bytes (`ReadFileMapped`).
+    pub mapped: bool,
+}
+
+/// Where [`GuestFs::read_files`] delivers each file.
+pub trait FileSink {
+    /// File `i` is streamed and the guest says it has `size` bytes.
+    fn begin(&mut self, i: usize, size: u64) -> Result<()>;
+    /// The next bytes of the file being streamed. After an error no more are given, the
+    /// rest of the stream is drained, and [`FileSink::end`] is called.
+    fn data(&mut self, d: &[u8]) -> std::io::Result<()>;
+    /// The stream of the file begun last ended (complete, or after a `data` error, which
+    /// `end` then reports).
+    fn end(&mut self) -> Result<()>;
+    /// The guest sent a map of file `i` instead of its bytes: Ok(true) if the sink has
+    /// copied the file from it, Ok(false) to have the file streamed instead.
+    fn mapped(&mut self, i: usize, map: FileMap) -> Result<bool>;
+}
+
+/// A [`FileSink`] as a `Write`, remembering a failed write.
+struct SinkWriter<'a> {
+    sink: &'a mut dyn FileSink,
+    failed: Option<std::io::Error>,
+}
+
+impl Write for SinkWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Err(e) = self.sink.data(buf) {
+            let kind = e.kind();
+            self.failed = Some(e);
+            return Err(kind.into());
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// End a stream fed through `w`: the sink's own error first (it knows what failed),
+/// then the stream's.
+fn finish_stream(w: SinkWriter<'_>, r: Result<u64>) -> Result<()> {
+    if let Some(e) = w.failed {
+        w.sink.end()?;
+        return Err(Error::Other(format!("writing output: {e}")));
+    }
+    r?;
+    w.sink.end()
 }
 
 /// Both halves of the agent channel, lent to a shell session (see
@@ -306,6 +377,49 @@ impl AgentClient {
     }
 }
 
+impl AgentClient {
+    /// The data frames and `FileEnd` of a file stream announced as `size` bytes.
+    fn recv_stream(&mut self, path: &[u8], size: u64, out: &mut dyn Write) -> Result<u64> {
+        let mut got: u64 = 0;
+        let mut out_err: Option<std::io::Error> = None;
+        loop {
+            match self.recv()? {
+                Frame::Data(d) if d.is_empty() => return Err(Error::guest("empty data frame")),
+                Frame::Data(d) => {
+                    got = got
+                        .checked_add(d.len() as u64)
+                        .ok_or_else(|| Error::guest("file too large"))?;
+                    if got > size {
+                        return Err(Error::guest("file stream longer than announced"));
+                    }
+                    // Keep draining the stream after a local write error so the channel
+                    // stays in sync, then report the error.
+                    if out_err.is_none() {
+                        if let Err(e) = out.write_all(&d) {
+                            out_err = Some(e);
+                        }
+                    }
+                }
+                Frame::Msg(Response::FileEnd) => break,
+                Frame::Msg(Response::Error { kind, message }) => {
+                    return Err(agent_error(kind, message, path))
+                }
+                Frame::Msg(other) => return Err(unexpected(&other)),
+            }
+        }
+        if let Some(e) = out_err {
+            return Err(Error::Other(format!("writing output: {e}")));
+        }
+        if got != size {
+            // The file changed size while read (cannot happen read-only) or the agent lied.
+            return Err(Error::guest(format!(
+                "file stream ended after {got} of {size} bytes"
+            )));
+        }
+        Ok(got)
+    }
+}
+
 fn check_path(path: &[u8]) -> Result<()> {
     if path.len() > proto::MAX_PATH || path.contains(&0) {
         return Err(Error::Other(format!(
@@ -427,43 +541,62 @@ impl GuestFs for AgentClient {
             Response::Error { kind, message } => return Err(agent_error(kind, message, path)),
             other => return Err(unexpected(&other)),
         };
-        let mut got: u64 = 0;
-        let mut out_err: Option<std::io::Error> = None;
-        loop {
-            match self.recv()? {
-                Frame::Data(d) if d.is_empty() => return Err(Error::guest("empty data frame")),
-                Frame::Data(d) => {
-                    got = got
-                        .checked_add(d.len() as u64)
-                        .ok_or_else(|| Error::guest("file too large"))?;
-                    if got > size {
-                        return Err(Error::guest("file stream longer than announced"));
+        self.recv_stream(path, size, out)
+    }
+
+    fn read_files(&mut self, files: &[FileRequest], sink: &mut dyn FileSink) -> Result<()> {
+        let Some((_, head)) = files.split_last() else {
+            return Ok(());
+        };
+        if head.iter().any(|f| f.mapped) {
+            return Err(Error::Other(
+                "only the last file of a batch may be mapped".into(),
+            ));
+        }
+        for f in files {
+            check_path(&f.path)?;
+            let path = f.path.clone();
+            let req = if f.mapped {
+                Request::ReadFileMapped { path }
+            } else {
+                Request::ReadFile { path }
+            };
+            proto::write_msg(&mut self.writer, &req)
+                .map_err(|e| Error::guest(format!("sending request: {e}")))?;
+        }
+        self.writer
+            .flush()
+            .map_err(|e| Error::guest(format!("sending request: {e}")))?;
+        for (i, f) in files.iter().enumerate() {
+            let size = match self.recv_msg()? {
+                Response::FileStart { size } => size,
+                Response::FileMap(map) if f.mapped => {
+                    if sink.mapped(i, map)? {
+                        continue;
                     }
-                    // Keep draining the stream after a local write error so the channel
-                    // stays in sync, then report the error.
-                    if out_err.is_none() {
-                        if let Err(e) = out.write_all(&d) {
-                            out_err = Some(e);
+                    // Nothing else is in flight: the mapped file is the batch's last.
+                    self.send(&Request::ReadFile {
+                        path: f.path.clone(),
+                    })?;
+                    match self.recv_msg()? {
+                        Response::FileStart { size } => size,
+                        Response::Error { kind, message } => {
+                            return Err(agent_error(kind, message, &f.path))
                         }
+                        other => return Err(unexpected(&other)),
                     }
                 }
-                Frame::Msg(Response::FileEnd) => break,
-                Frame::Msg(Response::Error { kind, message }) => {
-                    return Err(agent_error(kind, message, path))
+                Response::Error { kind, message } => {
+                    return Err(agent_error(kind, message, &f.path))
                 }
-                Frame::Msg(other) => return Err(unexpected(&other)),
-            }
+                other => return Err(unexpected(&other)),
+            };
+            sink.begin(i, size)?;
+            let mut w = SinkWriter { sink, failed: None };
+            let r = self.recv_stream(&f.path, size, &mut w);
+            finish_stream(w, r)?;
         }
-        if let Some(e) = out_err {
-            return Err(Error::Other(format!("writing output: {e}")));
-        }
-        if got != size {
-            // The file changed size while read (cannot happen read-only) or the agent lied.
-            return Err(Error::guest(format!(
-                "file stream ended after {got} of {size} bytes"
-            )));
-        }
-        Ok(got)
+        Ok(())
     }
 
     fn walk(&mut self, path: &[u8], each: &mut dyn FnMut(WalkEntry) -> Result<()>) -> Result<()> {

@@ -74,6 +74,9 @@ pub struct CopyOptions {
     /// (device, inode) of the image's own files: never replaced, even with `force`, so
     /// a copy into the image's folder cannot swap the image for a file from the guest.
     pub protected: Vec<(u64, u64)>,
+    /// The image as the host reads it: files the guest can map are read from it
+    /// directly (see [`crate::bulk`]); None streams every file through the guest.
+    pub reader: Option<crate::bulk::HostReader>,
 }
 
 /// What a copy did.
@@ -89,6 +92,8 @@ pub struct CopyStats {
     pub skipped: u64,
     /// File bytes copied.
     pub bytes: u64,
+    /// Regular files read from the image by the host (the rest came through the guest).
+    pub mapped: u64,
 }
 /// A name or path for a one-line message, safe for a terminal.
 fn show(bytes: &[u8]) -> String {
@@ -145,13 +150,14 @@ pub fn run(args: CpArgs) -> Result<()> {
         force: args.force,
         progress: io::stderr().is_terminal(),
         protected,
+        reader: session.host_reader(),
     };
     let stage = trace::stage("cp");
     match copy_out(session.fs(), &sources, &dest, &opts) {
         Ok(stats) => {
             stage.done(&format!(
-                "{} files, {} directories, {} symlinks, {} skipped, {} bytes",
-                stats.files, stats.dirs, stats.symlinks, stats.skipped, stats.bytes
+                "{} files ({} read from the image directly), {} directories, {} symlinks, {} skipped, {} bytes",
+                stats.files, stats.mapped, stats.dirs, stats.symlinks, stats.skipped, stats.bytes
             ));
             session.finish()
         }

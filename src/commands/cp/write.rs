@@ -7,11 +7,13 @@ use super::plan::{check_item, leaf, Item, Plan};
 use super::progress::Progress;
 use super::{show, CopyOptions, CopyStats, CpError};
 use super::{HOLE_BLOCK, KEPT_MODE, PART_PREFIX, WORK_DIR_MODE};
-use crate::agent_client::GuestFs;
-use crate::{Error, Result};
-use imgsafe_proto::{Entry, FileType};
+use crate::agent_client::{FileRequest, FileSink, GuestFs};
+use crate::bulk::MAP_MIN;
+use crate::{trace, Error, Result};
+use imgsafe_proto::{Entry, FileMap, FileType};
 use std::fs::File;
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 
 /// A destination directory being filled.
 pub(super) struct OpenDir {
@@ -122,160 +124,287 @@ fn create_part(parent: &Dir) -> io::Result<(Vec<u8>, File)> {
     }
 }
 
-/// Copy the regular file `item` to `name` in `parent`: written under a temporary name,
-/// given its mode and mtime, then renamed into place. On failure nothing is left.
-fn copy_file(
+/// Most files whose requests go out together (see [`GuestFs::read_files`]).
+const BATCH_FILES: usize = 64;
+/// Most request bytes in flight: far below what the channel buffers, so sending a batch
+/// never waits for the guest, which may be busy writing answers the host has not read.
+const BATCH_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Regular files of one directory waiting to be read in one batch.
+#[derive(Default)]
+struct Batch {
+    items: Vec<usize>,
+    requests: Vec<FileRequest>,
+    bytes: usize,
+}
+
+impl Batch {
+    /// Whether `item` belongs to another directory than the files already waiting.
+    fn other_dir(&self, plan: &Plan, item: &Item) -> bool {
+        self.items.first().is_some_and(|&i| {
+            let p = &plan.items[i].path;
+            p[..p.len() - 1] != item.path[..item.path.len() - 1]
+        })
+    }
+
+    /// Add file `i`; true when the batch must now be read (full, or a mapped file,
+    /// which only the last of a batch may be).
+    fn push(&mut self, plan: &Plan, i: usize, mapped: bool) -> bool {
+        let path = plan.guest_path(&plan.items[i]);
+        // JSON writes a byte as up to four characters.
+        self.bytes += path.len() * 4 + 64;
+        self.items.push(i);
+        self.requests.push(FileRequest { path, mapped });
+        mapped || self.items.len() >= BATCH_FILES || self.bytes >= BATCH_REQUEST_BYTES
+    }
+}
+
+/// Read the files of `batch` into `parent`, each under a temporary name, then renamed.
+fn run_batch(
     fs: &mut dyn GuestFs,
     plan: &Plan,
-    item: &Item,
+    batch: &mut Batch,
     parent: &Dir,
-    opts: &CopyOptions,
-    progress: &mut Progress,
-) -> Result<u64> {
-    let (name, e, shown) = (leaf(item), &item.entry, plan.shown(item));
-    let err = |source: io::Error| CpError::Write {
-        path: shown.clone(),
-        source,
+    ctx: &mut Ctx<'_>,
+) -> Result<()> {
+    if batch.items.is_empty() {
+        return Ok(());
+    }
+    let b = std::mem::take(batch);
+    let mut sink = CopySink {
+        plan,
+        items: &b.items,
+        parent,
+        ctx,
+        current: None,
     };
-    if parent.lookup(name).map_err(err)?.is_some() {
-        check_replaceable(parent, name, opts, &shown)?;
-    }
-    let (part, mut file) = create_part(parent).map_err(err)?;
-    let copied = stream(fs, &plan.guest_path(item), &mut file, e, &shown, progress)
-        .and_then(|n| {
-            dest::set_mode_mtime(&file, e.mode & KEPT_MODE, e.mtime, e.mtime_nsec)
-                .map(|_| n)
-                .map_err(|x| err(x).into())
-        })
-        .and_then(|n| {
-            parent
-                .rename(&part, name, opts.force)
-                .map(|_| n)
-                .map_err(|x| match x.raw_os_error() {
-                    // Appeared since the check above.
-                    Some(libc::EEXIST) => CpError::Exists {
-                        path: shown.clone(),
-                    }
-                    .into(),
-                    _ => err(x).into(),
-                })
-        });
-    if copied.is_err() {
-        let _ = parent.unlink(&part);
-    }
-    copied
+    fs.read_files(&b.requests, &mut sink)
 }
 
-/// The destination file being written: bounded by the announced size, holes for zeros.
-struct Sink<'a> {
-    file: &'a mut File,
-    written: u64,
-    limit: u64,
-    overflow: bool,
-    failed: Option<io::Error>,
+/// What the second pass carries along.
+struct Ctx<'a> {
+    opts: &'a CopyOptions,
     progress: &'a mut Progress,
+    stats: CopyStats,
 }
 
-impl Sink<'_> {
-    fn put(&mut self, buf: &[u8]) -> io::Result<()> {
-        let zero = |i: usize| {
-            buf[i..buf.len().min(i + HOLE_BLOCK)]
-                .iter()
-                .all(|&b| b == 0)
-        };
-        let mut i = 0;
-        while i < buf.len() {
-            let hole = zero(i);
-            let mut j = i;
-            while j < buf.len() && zero(j) == hole {
-                j = buf.len().min(j + HOLE_BLOCK);
-            }
-            if hole {
-                self.file.seek(SeekFrom::Current((j - i) as i64))?;
-            } else {
-                self.file.write_all(&buf[i..j])?;
-            }
-            i = j;
-        }
-        Ok(())
-    }
+/// A file being written under its temporary name; removed on drop unless committed.
+struct Part<'a> {
+    parent: &'a Dir,
+    name: Vec<u8>,
+    file: File,
+    done: bool,
 }
 
-impl Write for Sink<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = buf.len() as u64;
-        if self
-            .written
-            .checked_add(n)
-            .is_none_or(|end| end > self.limit)
-        {
-            self.overflow = true;
-            return Err(io::Error::other("stream longer than the file's size"));
-        }
-        if let Err(e) = self.put(buf) {
-            let kind = e.kind();
-            self.failed = Some(e);
-            return Err(io::Error::from(kind));
-        }
-        self.written += n;
-        self.progress.add(n);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Stream the guest file into `file`, checking the length against `entry.size`.
-fn stream(
-    fs: &mut dyn GuestFs,
-    guest: &[u8],
-    file: &mut File,
-    entry: &Entry,
-    shown: &str,
-    progress: &mut Progress,
-) -> Result<u64> {
-    let mut sink = Sink {
-        file,
-        written: 0,
-        limit: entry.size,
-        overflow: false,
-        failed: None,
-        progress,
-    };
-    let result = fs.read_file(guest, &mut sink);
-    if sink.overflow {
-        return Err(Error::guest(format!(
-            "{}: sent more than its size of {} bytes",
-            show(guest),
-            entry.size
-        )));
-    }
-    if let Some(e) = sink.failed.take() {
-        return Err(CpError::Write {
-            path: shown.to_string(),
-            source: e,
-        }
-        .into());
-    }
-    let n = result?;
-    if n != entry.size || sink.written != entry.size {
-        return Err(Error::guest(format!(
-            "{}: sent {} bytes for a file of {} bytes",
-            show(guest),
-            sink.written,
-            entry.size
-        )));
-    }
-    // Trailing zeros were skipped as a hole: give the file its full length.
-    sink.file
-        .set_len(entry.size)
-        .map_err(|source| CpError::Write {
+impl<'a> Part<'a> {
+    /// A fresh temporary file in `parent`, once `name` is known to be free or replaceable.
+    fn create(parent: &'a Dir, name: &[u8], opts: &CopyOptions, shown: &str) -> Result<Self> {
+        let err = |source: io::Error| CpError::Write {
             path: shown.to_string(),
             source,
-        })?;
-    Ok(n)
+        };
+        if parent.lookup(name).map_err(err)?.is_some() {
+            check_replaceable(parent, name, opts, shown)?;
+        }
+        let (name, file) = create_part(parent).map_err(err)?;
+        Ok(Part {
+            parent,
+            name,
+            file,
+            done: false,
+        })
+    }
+
+    /// Give the file its length, mode and mtime and rename it to `name`.
+    fn commit(mut self, name: &[u8], e: &Entry, opts: &CopyOptions, shown: &str) -> Result<()> {
+        let err = |source: io::Error| CpError::Write {
+            path: shown.to_string(),
+            source,
+        };
+        // Trailing zeros were skipped as a hole: give the file its full length.
+        self.file.set_len(e.size).map_err(err)?;
+        dest::set_mode_mtime(&self.file, e.mode & KEPT_MODE, e.mtime, e.mtime_nsec).map_err(err)?;
+        self.parent
+            .rename(&self.name, name, opts.force)
+            .map_err(|x| match x.raw_os_error() {
+                // Appeared since the check in `create`.
+                Some(libc::EEXIST) => Error::from(CpError::Exists {
+                    path: shown.to_string(),
+                }),
+                _ => err(x).into(),
+            })?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for Part<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.parent.unlink(&self.name);
+        }
+    }
+}
+
+/// Write `buf` at `at`, leaving blocks of zeros as holes.
+fn put_at(file: &File, at: u64, buf: &[u8]) -> io::Result<()> {
+    let zero = |i: usize| {
+        buf[i..buf.len().min(i + HOLE_BLOCK)]
+            .iter()
+            .all(|&b| b == 0)
+    };
+    let mut i = 0;
+    while i < buf.len() {
+        let hole = zero(i);
+        let mut j = i;
+        while j < buf.len() && zero(j) == hole {
+            j = buf.len().min(j + HOLE_BLOCK);
+        }
+        if !hole {
+            file.write_all_at(&buf[i..j], at + i as u64)?;
+        }
+        i = j;
+    }
+    Ok(())
+}
+
+/// The file being streamed: bounded by the size the walk announced.
+struct Streaming<'a> {
+    item: usize,
+    part: Part<'a>,
+    written: u64,
+    overflow: bool,
+    failed: Option<io::Error>,
+}
+
+/// Receives the files of one batch (see [`FileSink`]).
+struct CopySink<'p, 'c, 'o> {
+    plan: &'p Plan,
+    items: &'p [usize],
+    parent: &'p Dir,
+    ctx: &'c mut Ctx<'o>,
+    current: Option<Streaming<'p>>,
+}
+
+impl<'p> CopySink<'p, '_, '_> {
+    fn item(&self, i: usize) -> &'p Item {
+        let plan: &'p Plan = self.plan;
+        &plan.items[self.items[i]]
+    }
+}
+
+impl FileSink for CopySink<'_, '_, '_> {
+    fn begin(&mut self, i: usize, _announced: u64) -> Result<()> {
+        // The walk's size is the one checked: the stream must match it exactly.
+        self.current = None;
+        let item = self.item(i);
+        let part = Part::create(
+            self.parent,
+            leaf(item),
+            self.ctx.opts,
+            &self.plan.shown(item),
+        )?;
+        self.current = Some(Streaming {
+            item: i,
+            part,
+            written: 0,
+            overflow: false,
+            failed: None,
+        });
+        Ok(())
+    }
+
+    fn data(&mut self, d: &[u8]) -> io::Result<()> {
+        let limit = match &self.current {
+            Some(s) => self.item(s.item).entry.size,
+            None => return Err(io::Error::other("data outside a file")),
+        };
+        let Some(s) = self.current.as_mut() else {
+            return Err(io::Error::other("data outside a file"));
+        };
+        let n = d.len() as u64;
+        if s.written.checked_add(n).is_none_or(|end| end > limit) {
+            s.overflow = true;
+            return Err(io::Error::other("stream longer than the file's size"));
+        }
+        if let Err(e) = put_at(&s.part.file, s.written, d) {
+            let kind = e.kind();
+            s.failed = Some(e);
+            return Err(kind.into());
+        }
+        s.written += n;
+        self.ctx.progress.add(n);
+        Ok(())
+    }
+
+    fn end(&mut self) -> Result<()> {
+        let Some(mut s) = self.current.take() else {
+            return Err(Error::guest("file stream without a start"));
+        };
+        let item = self.item(s.item);
+        let (guest, shown) = (self.plan.guest_path(item), self.plan.shown(item));
+        if s.overflow {
+            return Err(Error::guest(format!(
+                "{}: sent more than its size of {} bytes",
+                show(&guest),
+                item.entry.size
+            )));
+        }
+        if let Some(source) = s.failed.take() {
+            return Err(CpError::Write {
+                path: shown,
+                source,
+            }
+            .into());
+        }
+        if s.written != item.entry.size {
+            return Err(Error::guest(format!(
+                "{}: sent {} bytes for a file of {} bytes",
+                show(&guest),
+                s.written,
+                item.entry.size
+            )));
+        }
+        s.part
+            .commit(leaf(item), &item.entry, self.ctx.opts, &shown)?;
+        self.ctx.stats.files += 1;
+        self.ctx.stats.bytes += s.written;
+        Ok(())
+    }
+
+    fn mapped(&mut self, i: usize, map: FileMap) -> Result<bool> {
+        self.current = None;
+        let item = self.item(i);
+        let Some(reader) = self.ctx.opts.reader.as_ref() else {
+            return Ok(false);
+        };
+        let (guest, shown) = (self.plan.guest_path(item), self.plan.shown(item));
+        let checked = match reader.accept(&map, item.entry.size) {
+            Ok(c) => c,
+            Err(why) => {
+                trace::note(&format!("{}: streamed instead: {why}", show(&guest)));
+                return Ok(false);
+            }
+        };
+        let part = Part::create(self.parent, leaf(item), self.ctx.opts, &shown)?;
+        let progress = &mut *self.ctx.progress;
+        reader
+            .copy(&checked, &mut |at, buf| {
+                put_at(&part.file, at, buf)?;
+                progress.add(buf.len() as u64);
+                Ok(())
+            })
+            .map_err(|source| CpError::Write {
+                path: shown.clone(),
+                source,
+            })?;
+        progress.add(item.entry.size - checked.data_bytes());
+        part.commit(leaf(item), &item.entry, self.ctx.opts, &shown)?;
+        self.ctx.stats.files += 1;
+        self.ctx.stats.mapped += 1;
+        self.ctx.stats.bytes += item.entry.size;
+        Ok(true)
+    }
 }
 
 /// Second pass: create everything. On failure too, the directories this copy created
@@ -287,7 +416,12 @@ pub(super) fn apply(
     progress: &mut Progress,
 ) -> Result<CopyStats> {
     let mut tree: Tree<OpenDir> = Tree::new();
-    let result = apply_items(fs, plan, opts, progress, &mut tree);
+    let mut ctx = Ctx {
+        opts,
+        progress,
+        stats: CopyStats::default(),
+    };
+    let result = apply_items(fs, plan, &mut ctx, &mut tree);
     let mut finished = Ok(());
     for d in tree.finish() {
         let r = finish_dir(d);
@@ -295,21 +429,27 @@ pub(super) fn apply(
             finished = r;
         }
     }
-    let stats = result?;
+    result?;
     finished?;
-    Ok(stats)
+    Ok(ctx.stats)
 }
 
 /// Create every item of the plan in order, leaving the directories still open in `tree`.
+/// Regular files of one directory are read in batches; everything else (and a file of
+/// another directory) first reads the files waiting.
 fn apply_items(
     fs: &mut dyn GuestFs,
     plan: &Plan,
-    opts: &CopyOptions,
-    progress: &mut Progress,
+    ctx: &mut Ctx<'_>,
     tree: &mut Tree<OpenDir>,
-) -> Result<CopyStats> {
-    let mut stats = CopyStats::default();
-    for item in &plan.items {
+) -> Result<()> {
+    let mut batch = Batch::default();
+    for (index, item) in plan.items.iter().enumerate() {
+        let e = &item.entry;
+        if e.kind != FileType::Regular || batch.other_dir(plan, item) {
+            let parent = tree.current().map_or(&plan.top, |d| &d.dir);
+            run_batch(fs, plan, &mut batch, parent, ctx)?;
+        }
         for d in tree
             .step(&item.path)
             .map_err(|e| plan.order_error(item, e))?
@@ -320,7 +460,6 @@ fn apply_items(
         let parent = tree.current().map_or(&plan.top, |d| &d.dir);
         let name = leaf(item);
         let shown = plan.shown(item);
-        let e = &item.entry;
         let err = |source: io::Error| CpError::Create {
             path: shown.clone(),
             source,
@@ -328,20 +467,24 @@ fn apply_items(
         match e.kind {
             FileType::Directory => {
                 let (open, created) = make_dir(parent, name, e, shown)?;
-                stats.dirs += u64::from(created);
+                ctx.stats.dirs += u64::from(created);
                 tree.enter(name, open);
             }
             FileType::Regular => {
-                stats.bytes += copy_file(fs, plan, item, parent, opts, progress)?;
-                stats.files += 1;
+                let mapped = ctx.opts.reader.is_some() && e.size >= MAP_MIN;
+                if batch.push(plan, index, mapped) {
+                    run_batch(fs, plan, &mut batch, parent, ctx)?;
+                }
             }
             FileType::Symlink => {
                 let target = e.target.as_deref().unwrap_or_default();
-                create_replacing(parent, name, opts, &shown, |d, n| d.make_symlink(n, target))?;
+                create_replacing(parent, name, ctx.opts, &shown, |d, n| {
+                    d.make_symlink(n, target)
+                })?;
                 parent
                     .set_link_mtime(name, e.mtime, e.mtime_nsec)
                     .map_err(err)?;
-                stats.symlinks += 1;
+                ctx.stats.symlinks += 1;
             }
             other => {
                 eprintln!(
@@ -349,11 +492,12 @@ fn apply_items(
                     kind_name(other),
                     show(&plan.guest_path(item))
                 );
-                stats.skipped += 1;
+                ctx.stats.skipped += 1;
             }
         }
     }
-    Ok(stats)
+    let parent = tree.current().map_or(&plan.top, |d| &d.dir);
+    run_batch(fs, plan, &mut batch, parent, ctx)
 }
 
 pub(super) fn kind_name(k: FileType) -> &'static str {
