@@ -19,9 +19,7 @@ use std::io;
 use std::sync::mpsc;
 use std::sync::Arc;
 
-/// Files smaller than this are streamed: their bytes are one frame or two, cheaper than
-/// a map and the reads of its check.
-pub const MAP_MIN: u64 = 256 * 1024;
+pub use imgsafe_proto::MAP_MIN;
 /// Size of one read from the image.
 const READ_CHUNK: u64 = 4 << 20;
 /// Chunks read ahead of the writer.
@@ -199,6 +197,18 @@ impl HostReader {
         Ok(())
     }
 
+    /// Write the file `c` describes to `out` in order, zeros for its holes.
+    pub fn copy_stream(&self, c: &Checked, out: &mut dyn io::Write) -> io::Result<()> {
+        let mut pos = 0u64;
+        self.copy(c, &mut |at, buf| {
+            write_zeros(out, at - pos)?;
+            out.write_all(buf)?;
+            pos = at + buf.len() as u64;
+            Ok(())
+        })?;
+        write_zeros(out, c.size - pos)
+    }
+
     /// Read every data extent of `c` from the image, in file order, in large reads on a
     /// reader thread while `put(logical offset, bytes)` writes the previous ones. Holes
     /// and unwritten extents are not passed to `put` (they are zeros).
@@ -235,6 +245,17 @@ impl HostReader {
             Ok(())
         })
     }
+}
+
+/// Write `n` zero bytes.
+fn write_zeros(out: &mut dyn io::Write, mut n: u64) -> io::Result<()> {
+    let zeros = [0u8; 64 * 1024];
+    while n > 0 {
+        let k = n.min(zeros.len() as u64) as usize;
+        out.write_all(&zeros[..k])?;
+        n -= k as u64;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -8,11 +8,12 @@
 //! (btrfs's "physical" is a logical address of its own; iso9660 has no FIEMAP), an extent
 //! whose flags make the address meaningless or the bytes transformed (inline, tail,
 //! encoded, encrypted, not aligned, unknown, delayed allocation), a striped, thin, crypt
-//! or RAID mapping, a disk without a serial, or more than [`MAX_MAP_EXTENTS`] extents.
+//! or RAID mapping, a disk without a serial, more than [`MAX_MAP_EXTENTS`] extents, or
+//! a file smaller than [`MAP_MIN`].
 
 use crate::error::OpError;
 use crate::readfile::{open_regular, read_file};
-use imgsafe_proto::{write_msg, FileMap, MapExtent, Response, MAP_EDGE, MAX_MAP_EXTENTS};
+use imgsafe_proto::{write_msg, FileMap, MapExtent, Response, MAP_EDGE, MAP_MIN, MAX_MAP_EXTENTS};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{self, Write};
@@ -83,7 +84,7 @@ pub fn read_file_mapped<W: Write>(
 /// The file's map, or None when it must be streamed.
 fn map_file(root: &Path, sys: &Path, dev: &Path, path: &[u8]) -> Result<Option<FileMap>, OpError> {
     let (file, size) = open_regular(root, path)?;
-    if size == 0 || !mappable_fs(&file) {
+    if size < MAP_MIN || !mappable_fs(&file) {
         return Ok(None);
     }
     let rdev = file.metadata().map_err(|e| OpError::io(path, &e))?.dev();

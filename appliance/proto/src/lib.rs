@@ -34,6 +34,9 @@ pub const MAX_PATH: usize = 4096;
 pub const MAX_DIR_ENTRIES_PER_FRAME: usize = 2048;
 /// Most extents one `FileMap` carries; a file in more pieces is streamed instead.
 pub const MAX_MAP_EXTENTS: usize = 8192;
+/// Files smaller than this are streamed even when a map is asked for: their bytes are a
+/// frame or two, cheaper than a map and the reads of its check.
+pub const MAP_MIN: u64 = 256 * 1024;
 /// Bytes at each end of a mapped file the agent hashes through the filesystem
 /// (`FileMap::edge_sha256`), so the host can check the map against what the file holds.
 pub const MAP_EDGE: u64 = 64 * 1024;
