@@ -30,7 +30,9 @@
 
 //!
 //! The work is split along its steps: [`args`] parses `IMAGE:/PATH... DEST`, [`plan`]
-//! collects and checks everything against DEST without writing, [`write`] creates it.
+//! collects and checks everything against DEST without writing, [`write`] creates it;
+//! DEST `-` writes a tar stream to stdout instead ([`tar`]). Files the guest can map are
+//! read by the host from the image itself ([`crate::bulk`]).
 
 mod args;
 mod dest;
@@ -38,6 +40,7 @@ mod error;
 mod order;
 mod plan;
 mod progress;
+mod tar;
 mod write;
 
 pub use error::CpError;
@@ -127,8 +130,9 @@ pub fn copy_out(
 /// Run `imgsafe cp`.
 pub fn run(args: CpArgs) -> Result<()> {
     let (image, sources, dest) = args::parse_args(&args.args)?;
+    let to_tar = dest.as_os_str() == "-";
     // Fail before booting anything when DEST cannot take several sources.
-    if sources.len() > 1 && !dest.is_dir() {
+    if sources.len() > 1 && !to_tar && !dest.is_dir() {
         return Err(CpError::SeveralSources {
             dest: dest.display().to_string(),
         }
@@ -153,7 +157,21 @@ pub fn run(args: CpArgs) -> Result<()> {
         reader: session.host_reader(),
     };
     let stage = trace::stage("cp");
-    match copy_out(session.fs(), &sources, &dest, &opts) {
+    let copied = if to_tar {
+        let stdout = io::stdout();
+        let mut out = io::BufWriter::with_capacity(1 << 20, stdout.lock());
+        let reader = opts.reader.clone();
+        tar::write_tar(
+            session.fs(),
+            &sources,
+            &mut out,
+            reader.as_ref(),
+            opts.progress,
+        )
+    } else {
+        copy_out(session.fs(), &sources, &dest, &opts)
+    };
+    match copied {
         Ok(stats) => {
             stage.done(&format!(
                 "{} files ({} read from the image directly), {} directories, {} symlinks, {} skipped, {} bytes",

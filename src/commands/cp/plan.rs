@@ -43,21 +43,7 @@ pub(super) struct Plan {
 impl Plan {
     /// The guest path an item is read from.
     pub(super) fn guest_path(&self, item: &Item) -> Vec<u8> {
-        let src = &self.sources[item.src];
-        let rel = if src.top.is_some() {
-            item.path.get(1..).unwrap_or(&[])
-        } else {
-            &item.path[..]
-        };
-        let mut p = src.guest.clone();
-        for c in rel {
-            p.push(b'/');
-            p.extend_from_slice(c);
-        }
-        if p.is_empty() {
-            p.push(b'/');
-        }
-        p
+        guest_path(&self.sources, item)
     }
 
     /// The destination path of an item, for messages.
@@ -78,6 +64,25 @@ impl Plan {
             show(&self.guest_path(item))
         ))
     }
+}
+
+/// The guest path an item of a walk of `sources` is read from.
+pub(super) fn guest_path(sources: &[Source], item: &Item) -> Vec<u8> {
+    let src = &sources[item.src];
+    let rel = if src.top.is_some() {
+        item.path.get(1..).unwrap_or(&[])
+    } else {
+        &item.path[..]
+    };
+    let mut p = src.guest.clone();
+    for c in rel {
+        p.push(b'/');
+        p.extend_from_slice(c);
+    }
+    if p.is_empty() {
+        p.push(b'/');
+    }
+    p
 }
 
 /// The last component of an item's path (checked non-empty by [`Tree::step`]).
@@ -190,6 +195,22 @@ impl Budget {
 
 /// Stat every source, choose the destination and collect every walk.
 pub(super) fn make_plan(fs: &mut dyn GuestFs, sources: &[Vec<u8>], dest: &Path) -> Result<Plan> {
+    let mut srcs = stat_sources(fs, sources)?;
+    let (top, top_shown, as_name) = resolve_dest(dest, &srcs)?;
+    if let Some(name) = as_name {
+        srcs[0].top = Some(name);
+    }
+    let items = collect(fs, &srcs, sources)?;
+    Ok(Plan {
+        top,
+        top_shown,
+        sources: srcs,
+        items,
+    })
+}
+
+/// lstat every source; each is named after its last component (the root: merged).
+pub(super) fn stat_sources(fs: &mut dyn GuestFs, sources: &[Vec<u8>]) -> Result<Vec<Source>> {
     let mut srcs = Vec::with_capacity(sources.len());
     for s in sources {
         let (guest, name) = source_name(s)?;
@@ -200,10 +221,15 @@ pub(super) fn make_plan(fs: &mut dyn GuestFs, sources: &[Vec<u8>], dest: &Path) 
             top: name,
         });
     }
-    let (top, top_shown, as_name) = resolve_dest(dest, &srcs)?;
-    if let Some(name) = as_name {
-        srcs[0].top = Some(name);
-    }
+    Ok(srcs)
+}
+
+/// Every item to create: each source, and every entry of its walk, bounded.
+pub(super) fn collect(
+    fs: &mut dyn GuestFs,
+    srcs: &[Source],
+    sources: &[Vec<u8>],
+) -> Result<Vec<Item>> {
     let mut items = Vec::new();
     let mut budget = Budget::new(MAX_WALK_ENTRIES, MAX_WALK_BYTES);
     for (i, (src, arg)) in srcs.iter().zip(sources).enumerate() {
@@ -239,17 +265,17 @@ pub(super) fn make_plan(fs: &mut dyn GuestFs, sources: &[Vec<u8>], dest: &Path) 
             Ok(())
         })?;
     }
-    Ok(Plan {
-        top,
-        top_shown,
-        sources: srcs,
-        items,
-    })
+    Ok(items)
 }
 
 /// Refuse entries whose content cannot be used as sent.
 pub(super) fn check_item(plan: &Plan, item: &Item) -> Result<()> {
-    let guest = || show(&plan.guest_path(item));
+    check_entry(&plan.sources, item)
+}
+
+/// [`check_item`] for an item of a walk of `sources`.
+pub(super) fn check_entry(sources: &[Source], item: &Item) -> Result<()> {
+    let guest = || show(&guest_path(sources, item));
     if item.entry.mtime_nsec >= 1_000_000_000 {
         return Err(Error::guest(format!("{}: invalid timestamp", guest())));
     }
@@ -267,7 +293,7 @@ pub(super) fn check_item(plan: &Plan, item: &Item) -> Result<()> {
                 )));
             }
         }
-        FileType::Regular if plan.guest_path(item).len() > MAX_PATH => {
+        FileType::Regular if guest_path(sources, item).len() > MAX_PATH => {
             return Err(CpError::PathTooLong {
                 path: guest(),
                 max: MAX_PATH,
