@@ -1,7 +1,7 @@
 //! `ReadFileMapped`: say where a regular file's bytes lie on the image disk, so the host
 //! reads them itself instead of through the emulated CPU twice.
 //!
-//! FIEMAP gives extents as offsets of the filesystem's block device; they are translated
+//! FIEMAP (FIBMAP for vfat, which has no FIEMAP) gives extents as offsets of the filesystem's block device; they are translated
 //! to offsets of the whole virtio disk through the partition's start (sysfs) and
 //! device-mapper tables whose targets are all `linear` (LVM linear volumes). Anything
 //! else falls back to streaming the file, per file: a filesystem not on the list below
@@ -91,7 +91,7 @@ fn map_file(root: &Path, sys: &Path, dev: &Path, path: &[u8]) -> Result<Option<F
     let Some(layer) = Layer::resolve(sys, dev, libc::major(rdev), libc::minor(rdev), 0) else {
         return Ok(None);
     };
-    let Some(raw) = fiemap(&file) else {
+    let Some(raw) = fiemap(&file).or_else(|| fibmap(&file, size)) else {
         return Ok(None);
     };
     let mut extents = Vec::new();
@@ -178,6 +178,46 @@ fn fiemap(file: &File) -> Option<Vec<(u64, u64, u64, u32)>> {
             return None;
         }
     }
+}
+
+/// FIBMAP = _IO(0x00, 1): the device block of one file block (linux/fs.h).
+const FIBMAP: libc::c_ulong = 1;
+/// FIGETBSZ = _IO(0x00, 2): the filesystem's block size.
+const FIGETBSZ: libc::c_ulong = 2;
+/// Most blocks asked for one by one with FIBMAP (vfat has no FIEMAP; its blocks are
+/// sectors, so this bounds the files mapped that way to 64 MiB of 512-byte sectors).
+const MAX_FIBMAP_BLOCKS: u64 = 128 * 1024;
+
+/// The file's extents from FIBMAP, block by block, for filesystems without FIEMAP
+/// (vfat): contiguous blocks merged, None past [`MAX_FIBMAP_BLOCKS`] or on any hole.
+fn fibmap(file: &File, size: u64) -> Option<Vec<(u64, u64, u64, u32)>> {
+    let mut bsz: libc::c_int = 0;
+    // SAFETY: FIGETBSZ writes one int.
+    if unsafe { libc::ioctl(file.as_raw_fd(), FIGETBSZ, &mut bsz) } != 0 || bsz < 512 {
+        return None;
+    }
+    let bsz = bsz as u64;
+    let blocks = size.div_ceil(bsz);
+    if blocks > MAX_FIBMAP_BLOCKS {
+        return None;
+    }
+    let mut out: Vec<(u64, u64, u64, u32)> = Vec::new();
+    for b in 0..blocks {
+        let mut v = libc::c_int::try_from(b).ok()?;
+        // SAFETY: FIBMAP reads and writes one int.
+        if unsafe { libc::ioctl(file.as_raw_fd(), FIBMAP, &mut v) } != 0 || v <= 0 {
+            return None;
+        }
+        let phys = (v as u64).checked_mul(bsz)?;
+        match out.last_mut() {
+            Some(last) if last.1 + last.2 == phys && last.0 + last.2 == b * bsz => last.2 += bsz,
+            _ => out.push((b * bsz, phys, bsz, 0)),
+        }
+        if out.len() > MAX_MAP_EXTENTS {
+            return None;
+        }
+    }
+    Some(out)
 }
 
 /// SHA-256 of the first and last `min(MAP_EDGE, size)` bytes, read through the filesystem.
