@@ -197,7 +197,7 @@ fn cat_of_a_large_file_comes_from_the_image() {
 }
 
 #[test]
-fn overlay_shell_never_reads_from_the_image_and_bulk_can_be_turned_off() {
+fn with_bulk_turned_off_files_are_streamed_through_the_guest() {
     let src = tempfile::tempdir().unwrap();
     bulk_tree(src.path());
     let image = ext4_image(src.path(), "48M");
