@@ -170,7 +170,9 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
     let small_files: usize = env_num("IMGSAFE_BENCH_SMALL_FILES", SMALL_FILES)?;
 
     let big_tree = ctx.dir().join("bulk-big");
-    std::fs::create_dir_all(&big_tree)?;
+    // An /etc for the `ls` that e2e::prepare_imgsafe runs first.
+    std::fs::create_dir_all(big_tree.join("etc"))?;
+    std::fs::write(big_tree.join("etc/hostname"), "bulk\n")?;
     let big_file = big_tree.join("big.bin");
     let mut rng = SplitMix::new(0xb01c);
     {
@@ -284,6 +286,11 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
     interleaved(&mut sides, rounds, &out, &small_check);
     let what = format!("cp -r {small_files} files");
     record(ctx, &what, &sides[0], &sides[1]);
-    record(ctx, &what, &sides[2], &sides[1]);
+    record(
+        ctx,
+        &format!("{what}, imgsafe as tar"),
+        &sides[2],
+        &sides[1],
+    );
     Ok(())
 }
