@@ -829,4 +829,172 @@ mod tests {
 
         assert!(err.to_string().contains("longer than announced"), "{err}");
     }
+
+    /// What a batch delivered: each file's bytes as streamed, and the maps offered.
+    #[derive(Default)]
+    struct Collect {
+        files: Vec<(usize, Vec<u8>)>,
+        maps: Vec<usize>,
+        take_maps: bool,
+    }
+
+    impl FileSink for Collect {
+        fn begin(&mut self, i: usize, _size: u64) -> Result<()> {
+            self.files.push((i, Vec::new()));
+            Ok(())
+        }
+        fn data(&mut self, d: &[u8]) -> std::io::Result<()> {
+            self.files.last_mut().unwrap().1.extend_from_slice(d);
+            Ok(())
+        }
+        fn end(&mut self) -> Result<()> {
+            Ok(())
+        }
+        fn mapped(&mut self, i: usize, _map: FileMap) -> Result<bool> {
+            self.maps.push(i);
+            Ok(self.take_maps)
+        }
+    }
+
+    fn req(path: &str, mapped: bool) -> FileRequest {
+        FileRequest {
+            path: path.as_bytes().to_vec(),
+            mapped,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_answered_in_order_by_the_real_agent_over_one_channel() {
+        let root = tempfile::tempdir().unwrap();
+        let none = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(root.path().join("a"), b"abc").unwrap();
+        std::fs::write(root.path().join("empty"), b"").unwrap();
+        std::fs::write(root.path().join("big"), &big).unwrap();
+        let (host, guest) = UnixStream::pair().unwrap();
+        let agent = imgsafe_agent::serve::Agent {
+            sysroot: root.path().to_path_buf(),
+            devices: imgsafe_agent::devices::DeviceRoots {
+                sys: none.path().to_path_buf(),
+                dev: none.path().to_path_buf(),
+            },
+            debug: false,
+            lvm: None,
+            disk_wait: std::time::Duration::from_millis(50),
+            is_init: false,
+        };
+        thread::spawn(move || {
+            let mut r = guest.try_clone().unwrap();
+            let mut w = guest;
+            agent.serve(&mut r, &mut w)
+        });
+        let mut c = AgentClient::connect(host, &[]).unwrap();
+        let mut sink = Collect::default();
+
+        // No sysfs behind the agent here: the big file cannot be mapped and is streamed.
+        c.read_files(
+            &[req("/a", false), req("/empty", false), req("/big", true)],
+            &mut sink,
+        )
+        .unwrap();
+
+        assert_eq!(
+            sink.files,
+            vec![(0, b"abc".to_vec()), (1, Vec::new()), (2, big)]
+        );
+        assert!(sink.maps.is_empty());
+    }
+
+    /// A fake agent that reads `requests` requests after the handshake, then sends
+    /// `frames` (which may answer requests the host sends later).
+    fn fake_agent_batch(requests: usize, frames: Vec<(u8, Vec<u8>)>) -> AgentClient {
+        let (host, guest) = UnixStream::pair().unwrap();
+        thread::spawn(move || {
+            let mut g = guest;
+            let Frame::Msg(Request::Hello { nonce, .. }) = proto::read_frame(&mut g).unwrap()
+            else {
+                panic!("the first request is not Hello");
+            };
+            let hello = Response::Hello {
+                version: proto::PROTOCOL_VERSION,
+                kernel: "k".into(),
+                nonce,
+            };
+            proto::write_msg(&mut g, &hello).unwrap();
+            for _ in 0..requests {
+                let _: Frame<Request> = proto::read_frame(&mut g).unwrap();
+            }
+            for (kind, payload) in frames {
+                let mut head = ((payload.len() + 1) as u32).to_le_bytes().to_vec();
+                head.push(kind);
+                let _ = g.write_all(&head).and_then(|_| g.write_all(&payload));
+            }
+            // Keep the channel open until the host is done.
+            let _ = proto::read_frame::<_, Request>(&mut g);
+            let _ = proto::read_frame::<_, Request>(&mut g);
+        });
+        AgentClient::connect(host, &[]).unwrap()
+    }
+
+    fn file_map() -> FileMap {
+        FileMap {
+            size: 4,
+            disk: "imgsafe0".into(),
+            extents: Vec::new(),
+            edge_sha256: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_declined_map_is_streamed_after_it() {
+        let frames = vec![
+            msg(&Response::FileStart { size: 3 }),
+            (proto::KIND_DATA, b"abc".to_vec()),
+            msg(&Response::FileEnd),
+            msg(&Response::FileMap(file_map())),
+            msg(&Response::FileStart { size: 4 }),
+            (proto::KIND_DATA, b"wxyz".to_vec()),
+            msg(&Response::FileEnd),
+        ];
+        let mut c = fake_agent_batch(2, frames);
+        let mut sink = Collect::default();
+
+        c.read_files(&[req("/a", false), req("/b", true)], &mut sink)
+            .unwrap();
+
+        assert_eq!(sink.maps, vec![1]);
+        assert_eq!(
+            sink.files,
+            vec![(0, b"abc".to_vec()), (1, b"wxyz".to_vec())]
+        );
+    }
+
+    #[test]
+    fn hostile_map_for_a_file_not_asked_to_be_mapped_is_refused() {
+        let frames = vec![msg(&Response::FileMap(file_map()))];
+        let mut c = fake_agent_batch(1, frames);
+        let mut sink = Collect {
+            take_maps: true,
+            ..Collect::default()
+        };
+
+        let err = c.read_files(&[req("/a", false)], &mut sink).unwrap_err();
+
+        assert!(matches!(err, Error::Guest { .. }), "{err}");
+        assert!(sink.maps.is_empty());
+    }
+
+    #[test]
+    fn only_the_last_file_of_a_batch_may_be_mapped() {
+        let mut c = fake_agent_batch(0, Vec::new());
+
+        let err = c
+            .read_files(
+                &[req("/a", true), req("/b", false)],
+                &mut Collect::default(),
+            )
+            .unwrap_err();
+
+        assert!(err.to_string().contains("only the last file"), "{err}");
+    }
 }
