@@ -271,6 +271,8 @@ fn put_at(file: &File, at: u64, buf: &[u8]) -> io::Result<()> {
 /// The file being streamed: bounded by the size the walk announced.
 struct Streaming<'a> {
     item: usize,
+    /// The size the walk announced: the stream may not be longer.
+    limit: u64,
     part: Part<'a>,
     written: u64,
     overflow: bool,
@@ -306,6 +308,7 @@ impl FileSink for CopySink<'_, '_, '_> {
         )?;
         self.current = Some(Streaming {
             item: i,
+            limit: item.entry.size,
             part,
             written: 0,
             overflow: false,
@@ -315,15 +318,11 @@ impl FileSink for CopySink<'_, '_, '_> {
     }
 
     fn data(&mut self, d: &[u8]) -> io::Result<()> {
-        let limit = match &self.current {
-            Some(s) => self.item(s.item).entry.size,
-            None => return Err(io::Error::other("data outside a file")),
-        };
         let Some(s) = self.current.as_mut() else {
             return Err(io::Error::other("data outside a file"));
         };
         let n = d.len() as u64;
-        if s.written.checked_add(n).is_none_or(|end| end > limit) {
+        if s.written.checked_add(n).is_none_or(|end| end > s.limit) {
             s.overflow = true;
             return Err(io::Error::other("stream longer than the file's size"));
         }
