@@ -6,8 +6,8 @@
 
 use crate::{Error, Result};
 use imgsafe_proto::{
-    self as proto, validate_name, Entry, ErrorKind, Frame, FsInfo, Request, Response, Subvolume,
-    WalkEntry, MAX_SUBVOLUMES,
+    self as proto, validate_name, Entry, ErrorKind, FileMap, Frame, FsInfo, Request, Response,
+    Subvolume, WalkEntry, MAX_SUBVOLUMES,
 };
 use std::io::{BufReader, BufWriter, Write};
 use std::os::unix::net::UnixStream;
@@ -23,10 +23,80 @@ pub trait GuestFs {
     fn read_file(&mut self, path: &[u8], out: &mut dyn Write) -> Result<u64>;
     /// Every entry below a directory, depth first, pre-order, symlinks not followed.
     fn walk(&mut self, path: &[u8], each: &mut dyn FnMut(WalkEntry) -> Result<()>) -> Result<()>;
+    /// Read several regular files, in order, into `sink`. The requests go out together
+    /// and the answers are read in order, so a tree of small files costs one round trip
+    /// per batch, not per file. Only the last file may ask for a map (`mapped`); when the
+    /// sink declines the map, that file is streamed. The default streams one by one.
+    fn read_files(&mut self, files: &[FileRequest], sink: &mut dyn FileSink) -> Result<()> {
+        for (i, f) in files.iter().enumerate() {
+            let size = self.stat(&f.path)?.size;
+            sink.begin(i, size)?;
+            let mut w = SinkWriter { sink, failed: None };
+            let r = self.read_file(&f.path, &mut w);
+            finish_stream(w, r)?;
+        }
+        Ok(())
+    }
     /// The raw channel, for a `Shell` session that takes it over (None: no agent behind).
     fn shell_channel(&mut self) -> Option<ShellChannel<'_>> {
         None
     }
+}
+
+/// One file of a [`GuestFs::read_files`] batch.
+#[derive(Debug, Clone)]
+pub struct FileRequest {
+    /// Guest path.
+    pub path: Vec<u8>,
+    /// Ask for a map of where its bytes lie instead of the bytes (`ReadFileMapped`).
+    pub mapped: bool,
+}
+
+/// Where [`GuestFs::read_files`] delivers each file.
+pub trait FileSink {
+    /// File `i` is streamed and the guest says it has `size` bytes.
+    fn begin(&mut self, i: usize, size: u64) -> Result<()>;
+    /// The next bytes of the file being streamed. After an error no more are given, the
+    /// rest of the stream is drained, and [`FileSink::end`] is called.
+    fn data(&mut self, d: &[u8]) -> std::io::Result<()>;
+    /// The stream of the file begun last ended (complete, or after a `data` error, which
+    /// `end` then reports).
+    fn end(&mut self) -> Result<()>;
+    /// The guest sent a map of file `i` instead of its bytes: Ok(true) if the sink has
+    /// copied the file from it, Ok(false) to have the file streamed instead.
+    fn mapped(&mut self, i: usize, map: FileMap) -> Result<bool>;
+}
+
+/// A [`FileSink`] as a `Write`, remembering a failed write.
+struct SinkWriter<'a> {
+    sink: &'a mut dyn FileSink,
+    failed: Option<std::io::Error>,
+}
+
+impl Write for SinkWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Err(e) = self.sink.data(buf) {
+            let kind = e.kind();
+            self.failed = Some(e);
+            return Err(kind.into());
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// End a stream fed through `w`: the sink's own error first (it knows what failed),
+/// then the stream's.
+fn finish_stream(w: SinkWriter<'_>, r: Result<u64>) -> Result<()> {
+    if let Some(e) = w.failed {
+        w.sink.end()?;
+        return Err(Error::Output(e));
+    }
+    r?;
+    w.sink.end()
 }
 
 /// Both halves of the agent channel, lent to a shell session (see
@@ -332,6 +402,49 @@ impl AgentClient {
     }
 }
 
+impl AgentClient {
+    /// The data frames and `FileEnd` of a file stream announced as `size` bytes.
+    fn recv_stream(&mut self, path: &[u8], size: u64, out: &mut dyn Write) -> Result<u64> {
+        let mut got: u64 = 0;
+        let mut out_err: Option<std::io::Error> = None;
+        loop {
+            match self.recv()? {
+                Frame::Data(d) if d.is_empty() => return Err(Error::guest("empty data frame")),
+                Frame::Data(d) => {
+                    got = got
+                        .checked_add(d.len() as u64)
+                        .ok_or_else(|| Error::guest("file too large"))?;
+                    if got > size {
+                        return Err(Error::guest("file stream longer than announced"));
+                    }
+                    // Keep draining the stream after a local write error so the channel
+                    // stays in sync, then report the error.
+                    if out_err.is_none() {
+                        if let Err(e) = out.write_all(&d) {
+                            out_err = Some(e);
+                        }
+                    }
+                }
+                Frame::Msg(Response::FileEnd) => break,
+                Frame::Msg(Response::Error { kind, message }) => {
+                    return Err(agent_error(kind, message, path))
+                }
+                Frame::Msg(other) => return Err(unexpected(&other)),
+            }
+        }
+        if let Some(e) = out_err {
+            return Err(Error::Output(e));
+        }
+        if got != size {
+            // The file changed size while read (cannot happen read-only) or the agent lied.
+            return Err(Error::guest(format!(
+                "file stream ended after {got} of {size} bytes"
+            )));
+        }
+        Ok(got)
+    }
+}
+
 fn check_path(path: &[u8]) -> Result<()> {
     if path.len() > proto::MAX_PATH || path.contains(&0) {
         return Err(Error::Other(format!(
@@ -463,43 +576,62 @@ impl GuestFs for AgentClient {
             Response::Error { kind, message } => return Err(agent_error(kind, message, path)),
             other => return Err(unexpected(&other)),
         };
-        let mut got: u64 = 0;
-        let mut out_err: Option<std::io::Error> = None;
-        loop {
-            match self.recv()? {
-                Frame::Data(d) if d.is_empty() => return Err(Error::guest("empty data frame")),
-                Frame::Data(d) => {
-                    got = got
-                        .checked_add(d.len() as u64)
-                        .ok_or_else(|| Error::guest("file too large"))?;
-                    if got > size {
-                        return Err(Error::guest("file stream longer than announced"));
+        self.recv_stream(path, size, out)
+    }
+
+    fn read_files(&mut self, files: &[FileRequest], sink: &mut dyn FileSink) -> Result<()> {
+        let Some((_, head)) = files.split_last() else {
+            return Ok(());
+        };
+        if head.iter().any(|f| f.mapped) {
+            return Err(Error::Other(
+                "only the last file of a batch may be mapped".into(),
+            ));
+        }
+        for f in files {
+            check_path(&f.path)?;
+            let path = f.path.clone();
+            let req = if f.mapped {
+                Request::ReadFileMapped { path }
+            } else {
+                Request::ReadFile { path }
+            };
+            proto::write_msg(&mut self.writer, &req)
+                .map_err(|e| Error::guest(format!("sending request: {e}")))?;
+        }
+        self.writer
+            .flush()
+            .map_err(|e| Error::guest(format!("sending request: {e}")))?;
+        for (i, f) in files.iter().enumerate() {
+            let size = match self.recv_msg()? {
+                Response::FileStart { size } => size,
+                Response::FileMap(map) if f.mapped => {
+                    if sink.mapped(i, map)? {
+                        continue;
                     }
-                    // Keep draining the stream after a local write error so the channel
-                    // stays in sync, then report the error.
-                    if out_err.is_none() {
-                        if let Err(e) = out.write_all(&d) {
-                            out_err = Some(e);
+                    // Nothing else is in flight: the mapped file is the batch's last.
+                    self.send(&Request::ReadFile {
+                        path: f.path.clone(),
+                    })?;
+                    match self.recv_msg()? {
+                        Response::FileStart { size } => size,
+                        Response::Error { kind, message } => {
+                            return Err(agent_error(kind, message, &f.path))
                         }
+                        other => return Err(unexpected(&other)),
                     }
                 }
-                Frame::Msg(Response::FileEnd) => break,
-                Frame::Msg(Response::Error { kind, message }) => {
-                    return Err(agent_error(kind, message, path))
+                Response::Error { kind, message } => {
+                    return Err(agent_error(kind, message, &f.path))
                 }
-                Frame::Msg(other) => return Err(unexpected(&other)),
-            }
+                other => return Err(unexpected(&other)),
+            };
+            sink.begin(i, size)?;
+            let mut w = SinkWriter { sink, failed: None };
+            let r = self.recv_stream(&f.path, size, &mut w);
+            finish_stream(w, r)?;
         }
-        if let Some(e) = out_err {
-            return Err(Error::Output(e));
-        }
-        if got != size {
-            // The file changed size while read (cannot happen read-only) or the agent lied.
-            return Err(Error::guest(format!(
-                "file stream ended after {got} of {size} bytes"
-            )));
-        }
-        Ok(got)
+        Ok(())
     }
 
     fn walk(&mut self, path: &[u8], each: &mut dyn FnMut(WalkEntry) -> Result<()>) -> Result<()> {
@@ -744,5 +876,173 @@ mod tests {
         let err = c.read_file(b"/f", &mut Vec::new()).unwrap_err();
 
         assert!(err.to_string().contains("longer than announced"), "{err}");
+    }
+
+    /// What a batch delivered: each file's bytes as streamed, and the maps offered.
+    #[derive(Default)]
+    struct Collect {
+        files: Vec<(usize, Vec<u8>)>,
+        maps: Vec<usize>,
+        take_maps: bool,
+    }
+
+    impl FileSink for Collect {
+        fn begin(&mut self, i: usize, _size: u64) -> Result<()> {
+            self.files.push((i, Vec::new()));
+            Ok(())
+        }
+        fn data(&mut self, d: &[u8]) -> std::io::Result<()> {
+            self.files.last_mut().unwrap().1.extend_from_slice(d);
+            Ok(())
+        }
+        fn end(&mut self) -> Result<()> {
+            Ok(())
+        }
+        fn mapped(&mut self, i: usize, _map: FileMap) -> Result<bool> {
+            self.maps.push(i);
+            Ok(self.take_maps)
+        }
+    }
+
+    fn req(path: &str, mapped: bool) -> FileRequest {
+        FileRequest {
+            path: path.as_bytes().to_vec(),
+            mapped,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_answered_in_order_by_the_real_agent_over_one_channel() {
+        let root = tempfile::tempdir().unwrap();
+        let none = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(root.path().join("a"), b"abc").unwrap();
+        std::fs::write(root.path().join("empty"), b"").unwrap();
+        std::fs::write(root.path().join("big"), &big).unwrap();
+        let (host, guest) = UnixStream::pair().unwrap();
+        let agent = imgsafe_agent::serve::Agent {
+            sysroot: root.path().to_path_buf(),
+            devices: imgsafe_agent::devices::DeviceRoots {
+                sys: none.path().to_path_buf(),
+                dev: none.path().to_path_buf(),
+            },
+            debug: false,
+            lvm: None,
+            disk_wait: std::time::Duration::from_millis(50),
+            is_init: false,
+        };
+        thread::spawn(move || {
+            let mut r = guest.try_clone().unwrap();
+            let mut w = guest;
+            agent.serve(&mut r, &mut w)
+        });
+        let mut c = AgentClient::connect(host, &[]).unwrap();
+        let mut sink = Collect::default();
+
+        // No sysfs behind the agent here: the big file cannot be mapped and is streamed.
+        c.read_files(
+            &[req("/a", false), req("/empty", false), req("/big", true)],
+            &mut sink,
+        )
+        .unwrap();
+
+        assert_eq!(
+            sink.files,
+            vec![(0, b"abc".to_vec()), (1, Vec::new()), (2, big)]
+        );
+        assert!(sink.maps.is_empty());
+    }
+
+    /// A fake agent that reads `requests` requests after the handshake, then sends
+    /// `frames` (which may answer requests the host sends later).
+    fn fake_agent_batch(requests: usize, frames: Vec<(u8, Vec<u8>)>) -> AgentClient {
+        let (host, guest) = UnixStream::pair().unwrap();
+        thread::spawn(move || {
+            let mut g = guest;
+            let Frame::Msg(Request::Hello { nonce, .. }) = proto::read_frame(&mut g).unwrap()
+            else {
+                panic!("the first request is not Hello");
+            };
+            let hello = Response::Hello {
+                version: proto::PROTOCOL_VERSION,
+                kernel: "k".into(),
+                nonce,
+            };
+            proto::write_msg(&mut g, &hello).unwrap();
+            for _ in 0..requests {
+                let _: Frame<Request> = proto::read_frame(&mut g).unwrap();
+            }
+            for (kind, payload) in frames {
+                let mut head = ((payload.len() + 1) as u32).to_le_bytes().to_vec();
+                head.push(kind);
+                let _ = g.write_all(&head).and_then(|_| g.write_all(&payload));
+            }
+            // Keep the channel open until the host is done.
+            let _ = proto::read_frame::<_, Request>(&mut g);
+            let _ = proto::read_frame::<_, Request>(&mut g);
+        });
+        AgentClient::connect(host, &[]).unwrap()
+    }
+
+    fn file_map() -> FileMap {
+        FileMap {
+            size: 4,
+            disk: "imgsafe0".into(),
+            extents: Vec::new(),
+            edge_sha256: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_declined_map_is_streamed_after_it() {
+        let frames = vec![
+            msg(&Response::FileStart { size: 3 }),
+            (proto::KIND_DATA, b"abc".to_vec()),
+            msg(&Response::FileEnd),
+            msg(&Response::FileMap(file_map())),
+            msg(&Response::FileStart { size: 4 }),
+            (proto::KIND_DATA, b"wxyz".to_vec()),
+            msg(&Response::FileEnd),
+        ];
+        let mut c = fake_agent_batch(2, frames);
+        let mut sink = Collect::default();
+
+        c.read_files(&[req("/a", false), req("/b", true)], &mut sink)
+            .unwrap();
+
+        assert_eq!(sink.maps, vec![1]);
+        assert_eq!(
+            sink.files,
+            vec![(0, b"abc".to_vec()), (1, b"wxyz".to_vec())]
+        );
+    }
+
+    #[test]
+    fn hostile_map_for_a_file_not_asked_to_be_mapped_is_refused() {
+        let frames = vec![msg(&Response::FileMap(file_map()))];
+        let mut c = fake_agent_batch(1, frames);
+        let mut sink = Collect {
+            take_maps: true,
+            ..Collect::default()
+        };
+
+        let err = c.read_files(&[req("/a", false)], &mut sink).unwrap_err();
+
+        assert!(matches!(err, Error::Guest { .. }), "{err}");
+        assert!(sink.maps.is_empty());
+    }
+
+    #[test]
+    fn only_the_last_file_of_a_batch_may_be_mapped() {
+        let mut c = fake_agent_batch(0, Vec::new());
+
+        let err = c
+            .read_files(
+                &[req("/a", true), req("/b", false)],
+                &mut Collect::default(),
+            )
+            .unwrap_err();
+
+        assert!(err.to_string().contains("only the last file"), "{err}");
     }
 }

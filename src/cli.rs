@@ -69,7 +69,7 @@ pub enum Command {
     Ls(LsArgs),
     /// Write a file of the image to stdout.
     Cat(CatArgs),
-    /// Copy files or directories out of the image.
+    /// Copy files or directories out of the image (DEST `-`: a tar stream on stdout).
     Cp(CpArgs),
     /// List the partitions and filesystems of the image.
     Filesystems(FilesystemsArgs),
@@ -166,8 +166,15 @@ pub struct CatArgs {
 
 /// `imgsafe cp IMAGE:PATH... DEST`.
 #[derive(Debug, Args)]
+#[command(
+    after_help = "DEST `-` writes the sources and the trees below them to stdout as a \
+POSIX pax tar stream instead, e.g. `imgsafe cp disk.img:/etc - | tar -xf - -C out` \
+(names relative, checked as for a directory destination; symlinks as symlinks; \
+mode, mtime, uid and gid kept; set-id and sticky bits dropped)."
+)]
 pub struct CpArgs {
-    /// Sources as IMAGE:/path (all from the same image), then the destination.
+    /// Sources as IMAGE:/path (all from the same image), then the destination (`-`:
+    /// a tar stream on stdout).
     #[arg(required = true, num_args = 2..)]
     pub args: Vec<String>,
     /// Overwrite existing files in the destination.

@@ -80,6 +80,9 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// A step of `cp` failed on the host side (the destination, mostly).
+    #[error(transparent)]
+    Copy(#[from] crate::commands::cp::CpError),
     /// Any other failure, already phrased as one sentence.
     #[error("{0}")]
     Other(String),
@@ -102,8 +105,7 @@ impl Error {
             | Error::Guest { .. } => exit::APPLIANCE,
             Error::OnImage { source, .. } => source.exit_code(),
             Error::Interrupted => exit::INTERRUPTED,
-            Error::Output(_) => exit::OTHER,
-            Error::Other(_) => exit::OTHER,
+            Error::Output(_) | Error::Other(_) | Error::Copy(_) => exit::OTHER,
             Error::Usage(_) => exit::USAGE,
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod agent_client;
 pub mod appliance;
+pub mod bulk;
 pub mod cli;
 pub mod commands;
 pub mod error;

@@ -54,6 +54,9 @@ pub struct Session {
     filesystems: Option<Vec<FsInfo>>,
     /// Each btrfs device's subvolumes once asked for: (default id, list).
     subvolumes: std::collections::HashMap<String, (u64, Vec<Subvolume>)>,
+    /// The decoded disk the NBD server serves, for the bulk data path (None with an
+    /// overlay: the guest may have written, and the image no longer says what it reads).
+    bulk: Option<Arc<dyn BlockSource>>,
 }
 
 /// The per-answer timeout in force.
@@ -124,6 +127,7 @@ impl Session {
         let disk_size = source.size();
         image::check_vm_size(image_arg, disk_size)?;
         let nbd_sock = dir.path().join("nbd.sock");
+        let bulk = (!overlay).then(|| source.clone());
         let nbd = nbd::Server::start(source, &nbd_sock, "").map_err(|e| {
             Error::Other(format!(
                 "starting the NBD server on {}: {e}",
@@ -177,6 +181,7 @@ impl Session {
             _dir: dir,
             filesystems: None,
             subvolumes: Default::default(),
+            bulk,
         })
     }
 
@@ -495,6 +500,20 @@ impl Session {
             image: self.image.clone(),
             what,
         }
+    }
+
+    /// The image as the host reads it for the bulk data path: None when the mounts are
+    /// writable (`--overlay`) or `IMGSAFE_BULK=0`.
+    pub fn host_reader(&self) -> Option<crate::bulk::HostReader> {
+        if self.agent.writable_mounts || std::env::var_os("IMGSAFE_BULK").is_some_and(|v| v == "0")
+        {
+            return None;
+        }
+        let source = self.bulk.clone()?;
+        Some(crate::bulk::HostReader::new(
+            source,
+            vm::DiskSpec::serial(0),
+        ))
     }
 
     /// The mounted guest filesystem.

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [nbd|formats|e2e|warm]...`: imgsafe against its peers, in the same run,
+//! `cargo xtask bench [nbd|formats|e2e|warm|bulk]...`: imgsafe against its peers, in the same run,
 //! on the same files.
 //!
 //! Benchmarks print numbers and ratios; they never pass or fail on a time. Every number
@@ -7,6 +7,7 @@
 //! A group whose imgsafe side does not work yet (or whose peer is not installed) says so
 //! and why, and the other groups still run.
 
+mod bulk;
 mod e2e;
 mod formats;
 mod nbd;
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 use util::{ratio, WorkDir, GIB};
 
 /// The groups, in the order a full run takes them.
-const GROUPS: [&str; 4] = ["nbd", "formats", "e2e", "warm"];
+const GROUPS: [&str; 5] = ["nbd", "formats", "e2e", "warm", "bulk"];
 
 /// Run the benchmarks named in `args` (all when empty).
 pub fn run(args: &[String]) -> Result<()> {
@@ -40,6 +41,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "formats" => formats::run(&mut ctx),
             "e2e" => e2e::run(&mut ctx),
             "warm" => warm::run(&mut ctx),
+            "bulk" => bulk::run(&mut ctx),
             _ => unreachable!("select_groups only returns known groups"),
         };
         if let Err(e) = result {

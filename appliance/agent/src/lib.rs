@@ -69,6 +69,7 @@ pub mod btrfs;
 pub mod devices;
 pub mod entry;
 pub mod error;
+pub mod extents;
 pub mod hello;
 pub mod init;
 pub mod lvm;

@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 /// Open a regular file of the image for reading; returns it and its size.
-fn open_regular(root: &Path, path: &[u8]) -> Result<(File, u64), OpError> {
+pub(crate) fn open_regular(root: &Path, path: &[u8]) -> Result<(File, u64), OpError> {
     let r = resolve(root, path, Final::Follow)?;
     let meta = std::fs::symlink_metadata(&r.host).map_err(|e| OpError::io(path, &e))?;
     if meta.is_dir() {

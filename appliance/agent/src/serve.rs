@@ -192,6 +192,13 @@ impl Agent {
                 entry::stat(root, &path).map(|entry| Response::Stat { entry }),
             )?,
             Request::ReadFile { path } => readfile::read_file(root, &path, w)?,
+            Request::ReadFileMapped { path } => crate::extents::read_file_mapped(
+                root,
+                &self.devices.sys,
+                &self.devices.dev,
+                &path,
+                w,
+            )?,
             Request::Walk { path } => walk::walk(root, &path, w)?,
             Request::ReadLink { path } => answer(
                 w,

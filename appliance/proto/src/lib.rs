@@ -33,6 +33,14 @@ pub const MAX_NAME: usize = 255;
 pub const MAX_PATH: usize = 4096;
 /// Most entries one `ReadDir` answer may carry before it is split.
 pub const MAX_DIR_ENTRIES_PER_FRAME: usize = 2048;
+/// Most extents one `FileMap` carries; a file in more pieces is streamed instead.
+pub const MAX_MAP_EXTENTS: usize = 8192;
+/// Files smaller than this are streamed even when a map is asked for: their bytes are a
+/// frame or two, cheaper than a map and the reads of its check.
+pub const MAP_MIN: u64 = 256 * 1024;
+/// Bytes at each end of a mapped file the agent hashes through the filesystem
+/// (`FileMap::edge_sha256`), so the host can check the map against what the file holds.
+pub const MAP_EDGE: u64 = 64 * 1024;
 /// Frame kind: a JSON-encoded [`Request`] or [`Response`].
 pub const KIND_MSG: u8 = 1;
 /// Frame kind: raw file bytes (a chunk of a file being read).
@@ -131,6 +139,10 @@ pub enum Request {
     /// Read a regular file: answered by `FileStart`, then DATA frames, then `FileEnd`
     /// (or `Error` at any point, which ends the stream).
     ReadFile { path: Vec<u8> },
+    /// Like `ReadFile`, but the agent may answer `FileMap` instead of the stream when it
+    /// can say where the file's bytes lie on the image disk (see [`FileMap`]); the host
+    /// then reads them itself. Any file it cannot map is streamed as for `ReadFile`.
+    ReadFileMapped { path: Vec<u8> },
     /// Recursive walk below a directory, depth first, pre-order, never following symlinks:
     /// answered by `WalkEntries` frames, the last with `done: true`.
     Walk { path: Vec<u8> },
@@ -238,6 +250,34 @@ pub struct WalkEntry {
     pub entry: Entry,
 }
 
+/// Where a regular file's bytes lie on the image disk: FIEMAP's extents translated to
+/// byte offsets of the whole virtual disk (through the partition's start and linear
+/// device-mapper tables). Logical ranges not covered are holes (zeros).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileMap {
+    /// The file's size (st_size of the open file).
+    pub size: u64,
+    /// Serial of the virtio disk the offsets point into.
+    pub disk: String,
+    /// In logical order, not overlapping.
+    pub extents: Vec<MapExtent>,
+    /// SHA-256 of the file's first `min(MAP_EDGE, size)` bytes followed by its last
+    /// `min(MAP_EDGE, size)` bytes, read through the filesystem.
+    pub edge_sha256: Vec<u8>,
+}
+
+/// One extent of a [`FileMap`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapExtent {
+    /// Offset in the file.
+    pub logical: u64,
+    /// Offset in the whole virtual disk.
+    pub physical: u64,
+    pub length: u64,
+    /// Allocated but never written (preallocated): reads as zeros.
+    pub unwritten: bool,
+}
+
 /// One block device, partition or logical volume the guest found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsInfo {
@@ -321,6 +361,8 @@ pub enum Response {
         size: u64,
     },
     FileEnd,
+    /// Answer to `ReadFileMapped` for a file the agent could map.
+    FileMap(FileMap),
     WalkEntries {
         entries: Vec<WalkEntry>,
         done: bool,

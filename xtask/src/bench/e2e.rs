@@ -181,12 +181,12 @@ pub(super) enum Accel {
 
 /// imgsafe's appliance cache for this run: private, so another imgsafe build running at
 /// the same time (tests, a debug binary) cannot prune the entry this run boots from.
-fn appliance_cache(ctx: &Ctx) -> PathBuf {
+pub(super) fn appliance_cache(ctx: &Ctx) -> PathBuf {
     ctx.dir().join("cache")
 }
 
 /// The imgsafe binary with its appliance cache under `cache` (`$XDG_CACHE_HOME`).
-fn imgsafe_command(bin: &Path, cache: &Path) -> Command {
+pub(super) fn imgsafe_command(bin: &Path, cache: &Path) -> Command {
     let mut c = Command::new(bin);
     c.env("XDG_CACHE_HOME", cache);
     c
@@ -194,7 +194,7 @@ fn imgsafe_command(bin: &Path, cache: &Path) -> Command {
 
 /// Build imgsafe's appliance (cached: a first build is not a cold start) and show one
 /// `-v` run's stage breakdown. Err(why) when imgsafe's end-to-end path does not work.
-fn prepare_imgsafe(ctx: &Ctx, image: &Path) -> (Result<(), String>, Accel) {
+pub(super) fn prepare_imgsafe(ctx: &Ctx, image: &Path) -> (Result<(), String>, Accel) {
     let cache = appliance_cache(ctx);
     let t = match timed(imgsafe_command(&ctx.imgsafe, &cache).arg("appliance")) {
         Ok(t) => t,
@@ -470,7 +470,7 @@ fn snapshot(root: &Path) -> Result<BTreeMap<PathBuf, Option<Vec<u8>>>> {
 }
 
 /// Fail unless `copy` holds the same directories and file contents as `original`.
-fn same_tree(original: &Path, copy: &Path) -> Result<()> {
+pub(super) fn same_tree(original: &Path, copy: &Path) -> Result<()> {
     let (a, b) = (snapshot(original)?, snapshot(copy)?);
     if let Some((path, _)) = a.iter().find(|(p, v)| b.get(*p) != Some(v)) {
         bail!(
@@ -489,7 +489,7 @@ fn same_tree(original: &Path, copy: &Path) -> Result<()> {
     Ok(())
 }
 
-fn remove_tree(path: &Path) -> Result<()> {
+pub(super) fn remove_tree(path: &Path) -> Result<()> {
     match std::fs::remove_dir_all(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("{}: cannot remove", path.display()))

@@ -1,0 +1,296 @@
+//! `bulk`: copying data out, where the bulk data path (the host reading mapped files
+//! from the image) should show: `cp` of one large random file against
+//! `guestfish --ro -a IMG -m /dev/sda copy-out` and against imgsafe's own stream
+//! through the guest (`IMGSAFE_BULK=0`); and `cp -r` of a tree of many small files
+//! against `virt-tar-out IMG /dir - | tar -x` (as `guestfish --ro -m /dev/sda tar-out`,
+//! since virt-tar-out's `-i` needs an inspectable OS), with imgsafe's own tar stream
+//! (`imgsafe cp IMG:/dir - | tar -x`) beside it.
+//!
+//! Every side runs once per round, interleaved (A B C A B C), so a machine whose speed
+//! drifts moves all of them; each copy is checked against the tree the image was made
+//! from. Sizes and rounds can be made small for a smoke run:
+//! `IMGSAFE_BENCH_ROUNDS=1 IMGSAFE_BENCH_BULK_MIB=16 IMGSAFE_BENCH_SMALL_FILES=200`.
+
+use super::e2e::{self, same_tree};
+use super::util::{fmt_samples, median, timed, SplitMix, MIB};
+use super::{print_comparison, Ctx, Outcome, Row};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// Rounds by default (`IMGSAFE_BENCH_ROUNDS` overrides).
+const ROUNDS: usize = 3;
+/// Size of the large file by default, MiB (`IMGSAFE_BENCH_BULK_MIB`).
+const BIG_MIB: u64 = 512;
+/// Small files in the tree by default (`IMGSAFE_BENCH_SMALL_FILES`).
+const SMALL_FILES: usize = 20_000;
+/// Size of each small file.
+const SMALL_SIZE: usize = 1024;
+/// Small files per directory.
+const PER_DIR: usize = 200;
+
+fn env_num<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(v) => v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}={v:?}: expected a number")),
+    }
+}
+
+/// How a side runs once into a fresh DEST.
+type RunInto<'a> = Box<dyn Fn(&Path) -> Result<()> + 'a>;
+
+/// One side of a comparison: a name and how to run it once into a fresh DEST.
+struct Side<'a> {
+    name: String,
+    run: RunInto<'a>,
+    samples: Vec<f64>,
+    failed: Option<String>,
+}
+
+impl<'a> Side<'a> {
+    fn new(name: &str, run: impl Fn(&Path) -> Result<()> + 'a) -> Self {
+        Side {
+            name: name.to_string(),
+            run: Box::new(run),
+            samples: Vec::new(),
+            failed: None,
+        }
+    }
+
+    fn outcome(&self) -> Outcome {
+        match (&self.failed, median(&self.samples)) {
+            (Some(why), _) => Outcome::Skipped(why.clone()),
+            (None, Some(m)) => Outcome::Secs(m),
+            (None, None) => Outcome::Skipped("not measured".into()),
+        }
+    }
+}
+
+/// Run every side `rounds` times, interleaved, each into a fresh directory under `out`
+/// checked by `check` and removed after.
+fn interleaved(
+    sides: &mut [Side<'_>],
+    rounds: usize,
+    out: &Path,
+    check: &dyn Fn(&Path) -> Result<()>,
+) {
+    for _ in 0..rounds {
+        for s in sides.iter_mut().filter(|s| s.failed.is_none()) {
+            let dest = out.join("dest");
+            let _ = e2e::remove_tree(&dest);
+            let r = std::fs::create_dir_all(&dest)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| {
+                    let t = Instant::now();
+                    (s.run)(&dest).map(|()| t.elapsed().as_secs_f64())
+                })
+                .and_then(|secs| check(&dest).map(|()| secs));
+            let _ = e2e::remove_tree(&dest);
+            match r {
+                Ok(secs) => s.samples.push(secs),
+                Err(e) => {
+                    println!("  {}: failed: {e:#}", s.name);
+                    s.failed = Some(format!("{} failed: {e:#}", s.name));
+                }
+            }
+        }
+    }
+    for s in sides.iter().filter(|s| s.failed.is_none()) {
+        println!("  {}: {} s", s.name, fmt_samples(&s.samples));
+    }
+}
+
+/// Run `cmd`, failing with its stderr unless it succeeds.
+fn ok(cmd: &mut Command) -> Result<()> {
+    timed(cmd).map(|_| ())
+}
+
+/// `producer | tar -x -C dest`, both checked.
+fn into_tar(mut producer: Command, dest: &Path) -> Result<()> {
+    let mut p = producer
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the tar producer")?;
+    let stdout = p.stdout.take().context("no stdout")?;
+    let tar = crate::tool("tar", "tar")?
+        .arg("-xf")
+        .arg("-")
+        .arg("-C")
+        .arg(dest)
+        .stdin(stdout)
+        .output()?;
+    let pout = p.wait_with_output()?;
+    if !pout.status.success() {
+        bail!(
+            "producer failed: {}",
+            String::from_utf8_lossy(&pout.stderr).trim()
+        );
+    }
+    if !tar.status.success() {
+        bail!(
+            "tar -x failed: {}",
+            String::from_utf8_lossy(&tar.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn record(ctx: &mut Ctx, what: &str, mine: &Side<'_>, peer: &Side<'_>) {
+    let row = Row {
+        group: "bulk",
+        what: what.to_string(),
+        imgsafe: mine.outcome(),
+        peer: peer.name.clone(),
+        peer_time: peer.outcome(),
+    };
+    print_comparison(&row);
+    ctx.rows.push(row);
+}
+
+/// An ext4 image of `tree` of `mib` MiB (mke2fs -d).
+fn ext4(tree: &Path, image: &Path, mib: u64) -> Result<()> {
+    let mut c = crate::tool("mke2fs", "e2fsprogs")?;
+    c.args(["-q", "-F", "-t", "ext4", "-N", "60000", "-d"])
+        .arg(tree)
+        .arg(image)
+        .arg(format!("{mib}M"));
+    ok(&mut c)?;
+    super::util::warm_page_cache(image)
+}
+
+/// Run the group.
+pub fn run(ctx: &mut Ctx) -> Result<()> {
+    let rounds: usize = env_num("IMGSAFE_BENCH_ROUNDS", ROUNDS)?;
+    let big_mib: u64 = env_num("IMGSAFE_BENCH_BULK_MIB", BIG_MIB)?;
+    let small_files: usize = env_num("IMGSAFE_BENCH_SMALL_FILES", SMALL_FILES)?;
+
+    let big_tree = ctx.dir().join("bulk-big");
+    // An /etc for the `ls` that e2e::prepare_imgsafe runs first.
+    std::fs::create_dir_all(big_tree.join("etc"))?;
+    std::fs::write(big_tree.join("etc/hostname"), "bulk\n")?;
+    let big_file = big_tree.join("big.bin");
+    let mut rng = SplitMix::new(0xb01c);
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&big_file)?);
+        let mut chunk = vec![0u8; MIB as usize];
+        for _ in 0..big_mib {
+            rng.fill(&mut chunk);
+            f.write_all(&chunk)?;
+        }
+        f.flush()?;
+    }
+    let big_image = ctx.dir().join("bulk-big.img");
+    ext4(&big_tree, &big_image, big_mib + big_mib / 8 + 64)?;
+    println!(
+        "made {} (ext4 holding a {big_mib} MiB random file)",
+        big_image.display()
+    );
+
+    let small_root = ctx.dir().join("bulk-small");
+    let small_tree = small_root.join("tree");
+    for i in 0..small_files {
+        let dir = small_tree.join(format!("d{:03}", i / PER_DIR));
+        if i % PER_DIR == 0 {
+            std::fs::create_dir_all(&dir)?;
+        }
+        let mut b = vec![0u8; SMALL_SIZE];
+        rng.fill(&mut b);
+        std::fs::write(dir.join(format!("f{i:05}")), &b)?;
+    }
+    let small_image = ctx.dir().join("bulk-small.img");
+    let small_mib = (small_files * 8192 / MIB as usize) as u64 + 64;
+    ext4(&small_root, &small_image, small_mib)?;
+    println!(
+        "made {} (ext4 holding /tree: {small_files} files of {SMALL_SIZE} bytes)",
+        small_image.display()
+    );
+
+    let (ready, accel) = e2e::prepare_imgsafe(ctx, &big_image);
+    if let Err(why) = ready {
+        bail!("{why}");
+    }
+    let guestfs = e2e::prepare_guestfs(&big_image, accel);
+    let (bin, cache) = (ctx.imgsafe.clone(), e2e::appliance_cache(ctx));
+    let imgsafe = |bulk: bool| {
+        let mut c = e2e::imgsafe_command(&bin, &cache);
+        if !bulk {
+            c.env("IMGSAFE_BULK", "0");
+        }
+        c
+    };
+    let out = ctx.dir().join("bulk-out");
+    std::fs::create_dir_all(&out)?;
+
+    // One large file.
+    let src = format!("{}:/big.bin", big_image.display());
+    let big_check = |dest: &Path| -> Result<()> {
+        match super::util::first_difference(&big_file, &dest.join("big.bin"))? {
+            None => Ok(()),
+            Some(d) => bail!("big.bin differs: {d}"),
+        }
+    };
+    let mut sides = vec![
+        Side::new("imgsafe cp", |d: &Path| {
+            ok(imgsafe(true).arg("cp").arg(&src).arg(d))
+        }),
+        Side::new("guestfish copy-out", |d: &Path| match &guestfs {
+            Ok(g) => ok(&mut g.command(
+                "guestfish",
+                &big_image,
+                &["copy-out", "/big.bin", &d.display().to_string()],
+            )?),
+            Err(why) => bail!("{why}"),
+        }),
+        Side::new("imgsafe cp, IMGSAFE_BULK=0", |d: &Path| {
+            ok(imgsafe(false).arg("cp").arg(&src).arg(d))
+        }),
+    ];
+    println!("cp of a {big_mib} MiB file, {rounds} rounds:");
+    interleaved(&mut sides, rounds, &out, &big_check);
+    let what = format!("cp {big_mib} MiB file");
+    record(ctx, &what, &sides[0], &sides[1]);
+    record(ctx, &what, &sides[0], &sides[2]);
+
+    // Many small files.
+    let src = format!("{}:/tree", small_image.display());
+    let small_check = |dest: &Path| same_tree(&small_tree, &dest.join("tree"));
+    let guestfs_small = e2e::prepare_guestfs(&small_image, accel);
+    let mut sides = vec![
+        Side::new("imgsafe cp -r", |d: &Path| {
+            ok(imgsafe(true).arg("cp").arg(&src).arg(d.join("tree")))
+        }),
+        Side::new("virt-tar-out | tar -x", |d: &Path| match &guestfs_small {
+            Ok(g) => into_tar(
+                g.command("guestfish", &small_image, &["tar-out", "/tree", "-"])?,
+                &{
+                    let t = d.join("tree");
+                    std::fs::create_dir_all(&t)?;
+                    t
+                },
+            ),
+            Err(why) => bail!("{why}"),
+        }),
+        Side::new("imgsafe cp - | tar -x", |d: &Path| {
+            let mut c = imgsafe(true);
+            c.arg("cp").arg(&src).arg("-");
+            into_tar(c, d)
+        }),
+    ];
+    println!("cp -r of {small_files} small files, {rounds} rounds:");
+    interleaved(&mut sides, rounds, &out, &small_check);
+    let what = format!("cp -r {small_files} files");
+    record(ctx, &what, &sides[0], &sides[1]);
+    record(
+        ctx,
+        &format!("{what}, imgsafe as tar"),
+        &sides[2],
+        &sides[1],
+    );
+    Ok(())
+}
