@@ -2,6 +2,7 @@
 
 pub mod appliance;
 pub mod cat;
+pub mod completions;
 pub mod cp;
 pub mod filesystems;
 pub mod info;
@@ -40,5 +41,7 @@ fn dispatch(cmd: Command) -> Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Appliance(a) => appliance::run(a),
         Command::Shell(a) => shell::run(a),
+        Command::Completions(a) => completions::completions(a),
+        Command::Man => completions::man(),
     }
 }
