@@ -74,6 +74,9 @@ pub enum Command {
     /// Open a shell (busybox sh) inside the appliance with the image mounted read-only
     /// at /sysroot; or run one command (-c) or a script from stdin.
     Shell(ShellArgs),
+    /// Say what operating system the image holds: distribution, version, host name,
+    /// architecture, mounts, installed packages and kernels.
+    Inspect(InspectArgs),
     /// Print a shell completion script (generated from this command line's definition).
     #[command(after_help = "Install: bash: imgsafe completions bash > \
 ~/.local/share/bash-completion/completions/imgsafe; zsh: imgsafe completions zsh > \
@@ -86,6 +89,20 @@ pub enum Command {
 ~/.local/share/man/man1/imgsafe.1"
     )]
     Man,
+}
+
+/// `imgsafe inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The disk image.
+    pub image: PathBuf,
+    /// One JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub image_args: ImageArgs,
+    #[command(flatten)]
+    pub mount: MountArgs,
 }
 
 /// `imgsafe completions`.

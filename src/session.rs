@@ -42,6 +42,8 @@ pub struct Session {
     nbd: Option<nbd::Server>,
     _dir: crate::rundir::RunDir,
     filesystems: Option<Vec<FsInfo>>,
+    /// What is mounted now: (device, mountpoint), in mount order.
+    mounts: Vec<(String, String)>,
 }
 
 /// The per-answer timeout in force.
@@ -137,6 +139,7 @@ impl Session {
             nbd: Some(nbd),
             _dir: dir,
             filesystems: None,
+            mounts: Vec::new(),
         })
     }
 
@@ -194,6 +197,11 @@ impl Session {
     /// The files the image was decoded from (top first); `cp` never replaces them.
     pub fn image_files(&self) -> &[PathBuf] {
         &self.image_files
+    }
+
+    /// What is mounted in the guest: (device, mountpoint), in mount order.
+    pub fn mounts(&self) -> &[(String, String)] {
+        &self.mounts
     }
 
     /// The image as the user named it.
@@ -257,6 +265,7 @@ impl Session {
         let root = self.find_root(&list, inspect::root_candidates(&list).len() > 1)?;
         if root.is_some() {
             self.agent.unmount("/").map_err(|e| self.fail(e))?;
+            self.mounts.clear();
         }
         Ok(root.map(|r| match r {
             Root::Os(f) => (f, true),
@@ -281,6 +290,7 @@ impl Session {
                 match self.agent.stat(marker) {
                     Ok(_) => {
                         stage.done(&format!("root is {}", f.device));
+                        self.mounts.push((f.device.clone(), "/".into()));
                         return Ok(Some(Root::Os(f.clone())));
                     }
                     Err(Error::NotFound { .. }) => {}
@@ -299,6 +309,7 @@ impl Session {
                 .mount(&only.device, "/", only.fstype.as_deref())
                 .map_err(|e| self.fail(e))?;
             stage.done(&format!("root is {} (has /etc)", only.device));
+            self.mounts.push((only.device.clone(), "/".into()));
             return Ok(Some(Root::EtcOnly(only.clone())));
         }
         stage.done("no root found");
@@ -369,6 +380,7 @@ impl Session {
             .mount(&p.device, &p.mountpoint, p.fstype.as_deref())
             .map_err(|e| self.fail(e))?;
         stage.done(&format!("{} on {} ({fstype})", p.device, p.mountpoint));
+        self.mounts.push((p.device.clone(), p.mountpoint.clone()));
         Ok(())
     }
 

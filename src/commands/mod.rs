@@ -6,6 +6,7 @@ pub mod completions;
 pub mod cp;
 pub mod filesystems;
 pub mod info;
+pub mod inspect;
 pub mod ls;
 pub mod serve;
 pub mod shell;
@@ -21,6 +22,7 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Cat(a) => Some(a.image.clone()),
         Command::Filesystems(a) => Some(a.image.clone()),
         Command::Shell(a) => Some(a.image.clone()),
+        Command::Inspect(a) => Some(a.image.clone()),
         // cp names its image inside its sources; info and serve start no VM.
         _ => None,
     };
@@ -41,6 +43,7 @@ fn dispatch(cmd: Command) -> Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Appliance(a) => appliance::run(a),
         Command::Shell(a) => shell::run(a),
+        Command::Inspect(a) => inspect::run(a),
         Command::Completions(a) => completions::completions(a),
         Command::Man => completions::man(),
     }
