@@ -16,6 +16,7 @@ const SUBCOMMANDS: &[&str] = &[
     "serve",
     "appliance",
     "shell",
+    "inspect",
     "completions",
     "man",
 ];
