@@ -308,3 +308,53 @@ fn lying_files_become_null_with_warnings_and_never_leave_the_guest_root() {
     assert!(!err.contains('\x1b'), "{err:?}");
     img.assert_unchanged();
 }
+
+#[test]
+fn arch_like_root_with_pacman_database() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    write(
+        root,
+        "/etc/os-release",
+        b"NAME=\"Arch Linux\"\nPRETTY_NAME=\"Arch Linux\"\nID=arch\nBUILD_ID=rolling\n",
+    );
+    write(root, "/var/lib/pacman/local/ALPM_DB_VERSION", b"9\n");
+    write(
+        root,
+        "/var/lib/pacman/local/linux-6.6.1.arch1-1/desc",
+        b"%NAME%\nlinux\n\n%VERSION%\n6.6.1.arch1-1\n\n%DESC%\nThe Linux kernel\n\n%ARCH%\nx86_64\n\n",
+    );
+    write(
+        root,
+        "/var/lib/pacman/local/pacman-6.0.2-8/desc",
+        b"%NAME%\npacman\n\n%VERSION%\n6.0.2-8\n\n%ARCH%\nx86_64\n\n",
+    );
+    write(root, "/boot/vmlinuz-linux", b"not really a kernel\n");
+    fs::create_dir_all(root.join("usr/lib/modules/6.6.1-arch1-1")).unwrap();
+    symlink("usr/lib", root.join("lib")).unwrap();
+    shell(root);
+    let img = ext4_image(root, "16M");
+
+    let (v, err) = inspect_json(&img);
+
+    assert_eq!(v["os"], "linux", "{err}");
+    assert_eq!(v["distro"], "arch");
+    assert_eq!(v["version"], Value::Null);
+    assert_eq!(v["package_format"], "pacman");
+    assert_eq!(
+        v["packages"],
+        json!([
+            {"name": "linux", "version": "6.6.1.arch1-1", "arch": "x86_64"},
+            {"name": "pacman", "version": "6.0.2-8", "arch": "x86_64"}
+        ])
+    );
+    assert_eq!(
+        v["kernels"],
+        json!([
+            {"release": "6.6.1-arch1-1", "image": null, "modules": "/lib/modules/6.6.1-arch1-1"},
+            {"release": "linux", "image": "/boot/vmlinuz-linux", "modules": null}
+        ])
+    );
+    assert_eq!(v["warnings"], json!([]), "{err}");
+    img.assert_unchanged();
+}
