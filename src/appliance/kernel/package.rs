@@ -39,6 +39,7 @@ pub fn fetch(cache: &Path, host: &Path, release: &str) -> Result<(Fetched, bool)
     fs::create_dir_all(cache).map_err(|e| ApplianceError::io(cache, e))?;
     crate::rundir::private_dir(cache).map_err(|e| ApplianceError::io(cache, e))?;
     crate::rundir::private_dir(&store).map_err(|e| ApplianceError::io(&store, e))?;
+    sweep(&store);
     let mut why = Vec::new();
     for pkg in &candidates {
         let dir = store.join(format!("{pkg}-{}-{}", meta.len(), meta.mtime()));
@@ -51,6 +52,22 @@ pub fn fetch(cache: &Path, host: &Path, release: &str) -> Result<(Fetched, bool)
         }
     }
     Err(failed(host, &why.join("; ")))
+}
+
+/// Remove temp dirs left by a fetch that was killed (older than an hour), best effort.
+fn sweep(store: &Path) {
+    let Ok(rd) = fs::read_dir(store) else { return };
+    for e in rd.flatten() {
+        let stale = e.file_name().to_string_lossy().starts_with(".fetching-")
+            && e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|a| a.as_secs() > 3600);
+        if stale {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// The error naming both ways out.
