@@ -127,6 +127,7 @@ fn man_page_is_roff_that_groff_reads_cleanly_and_covers_every_subcommand() {
             "no section for {sub}: {text}"
         );
     }
+    assert!(text.contains("EXIT STATUS"), "{text}");
     // An option of a subcommand is documented, not only the top-level ones.
     assert!(text.contains("--socket-mode"), "{text}");
 }

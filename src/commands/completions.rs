@@ -33,6 +33,7 @@ pub fn man_page() -> Result<Vec<u8>> {
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         render_subcommand(&mut out, sub).map_err(io)?;
     }
+    render_exit_status(&mut out).map_err(io)?;
     man.render_version_section(&mut out).map_err(io)?;
     Ok(out)
 }
@@ -56,6 +57,26 @@ fn render_subcommand(out: &mut Vec<u8>, sub: &clap::Command) -> std::io::Result<
     }
     let text = String::from_utf8_lossy(&part).replace(".SH ", ".SS ");
     out.extend_from_slice(text.as_bytes());
+    Ok(())
+}
+
+/// The documented exit codes (README's table), from the constants `main` returns.
+fn render_exit_status(out: &mut Vec<u8>) -> std::io::Result<()> {
+    use crate::error::exit;
+    let codes = [
+        (exit::OK, "success"),
+        (exit::OTHER, "other failure (for example writing the destination)"),
+        (exit::USAGE, "bad command line"),
+        (exit::IMAGE, "image error: missing, unreadable, unknown or corrupt format, too large"),
+        (exit::NOT_FOUND, "path not found in the image, or of the wrong type"),
+        (exit::FILESYSTEM, "no usable filesystem: none found, several and none chosen, or mount failed"),
+        (exit::APPLIANCE, "appliance or VM failure: kernel or QEMU missing, guest did not answer, guest broke the protocol"),
+        (exit::INTERRUPTED, "interrupted (SIGINT/SIGTERM)"),
+    ];
+    writeln!(out, ".SH \"EXIT STATUS\"")?;
+    for (code, what) in codes {
+        writeln!(out, ".TP\n{code}\n{}", escape_roff(what))?;
+    }
     Ok(())
 }
 
