@@ -82,6 +82,43 @@ pub enum Command {
     /// Open a shell (busybox sh) inside the appliance with the image mounted read-only
     /// at /sysroot; or run one command (-c) or a script from stdin.
     Shell(ShellArgs),
+    /// Say what operating system the image holds: distribution, version, host name,
+    /// architecture, mounts, installed packages and kernels.
+    Inspect(InspectArgs),
+    /// Print a shell completion script (generated from this command line's definition).
+    #[command(after_help = "Install: bash: imgsafe completions bash > \
+~/.local/share/bash-completion/completions/imgsafe; zsh: imgsafe completions zsh > \
+~/.zfunc/_imgsafe (with ~/.zfunc in fpath); fish: imgsafe completions fish > \
+~/.config/fish/completions/imgsafe.fish")]
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff, generated from this command line's definition).
+    #[command(
+        after_help = "Read it: imgsafe man | man -l -; install: imgsafe man > \
+~/.local/share/man/man1/imgsafe.1"
+    )]
+    Man,
+}
+
+/// `imgsafe inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The disk image.
+    pub image: PathBuf,
+    /// One JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub image_args: ImageArgs,
+    #[command(flatten)]
+    pub mount: MountArgs,
+}
+
+/// `imgsafe completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// `imgsafe shell`.

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod commands;
 pub mod error;
 pub mod format;
+pub mod guest_os;
 pub mod image;
 pub mod inspect;
 pub mod nbd;

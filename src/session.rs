@@ -57,6 +57,8 @@ pub struct Session {
     /// The decoded disk the NBD server serves, for the bulk data path (None with an
     /// overlay: the guest may have written, and the image no longer says what it reads).
     bulk: Option<Arc<dyn BlockSource>>,
+    /// What is mounted now: (device, mountpoint), in mount order.
+    mounts: Vec<(String, String)>,
 }
 
 /// The per-answer timeout in force.
@@ -181,6 +183,7 @@ impl Session {
             _dir: dir,
             filesystems: None,
             subvolumes: Default::default(),
+            mounts: Vec::new(),
             bulk,
         })
     }
@@ -234,6 +237,11 @@ impl Session {
                 Err(e)
             }
         }
+    }
+
+    /// What is mounted in the guest: (device, mountpoint), in mount order.
+    pub fn mounts(&self) -> &[(String, String)] {
+        &self.mounts
     }
 
     /// The files the image was decoded from (top first); `cp` never replaces them.
@@ -308,6 +316,7 @@ impl Session {
         let root = self.find_root(&list, inspect::root_candidates(&list).len() > 1)?;
         if root.is_some() {
             self.agent.unmount("/").map_err(|e| self.fail(e))?;
+            self.mounts.clear();
         }
         Ok(root.map(|r| match r {
             Root::Os(f, _) => (f, true),
@@ -325,6 +334,7 @@ impl Session {
             match self.root_at(f, None)? {
                 Some(RootKind::Os) => {
                     stage.done(&format!("root is {}", f.device));
+                    self.mounts.push((f.device.clone(), "/".into()));
                     return Ok(Some(Root::Os(f.clone(), None)));
                 }
                 Some(RootKind::Etc) => with_etc.push(f.clone()),
@@ -335,6 +345,7 @@ impl Session {
             }
             if let Some(sv) = self.root_subvolume(f)? {
                 stage.done(&format!("root is {}@{}", f.device, sv.path));
+                self.mounts.push((f.device.clone(), "/".into()));
                 return Ok(Some(Root::Os(f.clone(), Some(sv))));
             }
         }
@@ -343,6 +354,7 @@ impl Session {
                 .mount(&only.device, "/", only.fstype.as_deref(), None)
                 .map_err(|e| self.fail(e))?;
             stage.done(&format!("root is {} (has /etc)", only.device));
+            self.mounts.push((only.device.clone(), "/".into()));
             return Ok(Some(Root::EtcOnly(only.clone())));
         }
         stage.done("no root found");
@@ -492,6 +504,7 @@ impl Session {
             .mount(&p.device, &p.mountpoint, p.fstype.as_deref(), subvolid)
             .map_err(|e| self.fail(e))?;
         stage.done(&format!("{} on {} ({fstype})", p.device, p.mountpoint));
+        self.mounts.push((p.device.clone(), p.mountpoint.clone()));
         Ok(())
     }
 

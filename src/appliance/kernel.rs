@@ -23,10 +23,30 @@ const MAX_VMLINUX: usize = 512 << 20;
 /// ELF note type of the PVH 32-bit entry point (xen/include/public/elfnote.h).
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
+mod package;
+
+/// The kernel found for the appliance.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// The kernel file to boot (or to extract the PVH `vmlinux` from).
+    pub kernel: PathBuf,
+    /// Its release, e.g. `6.1.0-56-cloud-amd64`.
+    pub release: String,
+    /// Its modules, when they are not the host's `/lib/modules/<release>` (a fetched
+    /// package's own); `IMGSAFE_MODULES` still wins.
+    pub modules_dir: Option<PathBuf>,
+}
+
+/// Test-only: search this directory instead of `/boot` (the tests point it at an
+/// unreadable copy of the host kernel). Not a user setting: use `IMGSAFE_KERNEL`.
+const TEST_BOOT_DIR_ENV: &str = "IMGSAFE_TEST_BOOT_DIR";
+
 /// The kernel to boot and its release: `IMGSAFE_KERNEL` if set, else the newest
 /// `/boot/vmlinuz-*` that has a matching `/lib/modules/<release>`, a Debian cloud
-/// kernel first (it is smaller and boots faster in a VM).
-pub fn find() -> Result<(PathBuf, String), ApplianceError> {
+/// kernel first (it is smaller and boots faster in a VM). When that file is not
+/// readable by this user (Ubuntu installs it 0600), the distribution's package of it
+/// is fetched into the cache with apt-get instead (see [`package`]), said once.
+pub fn find() -> Result<Found, ApplianceError> {
     if let Some(k) = std::env::var_os("IMGSAFE_KERNEL").filter(|v| !v.is_empty()) {
         let k = PathBuf::from(k);
         // Say first that the file is missing or unreadable: that is the likelier mistake.
@@ -39,9 +59,16 @@ pub fn find() -> Result<(PathBuf, String), ApplianceError> {
                     k.display()
                 ))
             })?;
-        return Ok((k, release));
+        return Ok(Found {
+            kernel: k,
+            release,
+            modules_dir: None,
+        });
     }
-    let mut candidates: Vec<(bool, std::time::SystemTime, PathBuf, String)> = fs::read_dir("/boot")
+    let boot = std::env::var_os(TEST_BOOT_DIR_ENV)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from("/boot"), PathBuf::from);
+    let mut candidates: Vec<(bool, std::time::SystemTime, PathBuf, String)> = fs::read_dir(&boot)
         .into_iter()
         .flatten()
         .flatten()
@@ -59,11 +86,43 @@ pub fn find() -> Result<(PathBuf, String), ApplianceError> {
     candidates.sort();
     let (_, _, k, rel) = candidates.pop().ok_or(ApplianceError::Missing {
         what: "a Linux kernel",
-        where_: "/boot/vmlinuz-*".into(),
+        where_: format!("{}/vmlinuz-*", boot.display()),
         package: "linux-image-cloud-amd64",
     })?;
-    check_readable(&k)?;
-    Ok((k, rel))
+    match fs::File::open(&k) {
+        Ok(_) => Ok(Found {
+            kernel: k,
+            release: rel,
+            modules_dir: None,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => from_package(&k, &rel),
+        Err(e) => Err(open_error(&k, e)),
+    }
+}
+
+/// The unreadable `host` kernel's package, fetched (or found) in the cache.
+fn from_package(host: &Path, release: &str) -> Result<Found, ApplianceError> {
+    let cache = super::cache_root()?;
+    let (f, downloaded) = package::fetch(&cache, host, release)?;
+    if downloaded {
+        eprintln!(
+            "imgsafe: kernel {} is not readable by this user; using its distribution \
+             package instead (apt-get download, unpacked to {})",
+            host.display(),
+            f.kernel.parent().unwrap_or(&cache).display()
+        );
+    } else {
+        crate::trace::note(&format!(
+            "kernel {} is not readable: using {}",
+            host.display(),
+            f.kernel.display()
+        ));
+    }
+    Ok(Found {
+        kernel: f.kernel,
+        release: f.release,
+        modules_dir: f.modules_dir,
+    })
 }
 
 fn release_of(p: &Path) -> Option<String> {
@@ -74,14 +133,16 @@ fn release_of(p: &Path) -> Option<String> {
 }
 
 fn check_readable(k: &Path) -> Result<(), ApplianceError> {
-    fs::File::open(k).map(drop).map_err(|e| {
-        ApplianceError::Invalid(match e.kind() {
-            std::io::ErrorKind::NotFound => format!("kernel {}: no such file", k.display()),
-            _ => format!(
-                "kernel {} is not readable by this user ({e}); make it readable or point IMGSAFE_KERNEL at a readable copy",
-                k.display()
-            ),
-        })
+    fs::File::open(k).map(drop).map_err(|e| open_error(k, e))
+}
+
+fn open_error(k: &Path, e: std::io::Error) -> ApplianceError {
+    ApplianceError::Invalid(match e.kind() {
+        std::io::ErrorKind::NotFound => format!("kernel {}: no such file", k.display()),
+        _ => format!(
+            "kernel {} is not readable by this user ({e}); make it readable or point IMGSAFE_KERNEL at a readable copy",
+            k.display()
+        ),
     })
 }
 
@@ -224,9 +285,9 @@ mod tests {
 
     #[test]
     fn host_kernel_extracts_to_pvh_elf() {
-        let (k, _) = find().expect("no kernel: install the Debian package linux-image-cloud-amd64");
+        let k = find().expect("no kernel: install the Debian package linux-image-cloud-amd64");
 
-        let elf = extract_vmlinux(&k)
+        let elf = extract_vmlinux(&k.kernel)
             .unwrap()
             .expect("Debian's LZ4 bzImage should yield a PVH vmlinux");
 

@@ -200,9 +200,14 @@ pub fn cache_root() -> Result<PathBuf, ApplianceError> {
 
 /// Find every input on this host.
 pub fn find_inputs() -> Result<Inputs, ApplianceError> {
-    let (kernel, kernel_release) = kernel::find()?;
+    let kernel::Found {
+        kernel,
+        release: kernel_release,
+        modules_dir,
+    } = kernel::find()?;
     let modules_dir = std::env::var_os("IMGSAFE_MODULES")
         .map(PathBuf::from)
+        .or(modules_dir)
         .unwrap_or_else(|| Path::new("/lib/modules").join(&kernel_release));
     if !modules_dir.join("modules.dep").is_file() {
         return Err(ApplianceError::Missing {

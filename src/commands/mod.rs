@@ -2,9 +2,11 @@
 
 pub mod appliance;
 pub mod cat;
+pub mod completions;
 pub mod cp;
 pub mod filesystems;
 pub mod info;
+pub mod inspect;
 pub mod ls;
 pub mod serve;
 pub mod shell;
@@ -26,5 +28,8 @@ pub fn run(cmd: Command) -> Result<i32> {
         Command::Serve(a) => done(serve::run(a)),
         Command::Appliance(a) => done(appliance::run(a)),
         Command::Shell(a) => shell::run(a),
+        Command::Inspect(a) => done(inspect::run(a)),
+        Command::Completions(a) => done(completions::completions(a)),
+        Command::Man => done(completions::man()),
     }
 }
