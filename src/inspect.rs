@@ -269,7 +269,7 @@ fn aliases(name: &str) -> Vec<String> {
         }
     }
     if let Some(dm) = bare.strip_prefix("mapper/") {
-        if let Some((vg, lv)) = imgsafe_agent::lvm::split_dm_name(dm) {
+        if let Some((vg, lv)) = imgsafe_proto::lvm_names::split_dm_name(dm) {
             v.push(format!("/dev/{vg}/{lv}"));
         }
     }

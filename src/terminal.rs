@@ -1,4 +1,5 @@
-//! The one place where text from the image or the guest is made safe for a terminal.
+//! The one place where text from the image or the guest is made safe for a terminal,
+//! and how sizes are shown to people.
 //!
 //! A file name, label or message from the guest may hold bytes a terminal acts on: C0
 //! controls (ESC starts escape sequences, BEL, LF, TAB, ...), DEL, and C1 controls —
@@ -40,9 +41,32 @@ pub fn printable_max(text: impl AsRef<[u8]>, max_chars: usize) -> String {
     out
 }
 
+/// Human-readable size with binary units.
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_use_binary_units() {
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(64 << 20), "64.0 MiB");
+        assert_eq!(human_size(3 << 30), "3.0 GiB");
+    }
 
     #[test]
     fn c0_del_and_c1_controls_become_question_marks() {

@@ -47,22 +47,6 @@ pub fn run(args: FilesystemsArgs) -> Result<()> {
     crate::error::write_output(std::io::stdout().write_all(out.as_bytes()))
 }
 
-/// Human-readable size with binary units.
-pub fn human_size(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 /// Guest-supplied text made safe before it reaches a terminal.
 fn clean(s: &str) -> String {
     crate::terminal::printable(s)
@@ -85,7 +69,7 @@ fn table(list: &[FsInfo], root: Option<&str>, detected: bool) -> String {
             [
                 clean(&f.device),
                 clean(&kind),
-                human_size(f.size),
+                crate::terminal::human_size(f.size),
                 clean(f.label.as_deref().unwrap_or("-")),
                 clean(f.uuid.as_deref().unwrap_or("-")),
                 clean(f.partuuid.as_deref().unwrap_or("-")),
@@ -171,13 +155,6 @@ fn json(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_are_human() {
-        assert_eq!(human_size(512), "512 B");
-        assert_eq!(human_size(64 << 20), "64.0 MiB");
-        assert_eq!(human_size(3 << 30), "3.0 GiB");
-    }
 
     #[test]
     fn subvolumes_are_listed_per_device_with_the_default_marked() {

@@ -19,6 +19,7 @@ use std::io::{self, Read, Write};
 
 mod escape;
 pub mod fstypes;
+pub mod lvm_names;
 pub use escape::unescape_octal;
 
 /// Bumped whenever a message changes shape.

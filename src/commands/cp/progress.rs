@@ -1,6 +1,6 @@
 //! A one-line progress bar on stderr for long copies.
 
-use crate::commands::filesystems::human_size;
+use crate::terminal::human_size;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
