@@ -555,7 +555,11 @@ mod tests {
     use proptest::prelude::*;
     use std::io::Write;
 
-    /// Test-only in-memory header builder.
+    /// Test-only in-memory header builder. Not the integration tests' writer
+    /// (tests/support/ploopwriter.rs) on purpose: that one makes valid files from disk
+    /// contents for qemu-img to compare against; this one sets header fields one by
+    /// one so each test can break exactly one (version, BAT size, in-use flag, ...)
+    /// and puts each cluster at a chosen slot, and it needs no file.
     #[derive(Clone)]
     struct HeaderBuilder {
         magic: [u8; 16],
