@@ -41,6 +41,15 @@ pub struct ImageArgs {
     pub vz_root: PathBuf,
 }
 
+/// The guest's other disks (and later its keys); shared by the commands that boot it.
+#[derive(Debug, Clone, Default, Args)]
+pub struct GuestArgs {
+    /// Attach another disk image of the same guest (repeatable, in order: the image is
+    /// /dev/vda, the first --add /dev/vdb, ...), read-only; its format is probed.
+    #[arg(long = "add", value_name = "IMAGE")]
+    pub add: Vec<PathBuf>,
+}
+
 /// Which filesystem(s) of the image to mount.
 #[derive(Debug, Clone, Default, Args)]
 pub struct MountArgs {
@@ -98,6 +107,8 @@ pub struct ShellArgs {
     #[command(flatten)]
     pub image_args: ImageArgs,
     #[command(flatten)]
+    pub guest: GuestArgs,
+    #[command(flatten)]
     pub mount: MountArgs,
 }
 
@@ -139,6 +150,8 @@ pub struct LsArgs {
     #[command(flatten)]
     pub image_args: ImageArgs,
     #[command(flatten)]
+    pub guest: GuestArgs,
+    #[command(flatten)]
     pub mount: MountArgs,
 }
 
@@ -153,6 +166,8 @@ pub struct CatArgs {
     #[command(flatten)]
     pub image_args: ImageArgs,
     #[command(flatten)]
+    pub guest: GuestArgs,
+    #[command(flatten)]
     pub mount: MountArgs,
 }
 
@@ -160,13 +175,17 @@ pub struct CatArgs {
 #[derive(Debug, Args)]
 pub struct CpArgs {
     /// Sources as IMAGE:/path (all from the same image), then the destination.
-    #[arg(required = true, num_args = 2..)]
+    /// Options may come between them (`cp a.img:/home --add b.img DEST`); fewer than two
+    /// are refused when the command runs.
+    #[arg(required = true, num_args = 1.., action = clap::ArgAction::Append)]
     pub args: Vec<String>,
     /// Overwrite existing files in the destination.
     #[arg(short, long)]
     pub force: bool,
     #[command(flatten)]
     pub image_args: ImageArgs,
+    #[command(flatten)]
+    pub guest: GuestArgs,
     #[command(flatten)]
     pub mount: MountArgs,
 }
@@ -181,6 +200,8 @@ pub struct FilesystemsArgs {
     pub json: bool,
     #[command(flatten)]
     pub image_args: ImageArgs,
+    #[command(flatten)]
+    pub guest: GuestArgs,
 }
 
 /// `imgsafe info`.

@@ -7,7 +7,7 @@ use std::io::{self, Write};
 
 /// Run `imgsafe cat`.
 pub fn run(args: CatArgs) -> Result<()> {
-    let mut s = Session::open_mounted(&args.image, &args.image_args, &args.mount)?;
+    let mut s = Session::open_mounted(&args.image, &args.image_args, &args.guest, &args.mount)?;
     let stage = crate::trace::stage("cat");
     let stdout = io::stdout();
     let mut out = io::BufWriter::with_capacity(1 << 20, stdout.lock());

@@ -827,7 +827,7 @@ pub fn run(args: CpArgs) -> Result<()> {
             dest.display()
         )));
     }
-    let mut session = Session::open_mounted(&image, &args.image_args, &args.mount)?;
+    let mut session = Session::open_mounted(&image, &args.image_args, &args.guest, &args.mount)?;
     let protected = session
         .image_files()
         .iter()

@@ -8,7 +8,7 @@ use std::io::Write;
 
 /// Run `imgsafe filesystems`.
 pub fn run(args: FilesystemsArgs) -> Result<()> {
-    let mut s = Session::start(&args.image, &args.image_args)?;
+    let mut s = Session::start(&args.image, &args.image_args, &args.guest)?;
     let found = s.filesystems().and_then(|l| Ok((s.detect_root()?, l)));
     let (detected, list) = match found {
         Ok(r) => r,

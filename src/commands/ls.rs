@@ -12,7 +12,7 @@ use std::io::{self, Write};
 
 /// Run `imgsafe ls`.
 pub fn run(args: LsArgs) -> Result<()> {
-    let mut s = Session::open_mounted(&args.image, &args.image_args, &args.mount)?;
+    let mut s = Session::open_mounted(&args.image, &args.image_args, &args.guest, &args.mount)?;
     let stage = crate::trace::stage("ls");
     let r = list(s.fs(), &args);
     stage.done("");

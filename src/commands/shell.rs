@@ -51,6 +51,7 @@ pub fn run(args: ShellArgs) -> Result<()> {
     let mut s = Session::open_mounted_with(
         &args.image,
         &args.image_args,
+        &args.guest,
         &args.mount,
         args.overlay,
         true,

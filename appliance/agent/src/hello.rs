@@ -112,7 +112,9 @@ pub fn wait_for_disks(
 
 /// Rescan the buses behind the PCIe root ports for new devices: only those buses, so
 /// the kernel does not revisit (and retry assigning windows to) everything on the
-/// root bus. Where there are none to be found, the whole hierarchy.
+/// root bus. Where there are none to be found, the whole hierarchy. The buses are
+/// rescanned in order, so that the disks are probed, and named vda, vdb, ..., in the
+/// order of their root ports, as on a cold boot.
 fn rescan(sys: &Path) -> Result<(), OpError> {
     let failed = |path: &Path, e: std::io::Error| {
         OpError::new(
@@ -120,7 +122,7 @@ fn rescan(sys: &Path) -> Result<(), OpError> {
             format!("rescanning PCI ({}): {e}", path.display()),
         )
     };
-    let buses: Vec<std::path::PathBuf> = std::fs::read_dir(sys.join("class/pci_bus"))
+    let mut buses: Vec<std::path::PathBuf> = std::fs::read_dir(sys.join("class/pci_bus"))
         .map(|rd| {
             rd.filter_map(Result::ok)
                 .filter(|e| !e.file_name().to_string_lossy().ends_with(":00"))
@@ -128,6 +130,8 @@ fn rescan(sys: &Path) -> Result<(), OpError> {
                 .collect()
         })
         .unwrap_or_default();
+    // Bus names are fixed-width hex (`0000:01`), so their order is the numbers'.
+    buses.sort();
     if buses.is_empty() {
         let all = sys.join("bus/pci/rescan");
         return std::fs::write(&all, b"1").map_err(|e| failed(&all, e));
