@@ -93,6 +93,11 @@ pub const FS_MODULES: &[(&str, &[&str])] = &[
     ),
     ("iso9660", &["isofs", "nls_utf8"]),
     ("udf", &["udf", "nls_utf8"]),
+    // Only when a RAID member is seen (raid456 benchmarks its parity code on load).
+    (
+        "md",
+        &["md_mod", "linear", "raid0", "raid1", "raid10", "raid456"],
+    ),
     (
         "dm",
         &[
@@ -120,13 +125,21 @@ pub struct HostProgram {
     pub data: &'static [(&'static str, &'static str)],
 }
 
-/// Host programs copied into the guest: lvm2's `lvm` activates volume groups (the
-/// agent runs it); `file` gives `imgsafe shell` file-type detection when the host has it.
+/// Host programs copied into the guest: lvm2's `lvm` activates volume groups and
+/// `mdadm` assembles RAID arrays (the agent runs them, only when the disks hold what
+/// they are for); `file` gives `imgsafe shell` file-type detection when the host has it.
 pub const HOST_PROGRAMS: &[HostProgram] = &[
     HostProgram {
         candidates: &["/sbin/lvm", "/usr/sbin/lvm"],
         guest: "/sbin/lvm",
         package: "lvm2",
+        optional: false,
+        data: &[],
+    },
+    HostProgram {
+        candidates: &["/sbin/mdadm", "/usr/sbin/mdadm"],
+        guest: "/sbin/mdadm",
+        package: "mdadm",
         optional: false,
         data: &[],
     },
@@ -151,9 +164,11 @@ devices {
     external_device_info_source = "none"
     use_devicesfile = 0
     hints = "none"
-    filter = [ "a|^/dev/vd|", "r|.*|" ]
+    # The disks, RAID arrays and opened LUKS containers; a member of a RAID array is
+    # left to the array (md_component_detection), never read as a PV of its own.
+    filter = [ "a|^/dev/vd|", "a|^/dev/md|", "a|^/dev/mapper/luks-|", "r|.*|" ]
     multipath_component_detection = 0
-    md_component_detection = 0
+    md_component_detection = 1
     fw_raid_component_detection = 0
 }
 activation {
@@ -175,6 +190,16 @@ backup {
     backup = 0
     archive = 0
 }
+"#;
+
+/// The appliance's `/etc/mdadm/mdadm.conf`: members only on the virtio disks (and
+/// their partitions), every array treated as this host's (its recorded homehost is not
+/// checked, so an array keeps its plain name), no mail, no monitor.
+pub const MDADM_CONF: &str = r#"# Written by imgsafe for its appliance.
+DEVICE /dev/vd*
+HOMEHOST <ignore>
+AUTO +all
+CREATE owner=root group=root mode=0600
 "#;
 
 /// Paths of the build inputs, before hashing.
@@ -318,6 +343,7 @@ fn cache_key(inputs: &Inputs, plan: &Plan) -> Result<String, ApplianceError> {
         }
     }
     h.update(LVM_CONF.as_bytes());
+    h.update(MDADM_CONF.as_bytes());
     for f in files {
         let m = fs::metadata(f).map_err(|e| ApplianceError::io(f, e))?;
         h.update(f.as_os_str().as_encoded_bytes());
@@ -513,6 +539,8 @@ fn write_tree<W: io::Write>(
     }
     w.parents(Path::new("etc/lvm/lvm.conf"))?;
     w.file("etc/lvm/lvm.conf", 0o644, LVM_CONF.as_bytes())?;
+    w.parents(Path::new("etc/mdadm/mdadm.conf"))?;
+    w.file("etc/mdadm/mdadm.conf", 0o644, MDADM_CONF.as_bytes())?;
     for (src, dst) in &plan.libs {
         let rel = dst.strip_prefix("/").unwrap_or(dst);
         w.parents(rel)?;

@@ -46,7 +46,10 @@ pub fn run() -> ! {
             dev: "/dev".into(),
         },
         debug: init::debug_requested(),
-        lvm: Some(PathBuf::from(lvm::LVM_BINARY)),
+        tools: lvm::Tools {
+            lvm: Some(PathBuf::from(lvm::LVM_BINARY)),
+            mdadm: Some(PathBuf::from(md::MDADM_BINARY)),
+        },
         disk_wait: hello::DISK_WAIT,
         is_init: true,
     };
@@ -71,6 +74,7 @@ pub mod error;
 pub mod hello;
 pub mod init;
 pub mod lvm;
+pub mod md;
 pub mod mount;
 pub mod probe;
 pub mod readdir;
@@ -80,4 +84,5 @@ pub mod serve;
 pub mod shell;
 #[cfg(test)]
 mod test_tools;
+pub mod tool;
 pub mod walk;

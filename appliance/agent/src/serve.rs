@@ -28,8 +28,8 @@ pub struct Agent {
     pub devices: DeviceRoots,
     /// Log each request to stderr (the console).
     pub debug: bool,
-    /// The lvm tool that activates volume groups found on the disks (None: never run it).
-    pub lvm: Option<PathBuf>,
+    /// The tools that assemble RAID arrays and activate volume groups found on the disks.
+    pub tools: crate::lvm::Tools,
     /// How long `Hello` waits for the disks the host names.
     pub disk_wait: std::time::Duration,
     /// Running as the appliance's init: `Hello` may set the clock and feed the kernel's
@@ -151,10 +151,9 @@ impl Agent {
                 answer(w, r)?
             }
             Request::ListFilesystems => {
-                let list =
-                    crate::lvm::list_with_volumes(&self.devices, self.lvm.as_deref(), &|m| {
-                        crate::init::log(m)
-                    });
+                let list = crate::lvm::list_with_volumes(&self.devices, &self.tools, &|m| {
+                    crate::init::log(m)
+                });
                 answer(w, Ok(Response::Filesystems { list }))?
             }
             Request::Mount {
@@ -231,7 +230,7 @@ mod tests {
                 dev: root.join("no-dev"),
             },
             debug: false,
-            lvm: None,
+            tools: crate::lvm::Tools::default(),
             disk_wait: std::time::Duration::from_millis(50),
             is_init: false,
         };
