@@ -260,6 +260,26 @@ impl AgentClient {
         }
     }
 
+    /// Open the LUKS containers with `key`: (opened, refused) guest devices. The key goes
+    /// in a DATA frame of its own written straight to the socket, so no buffer of this
+    /// process but the caller's holds it.
+    pub fn unlock(&mut self, key: &[u8]) -> Result<(Vec<String>, Vec<String>)> {
+        let len = u32::try_from(key.len()).map_err(|_| Error::Usage("key too large".into()))?;
+        self.send(&Request::Unlock { len })?;
+        proto::write_data(self.writer.get_mut(), key)
+            .map_err(|e| Error::guest(format!("sending the key: {e}")))?;
+        match self.recv_msg()? {
+            Response::Unlocked { opened, refused }
+                if opened.len() <= proto::MAX_UNLOCKED && refused.len() <= proto::MAX_UNLOCKED =>
+            {
+                Ok((opened, refused))
+            }
+            Response::Unlocked { .. } => Err(Error::guest("too many LUKS containers")),
+            Response::Error { kind, message } => Err(agent_error(kind, message, b"")),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Mount `device` read-only at `mountpoint` below the guest sysroot.
     pub fn mount(
         &mut self,

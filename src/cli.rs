@@ -41,13 +41,18 @@ pub struct ImageArgs {
     pub vz_root: PathBuf,
 }
 
-/// The guest's other disks (and later its keys); shared by the commands that boot it.
+/// The guest's other disks and its key; shared by the commands that boot it.
 #[derive(Debug, Clone, Default, Args)]
 pub struct GuestArgs {
     /// Attach another disk image of the same guest (repeatable, in order: the image is
     /// /dev/vda, the first --add /dev/vdb, ...), read-only; its format is probed.
     #[arg(long = "add", value_name = "IMAGE")]
     pub add: Vec<PathBuf>,
+    /// Open the LUKS containers on the disks with this key: the file's exact bytes, or
+    /// with `-` a passphrase typed on the terminal (not echoed; stdin's bytes when stdin
+    /// is not a terminal).
+    #[arg(long = "key-file", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
 }
 
 /// Which filesystem(s) of the image to mount.

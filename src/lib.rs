@@ -13,6 +13,7 @@ pub mod error;
 pub mod format;
 pub mod image;
 pub mod inspect;
+pub mod key;
 pub mod nbd;
 pub mod rundir;
 pub mod session;

@@ -65,6 +65,11 @@ fn open_disks(
     Ok(out)
 }
 
+/// The `--key-file` key, read before anything boots (a prompt comes first).
+fn read_key(guest: &GuestArgs) -> Result<Option<crate::key::Key>> {
+    guest.key_file.as_deref().map(crate::key::read).transpose()
+}
+
 /// The per-answer timeout in force.
 pub fn timeout() -> Result<Duration> {
     match std::env::var("IMGSAFE_TIMEOUT") {
@@ -88,18 +93,21 @@ impl Session {
     pub fn start(image_arg: &Path, image_args: &ImageArgs, guest: &GuestArgs) -> Result<Session> {
         vm::reaper::install_signal_handlers();
         let sources = open_disks(image_arg, image_args, guest)?;
-        Self::start_with_sources(image_arg, sources, false)
+        let key = read_key(guest)?;
+        Self::start_with_sources(image_arg, sources, false, key)
     }
 
     /// Like [`Session::start`] for already decoded disks (the image first, then each
     /// `--add` image with its name). With `overlay`, each disk sits under a throwaway
     /// copy-on-write layer (a qcow2 file in the session's private temp dir, deleted with
     /// it) and filesystems are mounted read-write: the guest may write, the images
-    /// (served read-only over NBD) never change.
+    /// (served read-only over NBD) never change. With `key`, the LUKS containers are
+    /// opened with it (see [`Session::unlock`]) and the key is wiped.
     pub fn start_with_sources(
         image_arg: &Path,
         sources: Vec<(PathBuf, Arc<dyn BlockSource>)>,
         overlay: bool,
+        key: Option<crate::key::Key>,
     ) -> Result<Session> {
         let timeout = timeout()?;
         if sources.len() > vm::config::MAX_DISKS as usize {
@@ -179,7 +187,7 @@ impl Session {
         }
         let (vm, mut agent) = boot(&cfg, &disks, timeout)?;
         agent.writable_mounts = overlay;
-        Ok(Session {
+        let mut s = Session {
             image: image_arg.to_path_buf(),
             image_files,
             agent,
@@ -187,7 +195,54 @@ impl Session {
             nbd: servers,
             _dir: dir,
             filesystems: None,
-        })
+        };
+        if let Some(key) = key {
+            let r = s.unlock(&key);
+            drop(key);
+            if let Err(e) = r {
+                let e = s.annotate(e);
+                s.abort();
+                return Err(e);
+            }
+        }
+        Ok(s)
+    }
+
+    /// Open every LUKS container with `key`. One the key does not open is left closed
+    /// with a warning; when it opens none at all, that is the error (no filesystem can
+    /// be used).
+    fn unlock(&mut self, key: &crate::key::Key) -> Result<()> {
+        let stage = trace::stage("unlock");
+        let (opened, refused) = self.agent.unlock(key.bytes()).map_err(|e| self.fail(e))?;
+        stage.done(&format!(
+            "{} opened, {} refused",
+            opened.len(),
+            refused.len()
+        ));
+        let shown = |l: &[String]| {
+            l.iter()
+                .map(|d| inspect::shown(d))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match (opened.is_empty(), refused.is_empty()) {
+            (true, true) => eprintln!(
+                "imgsafe: warning: {}: no LUKS container found; the key is not used",
+                self.image.display()
+            ),
+            (true, false) => {
+                return Err(self.fs_error(format!(
+                    "{}: wrong key (it opens no key slot of the LUKS container)",
+                    shown(&refused)
+                )))
+            }
+            (false, false) => eprintln!(
+                "imgsafe: warning: {}: wrong key (it opens no key slot); left closed",
+                shown(&refused)
+            ),
+            (false, true) => {}
+        }
+        Ok(())
     }
 
     /// Start, then choose and mount the filesystem (see [`choose`]).
@@ -214,7 +269,8 @@ impl Session {
     ) -> Result<Session> {
         vm::reaper::install_signal_handlers();
         let sources = open_disks(image_arg, image_args, guest)?;
-        let mut s = Session::start_with_sources(image_arg, sources, overlay)?;
+        let key = read_key(guest)?;
+        let mut s = Session::start_with_sources(image_arg, sources, overlay, key)?;
         let r = match s.mount_chosen(mount) {
             Err(Error::Filesystem { .. })
                 if nothing_ok

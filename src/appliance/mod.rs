@@ -98,6 +98,20 @@ pub const FS_MODULES: &[(&str, &[&str])] = &[
         "md",
         &["md_mod", "linear", "raid0", "raid1", "raid10", "raid456"],
     ),
+    // Only when a key is given: dm-crypt, the usual LUKS ciphers (AES is built in), and
+    // the socket interface cryptsetup decrypts key slots through.
+    (
+        "crypt",
+        &[
+            "dm_mod",
+            "dm_crypt",
+            "xts",
+            "ecb",
+            "essiv",
+            "af_alg",
+            "algif_skcipher",
+        ],
+    ),
     (
         "dm",
         &[
@@ -126,13 +140,20 @@ pub struct HostProgram {
 }
 
 /// Host programs copied into the guest: lvm2's `lvm` activates volume groups and
-/// `mdadm` assembles RAID arrays (the agent runs them, only when the disks hold what
-/// they are for); `file` gives `imgsafe shell` file-type detection when the host has it.
+/// `mdadm` assembles RAID arrays and `cryptsetup` opens LUKS containers (the agent runs
+/// them only when the disks hold what they are for, and cryptsetup only with a key); `file` gives `imgsafe shell` file-type detection when the host has it.
 pub const HOST_PROGRAMS: &[HostProgram] = &[
     HostProgram {
         candidates: &["/sbin/lvm", "/usr/sbin/lvm"],
         guest: "/sbin/lvm",
         package: "lvm2",
+        optional: false,
+        data: &[],
+    },
+    HostProgram {
+        candidates: &["/sbin/cryptsetup", "/usr/sbin/cryptsetup"],
+        guest: "/sbin/cryptsetup",
+        package: "cryptsetup-bin",
         optional: false,
         data: &[],
     },

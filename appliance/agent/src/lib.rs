@@ -49,6 +49,7 @@ pub fn run() -> ! {
         tools: lvm::Tools {
             lvm: Some(PathBuf::from(lvm::LVM_BINARY)),
             mdadm: Some(PathBuf::from(md::MDADM_BINARY)),
+            cryptsetup: Some(PathBuf::from(luks::CRYPTSETUP_BINARY)),
         },
         disk_wait: hello::DISK_WAIT,
         is_init: true,
@@ -73,6 +74,7 @@ pub mod entry;
 pub mod error;
 pub mod hello;
 pub mod init;
+pub mod luks;
 pub mod lvm;
 pub mod md;
 pub mod mount;

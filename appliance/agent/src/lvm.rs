@@ -32,6 +32,8 @@ pub struct Tools {
     pub lvm: Option<PathBuf>,
     /// mdadm, which assembles RAID arrays.
     pub mdadm: Option<PathBuf>,
+    /// cryptsetup, which opens LUKS containers (only when the host sends a key).
+    pub cryptsetup: Option<PathBuf>,
 }
 
 /// List the devices; assemble the RAID arrays whose members are among them (their
@@ -65,6 +67,7 @@ pub fn list_with_volumes(roots: &DeviceRoots, tools: &Tools, log: &dyn Fn(&str))
 fn activate(lvm: &Path) -> Result<(), String> {
     crate::init::load_fs_modules("dm");
     crate::tool::run(lvm, &["vgchange", "--activate", "y", "--sysinit"], None)
+        .map_err(|e| e.message)
 }
 
 /// Split a device-mapper name made by LVM into (VG, LV): LVM doubles every `-` inside

@@ -75,6 +75,7 @@ impl Agent {
                 Ok(Frame::Msg(Request::Shell(start))) => {
                     crate::shell::run(&self.sysroot, start, r, w).map(|()| None)
                 }
+                Ok(Frame::Msg(Request::Unlock { len })) => self.unlock(len, r, w).map(|()| None),
                 Ok(Frame::Msg(req)) => self.handle(req, w),
                 // In these cases the whole frame was consumed, so the stream is still in
                 // step: refuse the frame and carry on.
@@ -112,6 +113,39 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// `Unlock`: read the key (the next frame, DATA of exactly `len` bytes), open the
+    /// LUKS containers with it, wipe it, answer.
+    fn unlock<R: Read, W: Write>(&self, len: u32, r: &mut R, w: &mut W) -> io::Result<()> {
+        let key = match read_frame::<_, Request>(r) {
+            Ok(Frame::Data(key)) => key,
+            Ok(Frame::Msg(_)) => {
+                let e = OpError::new(ErrorKind::BadRequest, "Unlock without its key");
+                return answer(w, Err(e));
+            }
+            Err(FrameError::Io(e)) => return Err(e),
+            Err(e) => return answer(w, Err(OpError::new(ErrorKind::BadRequest, e.to_string()))),
+        };
+        let mut key = key;
+        let r = if key.len() != len as usize || key.len() > imgsafe_proto::MAX_KEY {
+            Err(OpError::new(ErrorKind::BadRequest, "bad key length"))
+        } else {
+            crate::luks::unlock(
+                &self.devices,
+                &self.tools,
+                self.tools.cryptsetup.as_deref(),
+                &key,
+                &|m| crate::init::log(m),
+            )
+            .map(|u| Response::Unlocked {
+                opened: u.opened,
+                refused: u.refused,
+            })
+            .map_err(|m| OpError::new(ErrorKind::Other, m))
+        };
+        crate::luks::wipe(&mut key);
+        answer(w, r)
     }
 
     fn log(&self, msg: &str) {
@@ -185,6 +219,14 @@ impl Agent {
             )?,
             // `Shell` is taken over by `serve` (it needs the reader); the others only
             // mean something inside a shell session.
+            // Taken over by `serve` too (its key is the next frame).
+            Request::Unlock { .. } => answer(
+                w,
+                Err(OpError::new(
+                    ErrorKind::BadRequest,
+                    "Unlock without its key",
+                )),
+            )?,
             Request::Shell(_)
             | Request::ShellResize { .. }
             | Request::ShellEof
