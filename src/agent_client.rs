@@ -80,7 +80,11 @@ fn agent_error(kind: ErrorKind, message: String, path: &[u8]) -> Error {
         },
         ErrorKind::BadRequest | ErrorKind::Other => {
             let message = crate::terminal::printable_max(&message, MAX_GUEST_MESSAGE);
-            // The agent's messages name the path already.
+            // The agent's messages name the path already; a request without a path
+            // (unlocking) gives the message alone.
+            if shown.is_empty() {
+                return Error::guest(message);
+            }
             match message.strip_prefix(&format!("{shown}: ")) {
                 Some(rest) => Error::guest(format!("{shown}: {rest}")),
                 None => Error::guest(format!("{shown}: {message}")),
