@@ -66,7 +66,7 @@ fn array(level: u32, metadata: &str, count: usize, member_mib: u64, name: &str) 
     // The guest kernel may still hold a disk for its partition scan (mdadm then says
     // "Device or resource busy"): the create is tried a few times.
     let script = format!(
-        "set -e; for m in $(cat /etc/imgsafe/fs/md); do insmod $m; done; made=0; \
+        "set -e; for m in $(cat /etc/imgsafe/fs/md /etc/imgsafe/fs/md_parity); do insmod $m 2>/dev/null || :; done; made=0; \
          for try in 1 2 3 4 5; do if mdadm --create /dev/md/{name} --run --assume-clean \
          --homehost=any --level={level} --metadata={metadata} {chunk} --raid-devices={count} \
          {} >&2; then made=1; break; fi; sleep 1; done; [ $made = 1 ]; \

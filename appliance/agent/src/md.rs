@@ -36,12 +36,30 @@ pub fn assemble_if_members(list: &[FsInfo], mdadm: Option<&Path>, log: &dyn Fn(&
         return false;
     }
     crate::init::load_fs_modules("md");
+    // raid456 is loaded only for parity levels: loading it benchmarks the parity code
+    // (CONFIG_RAID6_PQ_BENCHMARK), most of a second under TCG.
+    if list
+        .iter()
+        .filter(|f| f.fstype.as_deref() == Some(MEMBER_TYPE))
+        .any(|f| needs_parity(Path::new(&f.device), f.size))
+    {
+        crate::init::load_fs_modules("md_parity");
+    }
     let config = format!("--config={MDADM_CONFIG}");
     let args = ["--assemble", "--scan", "--readonly", "--run", &config];
     if let Err(e) = crate::tool::run(mdadm, &args, None) {
         log(&format!("MD RAID assembly: {e}"));
     }
     true
+}
+
+/// Whether the member at `path` is of a parity level (4, 5, 6), or cannot be read: then
+/// the parity module is loaded in case.
+fn needs_parity(path: &Path, size: u64) -> bool {
+    match std::fs::File::open(path) {
+        Ok(f) => crate::probe::md_level(&f, size).is_none_or(|l| (4..=6).contains(&l)),
+        Err(_) => true,
+    }
 }
 
 /// The `/dev/md/NAME` of md device `node` (`md127`): the link in `dev/md` that points

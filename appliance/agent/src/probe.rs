@@ -303,14 +303,35 @@ fn probe_lvm2<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
 /// recorded super_offset matches where it was found (UUID = set_uuid, label = set_name;
 /// struct mdp_superblock_1 in md_p.h).
 fn probe_md<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
+    let (sb, v090) = md_superblock(dev, size)?;
+    if v090 {
+        let mut uuid = [0u8; 16];
+        uuid[0..4].copy_from_slice(&sb[20..24]);
+        uuid[4..16].copy_from_slice(&sb[52..64]);
+        return found("linux_raid_member", None, uuid_be(&uuid));
+    }
+    found(
+        "linux_raid_member",
+        label(&sb[32..64]),
+        uuid_be(&sb[16..32]),
+    )
+}
+
+/// The RAID level an MD member's superblock records (0.90: `level` at byte 28; 1.x: at
+/// byte 72; -1 is linear), None when it is not a member.
+pub fn md_level<F: FileExt>(dev: &F, size: u64) -> Option<i32> {
+    let (sb, v090) = md_superblock(dev, size)?;
+    let at = if v090 { 28 } else { 72 };
+    Some(le32(&sb, at) as i32)
+}
+
+/// The first 256 bytes of an MD superblock and whether it is the 0.90 format.
+fn md_superblock<F: FileExt>(dev: &F, size: u64) -> Option<(Vec<u8>, bool)> {
     if size >= 2 * MD_090_RESERVED {
         let off = (size & !(MD_090_RESERVED - 1)) - MD_090_RESERVED;
-        if let Some(sb) = read(dev, size, off, 64) {
+        if let Some(sb) = read(dev, size, off, 256) {
             if le32(&sb, 0) == MD_MAGIC && le32(&sb, 4) == 0 {
-                let mut uuid = [0u8; 16];
-                uuid[0..4].copy_from_slice(&sb[20..24]);
-                uuid[4..16].copy_from_slice(&sb[52..64]);
-                return found("linux_raid_member", None, uuid_be(&uuid));
+                return Some((sb, true));
             }
         }
     }
@@ -322,14 +343,9 @@ fn probe_md<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
             continue;
         };
         // major_version 1; super_offset (sectors) at byte 144 says where it belongs.
-        if le32(&sb, 0) != MD_MAGIC || le32(&sb, 4) != 1 || le64(&sb, 144) != off / SECTOR {
-            continue;
+        if le32(&sb, 0) == MD_MAGIC && le32(&sb, 4) == 1 && le64(&sb, 144) == off / SECTOR {
+            return Some((sb, false));
         }
-        return found(
-            "linux_raid_member",
-            label(&sb[32..64]),
-            uuid_be(&sb[16..32]),
-        );
     }
     None
 }
