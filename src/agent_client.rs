@@ -151,7 +151,11 @@ fn agent_error(kind: ErrorKind, message: String, path: &[u8]) -> Error {
         },
         ErrorKind::BadRequest | ErrorKind::Other => {
             let message = crate::terminal::printable_max(&message, MAX_GUEST_MESSAGE);
-            // The agent's messages name the path already.
+            // The agent's messages name the path already; a request without a path
+            // (unlocking) gives the message alone.
+            if shown.is_empty() {
+                return Error::guest(message);
+            }
             match message.strip_prefix(&format!("{shown}: ")) {
                 Some(rest) => Error::guest(format!("{shown}: {rest}")),
                 None => Error::guest(format!("{shown}: {message}")),
@@ -326,6 +330,26 @@ impl AgentClient {
         match self.call(&Request::ListFilesystems)? {
             Response::Filesystems { list } if list.len() <= 4096 => Ok(list),
             Response::Filesystems { .. } => Err(Error::guest("too many filesystems")),
+            Response::Error { kind, message } => Err(agent_error(kind, message, b"")),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Open the LUKS containers with `key`: (opened, refused) guest devices. The key goes
+    /// in a DATA frame of its own written straight to the socket, so no buffer of this
+    /// process but the caller's holds it.
+    pub fn unlock(&mut self, key: &[u8]) -> Result<(Vec<String>, Vec<String>)> {
+        let len = u32::try_from(key.len()).map_err(|_| Error::Usage("key too large".into()))?;
+        self.send(&Request::Unlock { len })?;
+        proto::write_data(self.writer.get_mut(), key)
+            .map_err(|e| Error::guest(format!("sending the key: {e}")))?;
+        match self.recv_msg()? {
+            Response::Unlocked { opened, refused }
+                if opened.len() <= proto::MAX_UNLOCKED && refused.len() <= proto::MAX_UNLOCKED =>
+            {
+                Ok((opened, refused))
+            }
+            Response::Unlocked { .. } => Err(Error::guest("too many LUKS containers")),
             Response::Error { kind, message } => Err(agent_error(kind, message, b"")),
             other => Err(unexpected(&other)),
         }
@@ -927,7 +951,7 @@ mod tests {
                 dev: none.path().to_path_buf(),
             },
             debug: false,
-            lvm: None,
+            tools: Default::default(),
             disk_wait: std::time::Duration::from_millis(50),
             is_init: false,
         };

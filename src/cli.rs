@@ -49,6 +49,20 @@ pub struct ImageArgs {
     pub vz_root: PathBuf,
 }
 
+/// The guest's other disks and its key; shared by the commands that boot it.
+#[derive(Debug, Clone, Default, Args)]
+pub struct GuestArgs {
+    /// Attach another disk image of the same guest (repeatable, in order: the image is
+    /// /dev/vda, the first --add /dev/vdb, ...), read-only; its format is probed.
+    #[arg(long = "add", value_name = "IMAGE")]
+    pub add: Vec<PathBuf>,
+    /// Open the LUKS containers on the disks with this key: the file's exact bytes, or
+    /// with `-` a passphrase typed on the terminal (not echoed; stdin's bytes when stdin
+    /// is not a terminal).
+    #[arg(long = "key-file", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
 /// Which filesystem(s) of the image to mount.
 #[derive(Debug, Clone, Default, Args)]
 pub struct MountArgs {
@@ -110,6 +124,8 @@ pub struct InspectArgs {
     #[command(flatten)]
     pub image_args: ImageArgs,
     #[command(flatten)]
+    pub guest: GuestArgs,
+    #[command(flatten)]
     pub mount: MountArgs,
 }
 
@@ -142,6 +158,8 @@ pub struct ShellArgs {
     pub overlay: bool,
     #[command(flatten)]
     pub image_args: ImageArgs,
+    #[command(flatten)]
+    pub guest: GuestArgs,
     #[command(flatten)]
     pub mount: MountArgs,
 }
@@ -184,6 +202,8 @@ pub struct LsArgs {
     #[command(flatten)]
     pub image_args: ImageArgs,
     #[command(flatten)]
+    pub guest: GuestArgs,
+    #[command(flatten)]
     pub mount: MountArgs,
 }
 
@@ -198,6 +218,8 @@ pub struct CatArgs {
     #[command(flatten)]
     pub image_args: ImageArgs,
     #[command(flatten)]
+    pub guest: GuestArgs,
+    #[command(flatten)]
     pub mount: MountArgs,
 }
 
@@ -211,14 +233,18 @@ mode, mtime, uid and gid kept; set-id and sticky bits dropped)."
 )]
 pub struct CpArgs {
     /// Sources as IMAGE:/path (all from the same image), then the destination (`-`:
-    /// a tar stream on stdout).
-    #[arg(required = true, num_args = 2..)]
+    /// a tar stream on stdout). Options may come between them
+    /// (`cp a.img:/home --add b.img DEST`); fewer than two are refused when the command
+    /// runs.
+    #[arg(required = true, num_args = 1.., action = clap::ArgAction::Append)]
     pub args: Vec<String>,
     /// Overwrite existing files in the destination.
     #[arg(short, long)]
     pub force: bool,
     #[command(flatten)]
     pub image_args: ImageArgs,
+    #[command(flatten)]
+    pub guest: GuestArgs,
     #[command(flatten)]
     pub mount: MountArgs,
 }
@@ -233,6 +259,8 @@ pub struct FilesystemsArgs {
     pub json: bool,
     #[command(flatten)]
     pub image_args: ImageArgs,
+    #[command(flatten)]
+    pub guest: GuestArgs,
 }
 
 /// `imgsafe info`.

@@ -15,6 +15,7 @@ pub mod format;
 pub mod guest_os;
 pub mod image;
 pub mod inspect;
+pub mod key;
 pub mod nbd;
 pub mod rundir;
 pub mod session;

@@ -2,7 +2,7 @@
 //! reverse order (agent, VM, NBD server, temp dir) on every path.
 
 use crate::agent_client::{AgentClient, GuestFs};
-use crate::cli::{ImageArgs, MountArgs};
+use crate::cli::{GuestArgs, ImageArgs, MountArgs};
 use crate::format::BlockSource;
 use crate::inspect::{self, Planned};
 use crate::vm::{self, Vm};
@@ -49,7 +49,8 @@ pub struct Session {
     // Field order is teardown order: agent channel, VM, NBD server, temp dir.
     agent: AgentClient,
     vm: Vm,
-    nbd: Option<nbd::Server>,
+    /// One NBD server per disk, in disk order.
+    nbd: Vec<nbd::Server>,
     _dir: crate::rundir::RunDir,
     filesystems: Option<Vec<FsInfo>>,
     /// Each btrfs device's subvolumes once asked for: (default id, list).
@@ -59,6 +60,31 @@ pub struct Session {
     bulk: Option<Arc<dyn BlockSource>>,
     /// What is mounted now: (device, mountpoint), in mount order.
     mounts: Vec<(String, String)>,
+}
+
+/// Decode the image and each `--add` image, in order. `--format`, `--snapshot` and
+/// `--disk` are about the image; an added image is probed on its own.
+fn open_disks(
+    image_arg: &Path,
+    image_args: &ImageArgs,
+    guest: &GuestArgs,
+) -> Result<Vec<(PathBuf, Arc<dyn BlockSource>)>> {
+    let mut out = vec![(image_arg.to_path_buf(), image::open(image_arg, image_args)?)];
+    let added = ImageArgs {
+        format: None,
+        disk: None,
+        snapshot: None,
+        ..image_args.clone()
+    };
+    for extra in &guest.add {
+        out.push((extra.clone(), image::open(extra, &added)?));
+    }
+    Ok(out)
+}
+
+/// The `--key-file` key, read before anything boots (a prompt comes first).
+fn read_key(guest: &GuestArgs) -> Result<Option<crate::key::Key>> {
+    guest.key_file.as_deref().map(crate::key::read).transpose()
 }
 
 /// The per-answer timeout in force.
@@ -79,63 +105,117 @@ pub fn timeout() -> Result<Duration> {
 }
 
 impl Session {
-    /// Decode the image, serve it over NBD, boot the appliance with the disk attached
-    /// read-only, and handshake with the agent.
-    pub fn start(image_arg: &Path, image_args: &ImageArgs) -> Result<Session> {
+    /// Decode the image and the `--add` images, serve each over NBD, boot the appliance
+    /// with the disks attached read-only, and handshake with the agent.
+    pub fn start(image_arg: &Path, image_args: &ImageArgs, guest: &GuestArgs) -> Result<Session> {
         vm::reaper::install_signal_handlers();
-        let source = image::open(image_arg, image_args)?;
-        Self::start_with_source(image_arg, source, false)
+        let sources = open_disks(image_arg, image_args, guest)?;
+        let key = read_key(guest)?;
+        Self::start_with_sources(image_arg, sources, false, key)
     }
 
     /// [`Session::start`], then [`Session::run`].
     pub fn run_started<T>(
         image_arg: &Path,
         image_args: &ImageArgs,
+        guest: &GuestArgs,
         f: impl FnOnce(&mut Session) -> Result<T>,
     ) -> Result<T> {
-        Self::start(image_arg, image_args)?.run(f)
+        Self::start(image_arg, image_args, guest)?.run(f)
     }
 
     /// [`Session::open_mounted`], then [`Session::run`].
     pub fn run_mounted<T>(
         image_arg: &Path,
         image_args: &ImageArgs,
+        guest: &GuestArgs,
         mount: &MountArgs,
         f: impl FnOnce(&mut Session) -> Result<T>,
     ) -> Result<T> {
-        Self::open_mounted(image_arg, image_args, mount)?.run(f)
+        Self::open_mounted(image_arg, image_args, guest, mount)?.run(f)
     }
 
-    /// Like [`Session::start`] for an already decoded image. With `overlay`, the disk
-    /// sits under a throwaway copy-on-write layer (a qcow2 file in the session's private
-    /// temp dir, deleted with it) and filesystems are mounted read-write: the guest may
-    /// write, the image (served read-only over NBD) never changes.
-    pub fn start_with_source(
+    /// Like [`Session::start`] for already decoded disks (the image first, then each
+    /// `--add` image with its name). With `overlay`, each disk sits under a throwaway
+    /// copy-on-write layer (a qcow2 file in the session's private temp dir, deleted with
+    /// it) and filesystems are mounted read-write: the guest may write, the images
+    /// (served read-only over NBD) never change. With `key`, the LUKS containers are
+    /// opened with it (see [`Session::unlock`]) and the key is wiped.
+    pub fn start_with_sources(
         image_arg: &Path,
-        source: Arc<dyn BlockSource>,
+        sources: Vec<(PathBuf, Arc<dyn BlockSource>)>,
         overlay: bool,
+        key: Option<crate::key::Key>,
     ) -> Result<Session> {
-        Self::boot_with_source(image_arg, source, overlay).map_err(|e| e.about_image(image_arg))
+        Self::boot_with_sources(image_arg, sources, overlay, key)
+            .map_err(|e| e.about_image(image_arg))
     }
 
-    fn boot_with_source(
+    fn boot_with_sources(
         image_arg: &Path,
-        source: Arc<dyn BlockSource>,
+        sources: Vec<(PathBuf, Arc<dyn BlockSource>)>,
         overlay: bool,
+        key: Option<crate::key::Key>,
     ) -> Result<Session> {
         let timeout = timeout()?;
-        let image_files = source.layers().into_iter().map(|l| l.path).collect();
+        if sources.len() > vm::config::MAX_DISKS as usize {
+            return Err(Error::Usage(format!(
+                "{} disks given; at most {} (the image and {} --add)",
+                sources.len(),
+                vm::config::MAX_DISKS,
+                vm::config::MAX_DISKS - 1
+            )));
+        }
+        let image_files = sources
+            .iter()
+            .flat_map(|(_, s)| s.layers())
+            .map(|l| l.path)
+            .collect();
         let dir = crate::rundir::create().map_err(|e| Error::Other(e.to_string()))?;
-        let disk_size = source.size();
-        image::check_vm_size(image_arg, disk_size)?;
-        let nbd_sock = dir.path().join("nbd.sock");
-        let bulk = (!overlay).then(|| source.clone());
-        let nbd = nbd::Server::start(source, &nbd_sock, "").map_err(|e| {
-            Error::Other(format!(
-                "starting the NBD server on {}: {e}",
-                nbd_sock.display()
-            ))
-        })?;
+        // The bulk data path reads the image (the first disk) itself; never under an
+        // overlay, where the guest may have written.
+        let bulk = (!overlay).then(|| sources[0].1.clone());
+        let mut servers = Vec::new();
+        let mut disks = Vec::new();
+        let mut overlay_bytes: u64 = 0;
+        for (i, (name, source)) in sources.into_iter().enumerate() {
+            let disk_size = source.size();
+            image::check_vm_size(&name, disk_size)?;
+            // The first disk keeps the socket name it always had.
+            let nbd_sock = match i {
+                0 => dir.path().join("nbd.sock"),
+                _ => dir.path().join(format!("nbd{i}.sock")),
+            };
+            let nbd = nbd::Server::start(source, &nbd_sock, "").map_err(|e| {
+                Error::Other(format!(
+                    "starting the NBD server on {}: {e}",
+                    nbd_sock.display()
+                ))
+            })?;
+            servers.push(nbd);
+            let overlay_file = dir.path().join(match i {
+                0 => "overlay.qcow2".to_string(),
+                _ => format!("overlay{i}.qcow2"),
+            });
+            if overlay {
+                vm::qcow2::create(&overlay_file, disk_size).map_err(|e| {
+                    Error::Other(format!(
+                        "creating the overlay {}: {e}",
+                        overlay_file.display()
+                    ))
+                })?;
+                // An overlay grows to at most its disk plus its tables (~0.02%).
+                overlay_bytes = overlay_bytes
+                    .saturating_add(disk_size)
+                    .saturating_add(disk_size / 256);
+            }
+            disks.push(vm::DiskSpec {
+                nbd_socket: nbd_sock,
+                export: String::new(),
+                read_only: true,
+                overlay: overlay.then_some(overlay_file),
+            });
+        }
 
         let stage = trace::stage("appliance");
         let app = appliance::ensure()?;
@@ -150,67 +230,101 @@ impl Session {
                 .collect();
             trace::note(&format!("qemu: {} {}", cfg.qemu.display(), argv.join(" ")));
         }
-        let overlay_file = dir.path().join("overlay.qcow2");
         if overlay {
-            vm::qcow2::create(&overlay_file, disk_size).map_err(|e| {
-                Error::Other(format!(
-                    "creating the overlay {}: {e}",
-                    overlay_file.display()
-                ))
-            })?;
-            // The overlay grows to at most the disk plus its tables (~0.02%); QEMU may
-            // write that much, the console log still far less.
-            cfg.max_file_bytes = cfg.max_file_bytes.max(
-                disk_size
-                    .saturating_add(disk_size / 256)
-                    .saturating_add(64 << 20),
-            );
+            // QEMU may write the overlays, the console log still far less.
+            cfg.max_file_bytes = cfg
+                .max_file_bytes
+                .max(overlay_bytes.saturating_add(64 << 20));
         }
-        let disk = vm::DiskSpec {
-            nbd_socket: nbd_sock.clone(),
-            export: String::new(),
-            read_only: true,
-            overlay: overlay.then(|| overlay_file.clone()),
-        };
-        let (vm, mut agent) = boot(&cfg, &disk, timeout)?;
+        let (vm, mut agent) = boot(&cfg, &disks, timeout)?;
         agent.writable_mounts = overlay;
-        Ok(Session {
+        let mut s = Session {
             image: image_arg.to_path_buf(),
             image_files,
             agent,
             vm,
-            nbd: Some(nbd),
+            nbd: servers,
             _dir: dir,
             filesystems: None,
             subvolumes: Default::default(),
             mounts: Vec::new(),
             bulk,
-        })
+        };
+        if let Some(key) = key {
+            let r = s.unlock(&key);
+            drop(key);
+            if let Err(e) = r {
+                let e = s.annotate(e);
+                s.abort();
+                return Err(e);
+            }
+        }
+        Ok(s)
+    }
+
+    /// Open every LUKS container with `key`. One the key does not open is left closed
+    /// with a warning; when it opens none at all, that is the error (no filesystem can
+    /// be used).
+    fn unlock(&mut self, key: &crate::key::Key) -> Result<()> {
+        let stage = trace::stage("unlock");
+        let (opened, refused) = self.agent.unlock(key.bytes()).map_err(|e| self.fail(e))?;
+        stage.done(&format!(
+            "{} opened, {} refused",
+            opened.len(),
+            refused.len()
+        ));
+        let shown = |l: &[String]| {
+            l.iter()
+                .map(|d| inspect::shown(d))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match (opened.is_empty(), refused.is_empty()) {
+            (true, true) => eprintln!(
+                "imgsafe: warning: {}: no LUKS container found; the key is not used",
+                self.image.display()
+            ),
+            (true, false) => {
+                return Err(self.fs_error(format!(
+                    "{}: wrong key (it opens no key slot of the LUKS container)",
+                    shown(&refused)
+                )))
+            }
+            (false, false) => eprintln!(
+                "imgsafe: warning: {}: wrong key (it opens no key slot); left closed",
+                shown(&refused)
+            ),
+            (false, true) => {}
+        }
+        Ok(())
     }
 
     /// Start, then choose and mount the filesystem (see [`choose`]).
     pub fn open_mounted(
         image_arg: &Path,
         image_args: &ImageArgs,
+        guest: &GuestArgs,
         mount: &MountArgs,
     ) -> Result<Session> {
-        Self::open_mounted_with(image_arg, image_args, mount, false, false)
+        Self::open_mounted_with(image_arg, image_args, guest, mount, false, false)
     }
 
     /// [`Session::open_mounted`], with the disk under a copy-on-write overlay and the
-    /// filesystems mounted read-write when `overlay` (see [`Session::start_with_source`]).
+    /// filesystems mounted read-write when `overlay` (see [`Session::start_with_sources`]).
     /// With `nothing_ok`, a disk with no mountable filesystem at all (blank, encrypted,
     /// unknown) gives a session with nothing mounted and a warning, not an error.
     pub fn open_mounted_with(
         image_arg: &Path,
         image_args: &ImageArgs,
+        guest: &GuestArgs,
         mount: &MountArgs,
         overlay: bool,
         nothing_ok: bool,
     ) -> Result<Session> {
         vm::reaper::install_signal_handlers();
-        let source = image::open(image_arg, image_args)?;
-        let mut s = Session::start_with_source(image_arg, source, overlay)?;
+        let sources = open_disks(image_arg, image_args, guest)?;
+        let key = read_key(guest)?;
+        let mut s = Session::start_with_sources(image_arg, sources, overlay, key)?;
         let r = match s.mount_chosen(mount) {
             Err(Error::Filesystem { .. })
                 if nothing_ok
@@ -580,7 +694,7 @@ impl Session {
         let _ = self.agent.set_timeout(Some(SHUTDOWN_GRACE));
         let bye = self.agent.shutdown();
         let _ = self.vm.shutdown(SHUTDOWN_GRACE);
-        if let Some(n) = self.nbd.take() {
+        for n in self.nbd.drain(..) {
             n.stop();
         }
         stage.done("");
@@ -605,7 +719,7 @@ impl Session {
     /// Tear down without asking the guest (after an error).
     pub fn abort(mut self) {
         let _ = self.vm.kill();
-        if let Some(n) = self.nbd.take() {
+        for n in self.nbd.drain(..) {
             n.stop();
         }
     }
@@ -680,6 +794,7 @@ pub fn vm_config(app: &appliance::Appliance, run_dir: &Path) -> Result<vm::VmCon
         eprintln!("{note}");
     }
     let mut cfg = vm::VmConfig::new(accel, &app.kernel, &app.initrd, run_dir);
+    cfg.root_ports = vm::config::MAX_DISKS;
     vm::machine::apply_env(&mut cfg).map_err(|e| Error::Usage(e.to_string()))?;
     if std::env::var_os("IMGSAFE_DEBUG").is_some() {
         cfg.extra_cmdline.push("imgsafe.debug=1".into());
@@ -708,9 +823,13 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
 /// boot of a configuration boots without the disk, saves the state, and restores it.
 /// Whatever goes wrong on the warm path is said in one `-v` line and ends in a plain
 /// cold boot: the user never sees it fail.
-fn boot(cfg: &vm::VmConfig, disk: &vm::DiskSpec, timeout: Duration) -> Result<(Vm, AgentClient)> {
+fn boot(
+    cfg: &vm::VmConfig,
+    disks: &[vm::DiskSpec],
+    timeout: Duration,
+) -> Result<(Vm, AgentClient)> {
     if !warm::enabled().map_err(Error::Usage)? {
-        return cold_boot(cfg, disk, timeout);
+        return cold_boot(cfg, disks, timeout);
     }
     let store = match appliance::cache_root()
         .map_err(|e| e.to_string())
@@ -719,7 +838,7 @@ fn boot(cfg: &vm::VmConfig, disk: &vm::DiskSpec, timeout: Duration) -> Result<(V
         Ok(s) => s,
         Err(why) => {
             trace::note(&format!("warm start: {why}; booting cold"));
-            return cold_boot(cfg, disk, timeout);
+            return cold_boot(cfg, disks, timeout);
         }
     };
     let cold_cfg = cfg;
@@ -737,18 +856,18 @@ fn boot(cfg: &vm::VmConfig, disk: &vm::DiskSpec, timeout: Duration) -> Result<(V
     };
     // Restore `state`; if that fails, say why in one `-v` line (`what` names the
     // attempt), remove the state and boot cold.
-    let restore_or_cold = |state: &warm::State, what: &str| match restore(cfg, state, disk, timeout)
-    {
-        Ok(booted) => Ok(booted),
-        Err(_) if vm::reaper::interrupted() => Err(Error::Interrupted),
-        Err(e) => {
-            trace::note(&format!(
-                "{what} failed ({e}); the saved state is removed, booting cold"
-            ));
-            store.discard(state);
-            cold_boot(cold_cfg, disk, timeout)
-        }
-    };
+    let restore_or_cold =
+        |state: &warm::State, what: &str| match restore(cfg, state, disks, timeout) {
+            Ok(booted) => Ok(booted),
+            Err(_) if vm::reaper::interrupted() => Err(Error::Interrupted),
+            Err(e) => {
+                trace::note(&format!(
+                    "{what} failed ({e}); the saved state is removed, booting cold"
+                ));
+                store.discard(state);
+                cold_boot(cold_cfg, disks, timeout)
+            }
+        };
     if let Some(state) = state {
         return restore_or_cold(&state, "warm start");
     }
@@ -756,11 +875,11 @@ fn boot(cfg: &vm::VmConfig, disk: &vm::DiskSpec, timeout: Duration) -> Result<(V
         Ok(Some(p)) => p,
         Ok(None) => {
             trace::note("warm start: another imgsafe is saving the state; booting cold");
-            return cold_boot(cold_cfg, disk, timeout);
+            return cold_boot(cold_cfg, disks, timeout);
         }
         Err(why) => {
             trace::note(&format!("warm start: {why}; booting cold"));
-            return cold_boot(cold_cfg, disk, timeout);
+            return cold_boot(cold_cfg, disks, timeout);
         }
     };
     let saved = save(cfg, &pending, timeout).and_then(|()| {
@@ -775,7 +894,7 @@ fn boot(cfg: &vm::VmConfig, disk: &vm::DiskSpec, timeout: Duration) -> Result<(V
             trace::note(&format!(
                 "saving the appliance state failed ({e}); booting cold"
             ));
-            cold_boot(cold_cfg, disk, timeout)
+            cold_boot(cold_cfg, disks, timeout)
         }
     }
 }
@@ -787,13 +906,13 @@ fn boot(cfg: &vm::VmConfig, disk: &vm::DiskSpec, timeout: Duration) -> Result<(V
 /// The agent's boot milestones on the console say in the error how far it got.
 fn cold_boot(
     cfg: &vm::VmConfig,
-    disk: &vm::DiskSpec,
+    disks: &[vm::DiskSpec],
     timeout: Duration,
 ) -> Result<(Vm, AgentClient)> {
-    match cold_boot_once(cfg, disk, timeout) {
+    match cold_boot_once(cfg, disks, timeout) {
         Err(Error::NoAnswer { what }) if !vm::reaper::interrupted() => {
             trace::note(&format!("boot failed ({what}); booting once more"));
-            cold_boot_once(cfg, disk, timeout)
+            cold_boot_once(cfg, disks, timeout)
         }
         r => r,
     }
@@ -801,7 +920,7 @@ fn cold_boot(
 
 fn cold_boot_once(
     cfg: &vm::VmConfig,
-    disk: &vm::DiskSpec,
+    disks: &[vm::DiskSpec],
     timeout: Duration,
 ) -> Result<(Vm, AgentClient)> {
     let stage = trace::stage("boot");
@@ -810,15 +929,18 @@ fn cold_boot_once(
     let t0 = std::time::Instant::now();
     let mut vm = Vm::launch(cfg)?;
     let t_qemu = t0.elapsed();
-    match &disk.overlay {
-        Some(overlay) => {
-            vm.attach_nbd_disk_with_overlay(&disk.nbd_socket, &disk.export, overlay)?
-        }
-        None => vm.attach_nbd_disk(&disk.nbd_socket, &disk.export, disk.read_only)?,
-    };
+    // In order: the guest names them vda, vdb, ... as their root ports come.
+    for disk in disks {
+        match &disk.overlay {
+            Some(overlay) => {
+                vm.attach_nbd_disk_with_overlay(&disk.nbd_socket, &disk.export, overlay)?
+            }
+            None => vm.attach_nbd_disk(&disk.nbd_socket, &disk.export, disk.read_only)?,
+        };
+    }
     vm.start()?;
     let t_plug = t0.elapsed();
-    let agent = connect_agent(&mut vm, timeout, timeout, &[vm::DiskSpec::serial(0)])?;
+    let agent = connect_agent(&mut vm, timeout, timeout, &serials(disks))?;
     let t_all = t0.elapsed();
     stage.done(&format!(
         "{:?}, guest kernel {} (qemu {:.3}s, plug {:.3}s, guest {:.3}s)",
@@ -829,6 +951,14 @@ fn cold_boot_once(
         (t_all - t_plug).as_secs_f64()
     ));
     Ok((vm, agent))
+}
+
+/// The virtio serials of `disks`, which the agent waits for.
+fn serials(disks: &[vm::DiskSpec]) -> Vec<String> {
+    (0u32..)
+        .zip(disks)
+        .map(|(i, _)| vm::DiskSpec::serial(i))
+        .collect()
 }
 
 /// Boot with no disk until the agent answers, save the state into `pending`, and stop
@@ -877,7 +1007,7 @@ fn prefetch(ram: &Path) {
 fn restore(
     cfg: &vm::VmConfig,
     state: &warm::State,
-    disk: &vm::DiskSpec,
+    disks: &[vm::DiskSpec],
     timeout: Duration,
 ) -> Result<(Vm, AgentClient)> {
     let stage = trace::stage("restore");
@@ -885,7 +1015,7 @@ fn restore(
     let mut c = cfg.clone();
     c.ram = vm::GuestRam::RestoreFrom(state.ram.clone());
     c.incoming = true;
-    c.disks = vec![disk.clone()];
+    c.disks = disks.to_vec();
     let t0 = std::time::Instant::now();
     let mut vm = Vm::launch(&c)?;
     let t_qemu = t0.elapsed();
@@ -896,7 +1026,7 @@ fn restore(
         &mut vm,
         timeout,
         timeout.min(RESTORED_HELLO_TIMEOUT),
-        &[vm::DiskSpec::serial(0)],
+        &serials(disks),
     )?;
     let t_all = t0.elapsed();
     stage.done(&format!(

@@ -69,17 +69,37 @@ pub const BOOT_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_console"
 
 /// Modules loaded only when the agent needs them (see its `load_fs_modules`), beyond
 /// each filesystem type's own list in [`imgsafe_proto::fstypes::FILESYSTEMS`]: the
-/// device-mapper targets LVM volumes use, loaded before LVM is activated.
-pub const ON_DEMAND_MODULES: &[(&str, &[&str])] = &[(
-    "dm",
-    &[
-        "dm_mod",
-        "dm_snapshot",
-        "dm_mirror",
-        "dm_zero",
-        "dm_thin_pool",
-    ],
-)];
+/// device-mapper targets LVM volumes use, loaded before LVM is activated; MD RAID's
+/// personalities when a RAID member is seen (raid456 only for a parity level: it
+/// benchmarks its parity code on load); dm-crypt and the usual LUKS ciphers (AES is
+/// built in) with the socket interface cryptsetup decrypts key slots through, only
+/// when a key is given.
+pub const ON_DEMAND_MODULES: &[(&str, &[&str])] = &[
+    (
+        "dm",
+        &[
+            "dm_mod",
+            "dm_snapshot",
+            "dm_mirror",
+            "dm_zero",
+            "dm_thin_pool",
+        ],
+    ),
+    ("md", &["md_mod", "linear", "raid0", "raid1", "raid10"]),
+    ("md_parity", &["raid456"]),
+    (
+        "crypt",
+        &[
+            "dm_mod",
+            "dm_crypt",
+            "xts",
+            "ecb",
+            "essiv",
+            "af_alg",
+            "algif_skcipher",
+        ],
+    ),
+];
 
 /// Every on-demand module group: (name the agent asks for, modules).
 fn module_groups() -> impl Iterator<Item = (&'static str, &'static [&'static str])> {
@@ -105,9 +125,11 @@ pub struct HostProgram {
     pub data: &'static [(&'static str, &'static str)],
 }
 
-/// Host programs copied into the guest: lvm2's `lvm` activates volume groups (the
-/// agent runs it); ntfs-3g mounts NTFS; `file` gives `imgsafe shell` file-type
-/// detection when the host has it.
+/// Host programs copied into the guest: lvm2's `lvm` activates volume groups, `mdadm`
+/// assembles RAID arrays and `cryptsetup` opens LUKS containers (the agent runs them
+/// only when the disks hold what they are for, and cryptsetup only with a key);
+/// ntfs-3g mounts NTFS; `file` gives `imgsafe shell` file-type detection when the host
+/// has it.
 pub const HOST_PROGRAMS: &[HostProgram] = &[
     HostProgram {
         candidates: &["/sbin/lvm", "/usr/sbin/lvm"],
@@ -123,6 +145,20 @@ pub const HOST_PROGRAMS: &[HostProgram] = &[
         guest: imgsafe_proto::fstypes::NTFS_3G,
         package: "ntfs-3g",
         optional: true,
+        data: &[],
+    },
+    HostProgram {
+        candidates: &["/sbin/cryptsetup", "/usr/sbin/cryptsetup"],
+        guest: "/sbin/cryptsetup",
+        package: "cryptsetup-bin",
+        optional: false,
+        data: &[],
+    },
+    HostProgram {
+        candidates: &["/sbin/mdadm", "/usr/sbin/mdadm"],
+        guest: "/sbin/mdadm",
+        package: "mdadm",
+        optional: false,
         data: &[],
     },
     HostProgram {
@@ -146,9 +182,11 @@ devices {
     external_device_info_source = "none"
     use_devicesfile = 0
     hints = "none"
-    filter = [ "a|^/dev/vd|", "r|.*|" ]
+    # The disks, RAID arrays and opened LUKS containers; a member of a RAID array is
+    # left to the array (md_component_detection), never read as a PV of its own.
+    filter = [ "a|^/dev/vd|", "a|^/dev/md|", "a|^/dev/mapper/luks-|", "r|.*|" ]
     multipath_component_detection = 0
-    md_component_detection = 0
+    md_component_detection = 1
     fw_raid_component_detection = 0
 }
 activation {
@@ -170,6 +208,16 @@ backup {
     backup = 0
     archive = 0
 }
+"#;
+
+/// The appliance's `/etc/mdadm/mdadm.conf`: members only on the virtio disks (and
+/// their partitions), every array treated as this host's (its recorded homehost is not
+/// checked, so an array keeps its plain name), no mail, no monitor.
+pub const MDADM_CONF: &str = r#"# Written by imgsafe for its appliance.
+DEVICE /dev/vd*
+HOMEHOST <ignore>
+AUTO +all
+CREATE owner=root group=root mode=0600
 "#;
 
 /// Paths of the build inputs, before hashing.
@@ -317,6 +365,7 @@ fn cache_key(inputs: &Inputs, plan: &Plan) -> Result<String, ApplianceError> {
         }
     }
     h.update(LVM_CONF.as_bytes());
+    h.update(MDADM_CONF.as_bytes());
     for f in files {
         let m = fs::metadata(f).map_err(|e| ApplianceError::io(f, e))?;
         h.update(f.as_os_str().as_encoded_bytes());
@@ -512,6 +561,8 @@ fn write_tree<W: io::Write>(
     }
     w.parents(Path::new("etc/lvm/lvm.conf"))?;
     w.file("etc/lvm/lvm.conf", 0o644, LVM_CONF.as_bytes())?;
+    w.parents(Path::new("etc/mdadm/mdadm.conf"))?;
+    w.file("etc/mdadm/mdadm.conf", 0o644, MDADM_CONF.as_bytes())?;
     for (src, dst) in &plan.libs {
         let rel = dst.strip_prefix("/").unwrap_or(dst);
         w.parents(rel)?;

@@ -57,37 +57,43 @@ impl<W: Write> FileSink for CatSink<'_, W> {
 
 /// Run `imgsafe cat`.
 pub fn run(args: CatArgs) -> Result<()> {
-    Session::run_mounted(&args.image, &args.image_args, &args.mount, |s| {
-        let reader = s.host_reader();
-        let stage = trace::stage("cat");
-        let stdout = io::stdout();
-        let mut out = io::BufWriter::with_capacity(1 << 20, stdout.lock());
-        let mut sink = CatSink {
-            out: &mut out,
-            reader: reader.as_ref(),
-            total: 0,
-            mapped: 0,
-        };
-        let mut result = Ok(());
-        for p in &args.paths {
-            let req = FileRequest {
-                path: p.as_bytes().to_vec(),
-                mapped: sink.reader.is_some(),
+    Session::run_mounted(
+        &args.image,
+        &args.image_args,
+        &args.guest,
+        &args.mount,
+        |s| {
+            let reader = s.host_reader();
+            let stage = trace::stage("cat");
+            let stdout = io::stdout();
+            let mut out = io::BufWriter::with_capacity(1 << 20, stdout.lock());
+            let mut sink = CatSink {
+                out: &mut out,
+                reader: reader.as_ref(),
+                total: 0,
+                mapped: 0,
             };
-            if let Err(e) = s.fs().read_files(&[req], &mut sink) {
-                result = Err(e);
-                break;
+            let mut result = Ok(());
+            for p in &args.paths {
+                let req = FileRequest {
+                    path: p.as_bytes().to_vec(),
+                    mapped: sink.reader.is_some(),
+                };
+                if let Err(e) = s.fs().read_files(&[req], &mut sink) {
+                    result = Err(e);
+                    break;
+                }
             }
-        }
-        let (total, mapped) = (sink.total, sink.mapped);
-        let flushed = crate::error::write_output(out.flush());
-        stage.done(&format!(
-            "{total} bytes ({mapped} files read from the image directly)"
-        ));
-        match result.and(flushed) {
-            // The reader went away mid-file (`imgsafe cat ... | head`): not an error.
-            Err(Error::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-            r => r,
-        }
-    })
+            let (total, mapped) = (sink.total, sink.mapped);
+            let flushed = crate::error::write_output(out.flush());
+            stage.done(&format!(
+                "{total} bytes ({mapped} files read from the image directly)"
+            ));
+            match result.and(flushed) {
+                // The reader went away mid-file (`imgsafe cat ... | head`): not an error.
+                Err(Error::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+                r => r,
+            }
+        },
+    )
 }

@@ -138,47 +138,53 @@ pub fn run(args: CpArgs) -> Result<()> {
         }
         .into());
     }
-    Session::run_mounted(&image, &args.image_args, &args.mount, |session| {
-        let protected = session
-            .image_files()
-            .iter()
-            .filter_map(|p| std::fs::metadata(p).ok())
-            .map(|m| {
-                (
-                    std::os::unix::fs::MetadataExt::dev(&m),
-                    std::os::unix::fs::MetadataExt::ino(&m),
+    Session::run_mounted(
+        &image,
+        &args.image_args,
+        &args.guest,
+        &args.mount,
+        |session| {
+            let protected = session
+                .image_files()
+                .iter()
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .map(|m| {
+                    (
+                        std::os::unix::fs::MetadataExt::dev(&m),
+                        std::os::unix::fs::MetadataExt::ino(&m),
+                    )
+                })
+                .collect();
+            let opts = CopyOptions {
+                force: args.force,
+                progress: io::stderr().is_terminal(),
+                protected,
+                reader: session.host_reader(),
+            };
+            let stage = trace::stage("cp");
+            let stats = if to_tar {
+                let stdout = io::stdout();
+                let mut out = io::BufWriter::with_capacity(1 << 20, stdout.lock());
+                let reader = opts.reader.clone();
+                tar::write_tar(
+                    session.fs(),
+                    &sources,
+                    &mut out,
+                    reader.as_ref(),
+                    opts.progress,
                 )
-            })
-            .collect();
-        let opts = CopyOptions {
-            force: args.force,
-            progress: io::stderr().is_terminal(),
-            protected,
-            reader: session.host_reader(),
-        };
-        let stage = trace::stage("cp");
-        let stats = if to_tar {
-            let stdout = io::stdout();
-            let mut out = io::BufWriter::with_capacity(1 << 20, stdout.lock());
-            let reader = opts.reader.clone();
-            tar::write_tar(
-                session.fs(),
-                &sources,
-                &mut out,
-                reader.as_ref(),
-                opts.progress,
-            )
-        } else {
-            copy_out(session.fs(), &sources, &dest, &opts)
-        }?;
-        // (A failed copy ends the session without asking the guest: after a failed
-        // stream the channel may be out of step. Session::run does that.)
-        stage.done(&format!(
+            } else {
+                copy_out(session.fs(), &sources, &dest, &opts)
+            }?;
+            // (A failed copy ends the session without asking the guest: after a failed
+            // stream the channel may be out of step. Session::run does that.)
+            stage.done(&format!(
             "{} files ({} read from the image directly), {} directories, {} symlinks, {} skipped, {} bytes",
             stats.files, stats.mapped, stats.dirs, stats.symlinks, stats.skipped, stats.bytes
         ));
-        Ok(())
-    })
+            Ok(())
+        },
+    )
 }
 
 #[cfg(test)]

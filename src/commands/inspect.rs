@@ -10,7 +10,9 @@ use std::io::Write;
 
 /// Run `imgsafe inspect`.
 pub fn run(args: InspectArgs) -> Result<()> {
-    let report = Session::run_started(&args.image, &args.image_args, |s| gather(s, &args))?;
+    let report = Session::run_started(&args.image, &args.image_args, &args.guest, |s| {
+        gather(s, &args)
+    })?;
     for w in &report.warnings {
         eprintln!("imgsafe: warning: {}: {w}", args.image.display());
     }

@@ -12,12 +12,18 @@ use std::io::{self, Write};
 
 /// Run `imgsafe ls`.
 pub fn run(args: LsArgs) -> Result<()> {
-    Session::run_mounted(&args.image, &args.image_args, &args.mount, |s| {
-        let stage = crate::trace::stage("ls");
-        let r = list(s.fs(), &args);
-        stage.done("");
-        r
-    })
+    Session::run_mounted(
+        &args.image,
+        &args.image_args,
+        &args.guest,
+        &args.mount,
+        |s| {
+            let stage = crate::trace::stage("ls");
+            let r = list(s.fs(), &args);
+            stage.done("");
+            r
+        },
+    )
 }
 
 /// One listed entry: its path below the listed directory (just its name unless -R).

@@ -52,6 +52,7 @@ pub fn run(args: ShellArgs) -> Result<i32> {
     let s = Session::open_mounted_with(
         &args.image,
         &args.image_args,
+        &args.guest,
         &args.mount,
         args.overlay,
         true,

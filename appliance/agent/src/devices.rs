@@ -68,6 +68,11 @@ fn device_paths(roots: &DeviceRoots, name: &str, sysdir: &Path) -> (String, Path
             );
         }
     }
+    if name.starts_with("md") {
+        if let Some(array) = crate::md::array_name(&roots.dev, name) {
+            return (array, roots.dev.join(name));
+        }
+    }
     (format!("/dev/{name}"), roots.dev.join(name))
 }
 
@@ -88,8 +93,13 @@ fn info(device: String, size: u64, p: Probe) -> FsInfo {
 pub fn list_filesystems(roots: &DeviceRoots) -> Vec<FsInfo> {
     let mut out = Vec::new();
     let mut block = sorted_dir(&roots.sys.join("block"));
-    // Disks and their partitions first, then the volumes built on them.
-    block.sort_by_key(|(name, _)| name.starts_with("dm-"));
+    // Disks and their partitions first, then the volumes built on them: RAID arrays,
+    // then device-mapper volumes (which may sit on an array).
+    block.sort_by_key(|(name, _)| match name {
+        n if n.starts_with("dm-") => 2,
+        n if n.starts_with("md") => 1,
+        _ => 0,
+    });
     for (name, sysdir) in block {
         if SKIPPED.iter().any(|p| name.starts_with(p)) {
             continue;

@@ -7,6 +7,7 @@ use crate::devices::DeviceRoots;
 use crate::error::OpError;
 use imgsafe_proto::{valid_disk_serial, ErrorKind, WallClock, MAX_ENTROPY, MAX_HELLO_DISKS};
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -82,18 +83,23 @@ pub fn wait_for_disks(
         ));
     }
     let missing = |roots: &DeviceRoots| -> Vec<&String> {
-        let present = present_serials(&roots.sys);
+        let present: Vec<String> = present_disks(&roots.sys)
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
         serials.iter().filter(|s| !present.contains(s)).collect()
     };
+    let start = Instant::now();
     if missing(roots).is_empty() {
-        return Ok(());
+        settle(roots, serials, start, timeout)?;
+        return put_in_order(roots, serials, start, timeout);
     }
     rescan(&roots.sys)?;
-    let start = Instant::now();
     loop {
         let left = missing(roots);
         if left.is_empty() {
-            return Ok(());
+            settle(roots, serials, start, timeout)?;
+            return put_in_order(roots, serials, start, timeout);
         }
         if start.elapsed() > timeout {
             let names: Vec<&str> = left.iter().map(|s| s.as_str()).collect();
@@ -112,7 +118,9 @@ pub fn wait_for_disks(
 
 /// Rescan the buses behind the PCIe root ports for new devices: only those buses, so
 /// the kernel does not revisit (and retry assigning windows to) everything on the
-/// root bus. Where there are none to be found, the whole hierarchy.
+/// root bus. Where there are none to be found, the whole hierarchy. The buses are
+/// rescanned in order, so that the disks are probed, and named vda, vdb, ..., in the
+/// order of their root ports, as on a cold boot.
 fn rescan(sys: &Path) -> Result<(), OpError> {
     let failed = |path: &Path, e: std::io::Error| {
         OpError::new(
@@ -120,7 +128,7 @@ fn rescan(sys: &Path) -> Result<(), OpError> {
             format!("rescanning PCI ({}): {e}", path.display()),
         )
     };
-    let buses: Vec<std::path::PathBuf> = std::fs::read_dir(sys.join("class/pci_bus"))
+    let mut buses: Vec<std::path::PathBuf> = std::fs::read_dir(sys.join("class/pci_bus"))
         .map(|rd| {
             rd.filter_map(Result::ok)
                 .filter(|e| !e.file_name().to_string_lossy().ends_with(":00"))
@@ -128,6 +136,8 @@ fn rescan(sys: &Path) -> Result<(), OpError> {
                 .collect()
         })
         .unwrap_or_default();
+    // Bus names are fixed-width hex (`0000:01`), so their order is the numbers'.
+    buses.sort();
     if buses.is_empty() {
         let all = sys.join("bus/pci/rescan");
         return std::fs::write(&all, b"1").map_err(|e| failed(&all, e));
@@ -138,15 +148,106 @@ fn rescan(sys: &Path) -> Result<(), OpError> {
     Ok(())
 }
 
-/// The serials of the block devices in `sys/block` (virtio-blk exposes `serial`).
-fn present_serials(sys: &Path) -> Vec<String> {
+/// (name, serial) of the block devices in `sys/block` (virtio-blk exposes `serial`).
+fn present_disks(sys: &Path) -> Vec<(String, String)> {
     let Ok(rd) = std::fs::read_dir(sys.join("block")) else {
         return Vec::new();
     };
     rd.filter_map(Result::ok)
-        .filter_map(|e| std::fs::read_to_string(e.path().join("serial")).ok())
-        .map(|s| s.trim().to_string())
+        .filter_map(|e| {
+            let serial = std::fs::read_to_string(e.path().join("serial")).ok()?;
+            Some((e.file_name().into_string().ok()?, serial.trim().to_string()))
+        })
         .collect()
+}
+
+/// Make the disk with the n-th serial of `serials` the n-th virtio disk (vda, vdb, ...).
+/// Disks present at boot may be probed in any order (two vCPUs probe concurrently), so
+/// when the names are not in order every disk is unbound from virtio_blk and bound
+/// again in order: each bind takes the lowest free index, so the names follow.
+fn put_in_order(
+    roots: &DeviceRoots,
+    serials: &[String],
+    start: Instant,
+    timeout: Duration,
+) -> Result<(), OpError> {
+    let present = present_disks(&roots.sys);
+    let mut wanted: Vec<(String, String)> = Vec::new();
+    for (i, serial) in serials.iter().enumerate() {
+        let Some((name, _)) = present.iter().find(|(_, s)| s == serial) else {
+            return Ok(());
+        };
+        let Ok(letter) = u8::try_from(i).map(|i| (b'a' + i) as char) else {
+            return Ok(());
+        };
+        wanted.push((name.clone(), format!("vd{letter}")));
+    }
+    if wanted.iter().all(|(have, want)| have == want) {
+        return Ok(());
+    }
+    let driver = roots.sys.join("bus/virtio/drivers/virtio_blk");
+    let failed = |what: &str, e: std::io::Error| {
+        OpError::new(
+            ErrorKind::Other,
+            format!("putting the disks in order ({what}): {e}"),
+        )
+    };
+    let mut devices = Vec::new();
+    for (name, _) in &wanted {
+        let link = std::fs::read_link(roots.sys.join("block").join(name).join("device"))
+            .map_err(|e| failed(name, e))?;
+        let dev = link
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        devices.push(dev);
+    }
+    for dev in &devices {
+        std::fs::write(driver.join("unbind"), dev).map_err(|e| failed("unbind", e))?;
+    }
+    for dev in &devices {
+        std::fs::write(driver.join("bind"), dev).map_err(|e| failed("bind", e))?;
+    }
+    settle(roots, serials, start, timeout)
+}
+
+/// Wait until the kernel is done with each disk of `serials`: a disk is in sysfs
+/// before its partition table has been read, and while that scan runs the kernel holds
+/// the disk exclusively, so that RAID assembly or LVM activation (which claim their
+/// members) would fail and partitions would be missing. An exclusive open succeeds
+/// once it is done; a node that does not exist is not waited for.
+fn settle(
+    roots: &DeviceRoots,
+    serials: &[String],
+    start: Instant,
+    timeout: Duration,
+) -> Result<(), OpError> {
+    let names: Vec<String> = present_disks(&roots.sys)
+        .into_iter()
+        .filter(|(_, s)| serials.contains(s))
+        .map(|(n, _)| n)
+        .collect();
+    for name in names {
+        let node = roots.dev.join(&name);
+        loop {
+            match std::fs::File::options()
+                .read(true)
+                .custom_flags(libc::O_EXCL)
+                .open(&node)
+            {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                _ => break,
+            }
+            if start.elapsed() > timeout {
+                return Err(OpError::new(
+                    ErrorKind::Other,
+                    format!("disk {name} stayed busy for {} s", timeout.as_secs()),
+                ));
+            }
+            std::thread::sleep(DISK_POLL);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -178,9 +178,52 @@ fn start_reaper() {
             let mut sig = 0;
             libc::sigwait(&set, &mut sig);
             let mut status = 0;
-            while libc::waitpid(-1, &mut status, libc::WNOHANG) > 0 {}
+            loop {
+                let pid = libc::waitpid(-1, &mut status, libc::WNOHANG);
+                if pid <= 0 {
+                    break;
+                }
+                remember_reaped(pid, status);
+            }
         }
     });
+}
+
+/// Most exit statuses the reaper keeps for children whose parent thread was too late.
+const MAX_REAPED: usize = 64;
+
+/// Exit statuses (as waitpid gives them) of children the reaper collected, newest last.
+static REAPED: std::sync::Mutex<Vec<(libc::pid_t, libc::c_int)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn remember_reaped(pid: libc::pid_t, status: libc::c_int) {
+    if let Ok(mut r) = REAPED.lock() {
+        if r.len() >= MAX_REAPED {
+            r.remove(0);
+        }
+        r.push((pid, status));
+    }
+}
+
+/// The exit code of child `pid` if the reaper thread collected it before its parent's
+/// wait did (which then failed with ECHILD): Some(code) when it exited, Some(128 + N)
+/// when killed by signal N. Waits briefly, since the reaper records it just after.
+pub fn reaped_exit_code(pid: u32) -> Option<i32> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    for _ in 0..100 {
+        if let Ok(mut r) = REAPED.lock() {
+            if let Some(i) = r.iter().position(|(p, _)| *p == pid) {
+                let (_, status) = r.remove(i);
+                return Some(if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    128 + libc::WTERMSIG(status)
+                });
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    None
 }
 
 /// The /dev node of the virtio-serial port named `name`, from /sys/class/virtio-ports.

@@ -46,7 +46,11 @@ pub fn run() -> ! {
             dev: "/dev".into(),
         },
         debug: init::debug_requested(),
-        lvm: Some(PathBuf::from(lvm::LVM_BINARY)),
+        tools: lvm::Tools {
+            lvm: Some(PathBuf::from(lvm::LVM_BINARY)),
+            mdadm: Some(PathBuf::from(md::MDADM_BINARY)),
+            cryptsetup: Some(PathBuf::from(luks::CRYPTSETUP_BINARY)),
+        },
         disk_wait: hello::DISK_WAIT,
         is_init: true,
     };
@@ -72,7 +76,9 @@ pub mod error;
 pub mod extents;
 pub mod hello;
 pub mod init;
+pub mod luks;
 pub mod lvm;
+pub mod md;
 pub mod mount;
 pub mod probe;
 pub mod readdir;
@@ -82,4 +88,5 @@ pub mod serve;
 pub mod shell;
 #[cfg(test)]
 mod test_tools;
+pub mod tool;
 pub mod walk;

@@ -10,9 +10,7 @@
 
 use crate::devices::{list_filesystems, DeviceRoots};
 use imgsafe_proto::FsInfo;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Where the appliance builder puts the host's `lvm` binary.
@@ -21,20 +19,31 @@ pub const LVM_BINARY: &str = "/sbin/lvm";
 pub const PV_TYPE: &str = "LVM2_member";
 /// Prefix of the device-mapper UUID of every LVM logical volume (lib/activate/dev_manager.c).
 const DM_UUID_PREFIX: &str = "LVM-";
-/// Most bytes of lvm's output kept for the console log.
-const MAX_LOG: u64 = 4096;
 
 /// Whether activation already ran in this boot (it is done once, on the first listing).
 static ACTIVATED: AtomicBool = AtomicBool::new(false);
 
-/// List the devices; if a physical volume is among them and `lvm` is given, activate
-/// every volume group (once per boot) and list again so the LVs are included.
-pub fn list_with_volumes(
-    roots: &DeviceRoots,
-    lvm: Option<&Path>,
-    log: &dyn Fn(&str),
-) -> Vec<FsInfo> {
-    let list = list_filesystems(roots);
+/// The tools that build volumes out of the disks (None: never run that one).
+#[derive(Debug, Clone, Default)]
+pub struct Tools {
+    /// lvm, which activates volume groups.
+    pub lvm: Option<PathBuf>,
+    /// mdadm, which assembles RAID arrays.
+    pub mdadm: Option<PathBuf>,
+    /// cryptsetup, which opens LUKS containers (only when the host sends a key).
+    pub cryptsetup: Option<PathBuf>,
+}
+
+/// List the devices; assemble the RAID arrays whose members are among them (their
+/// content may be a physical volume), then, if a physical volume is among them, activate
+/// every volume group (each once per boot), listing again after each so that what they
+/// made is included.
+pub fn list_with_volumes(roots: &DeviceRoots, tools: &Tools, log: &dyn Fn(&str)) -> Vec<FsInfo> {
+    let mut list = list_filesystems(roots);
+    if crate::md::assemble_if_members(&list, tools.mdadm.as_deref(), log) {
+        list = list_filesystems(roots);
+    }
+    let lvm = tools.lvm.as_deref();
     let has_pv = list.iter().any(|f| f.fstype.as_deref() == Some(PV_TYPE));
     let Some(lvm) = lvm.filter(|_| has_pv) else {
         return list;
@@ -55,31 +64,8 @@ pub fn list_with_volumes(
 /// Load device-mapper and run `lvm vgchange -ay`.
 fn activate(lvm: &Path) -> Result<(), String> {
     crate::init::load_fs_modules("dm");
-    let mut child = Command::new(lvm)
-        .args(["vgchange", "--activate", "y", "--sysinit"])
-        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            format!(
-                "running {}: {}",
-                lvm.display(),
-                crate::error::errno_text(&e)
-            )
-        })?;
-    let mut said = String::new();
-    if let Some(err) = child.stderr.take() {
-        let _ = err.take(MAX_LOG).read_to_string(&mut said);
-    }
-    // PID 1's reaper thread may collect the child first; ECHILD then means it ended.
-    match child.wait() {
-        Ok(s) if s.success() => Ok(()),
-        Ok(s) => Err(format!("lvm vgchange: {s}: {}", said.trim())),
-        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Ok(()),
-        Err(e) => Err(format!("waiting for lvm: {e}")),
-    }
+    crate::tool::run(lvm, &["vgchange", "--activate", "y", "--sysinit"], None)
+        .map_err(|e| e.message)
 }
 
 pub use imgsafe_proto::lvm_names::split_dm_name;
@@ -145,7 +131,7 @@ mod tests {
             &["-n", "LVDATA", node.to_str().unwrap()],
         );
 
-        let list = list_with_volumes(&roots, None, &|_| {});
+        let list = list_with_volumes(&roots, &Tools::default(), &|_| {});
 
         let got: Vec<(&str, Option<&str>, Option<&str>)> = list
             .iter()

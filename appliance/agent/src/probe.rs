@@ -74,6 +74,18 @@ const SWAP_PAGE_SIZES: [u64; 4] = [4096, 8192, 16384, 65536];
 /// LVM2 label (lib/format_text/layout.h): in one of the first four sectors.
 const LVM_LABEL: &[u8; 8] = b"LABELONE";
 const LVM_TYPE: &[u8; 8] = b"LVM2 001";
+/// Linux MD RAID superblock magic (include/uapi/linux/raid/md_p.h MD_SB_MAGIC), little
+/// endian on x86 for both the 0.90 and the 1.x formats.
+const MD_MAGIC: u32 = 0xa92b_4efc;
+/// md_p.h MD_RESERVED_BYTES: a 0.90 superblock sits in the last 64 KiB-aligned 64 KiB.
+const MD_090_RESERVED: u64 = 64 * 1024;
+/// Where a 1.0 superblock sits: at least 8 KiB from the end, 4 KiB aligned (mdadm super1.c).
+const MD_10_FROM_END: u64 = 8 * 1024;
+const MD_10_ALIGN: u64 = 4 * 1024;
+/// 1.1 superblocks are at the start, 1.2 ones 4 KiB in.
+const MD_12_OFFSET: u64 = 4096;
+/// LUKS1 and LUKS2 header magic at byte 0 (LUKS1 spec 2.1; LUKS2 on-disk format 2.1).
+const LUKS_MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 /// GPT header signature (UEFI 2.10, 5.3.2).
 const GPT_SIGNATURE: &[u8; 8] = b"EFI PART";
 /// MBR boot signature at offset 510.
@@ -165,6 +177,11 @@ fn guid_le(b: &[u8]) -> Option<String> {
 
 /// Probe one device: partition table first, then the filesystems.
 pub fn probe<F: FileExt>(dev: &F, size: u64) -> Probe {
+    // A RAID member first: a mirror's member with its superblock at the end (0.90,
+    // 1.0) also shows the array's content (a partition table, a filesystem) at its start.
+    if let Some(p) = probe_md(dev, size) {
+        return p;
+    }
     if partition_table(dev, size).is_some() {
         return Probe {
             partitioned: true,
@@ -172,7 +189,8 @@ pub fn probe<F: FileExt>(dev: &F, size: u64) -> Probe {
         };
     }
     // UDF before ISO 9660: a hybrid disc is read through its UDF side, as blkid does.
-    let probers: [fn(&F, u64) -> Option<Probe>; 12] = [
+    let probers: [fn(&F, u64) -> Option<Probe>; 13] = [
+        probe_luks,
         probe_ext,
         probe_xfs,
         probe_btrfs,
@@ -315,6 +333,75 @@ fn probe_lvm2<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
         return found("LVM2_member", None, uuid);
     }
     None
+}
+
+/// Linux MD RAID member, as blkid's mdraid prober: a 0.90 superblock at the end (UUID
+/// from set_uuid0 and set_uuid1..3), else 1.0 at the end, 1.1 at 0 or 1.2 at 4 KiB whose
+/// recorded super_offset matches where it was found (UUID = set_uuid, label = set_name;
+/// struct mdp_superblock_1 in md_p.h).
+fn probe_md<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
+    let (sb, v090) = md_superblock(dev, size)?;
+    if v090 {
+        let mut uuid = [0u8; 16];
+        uuid[0..4].copy_from_slice(&sb[20..24]);
+        uuid[4..16].copy_from_slice(&sb[52..64]);
+        return found("linux_raid_member", None, uuid_be(&uuid));
+    }
+    found(
+        "linux_raid_member",
+        label(&sb[32..64]),
+        uuid_be(&sb[16..32]),
+    )
+}
+
+/// The RAID level an MD member's superblock records (0.90: `level` at byte 28; 1.x: at
+/// byte 72; -1 is linear), None when it is not a member.
+pub fn md_level<F: FileExt>(dev: &F, size: u64) -> Option<i32> {
+    let (sb, v090) = md_superblock(dev, size)?;
+    let at = if v090 { 28 } else { 72 };
+    Some(le32(&sb, at) as i32)
+}
+
+/// The first 256 bytes of an MD superblock and whether it is the 0.90 format.
+fn md_superblock<F: FileExt>(dev: &F, size: u64) -> Option<(Vec<u8>, bool)> {
+    if size >= 2 * MD_090_RESERVED {
+        let off = (size & !(MD_090_RESERVED - 1)) - MD_090_RESERVED;
+        if let Some(sb) = read(dev, size, off, 256) {
+            if le32(&sb, 0) == MD_MAGIC && le32(&sb, 4) == 0 {
+                return Some((sb, true));
+            }
+        }
+    }
+    let end = size
+        .checked_sub(MD_10_FROM_END)
+        .map(|o| o & !(MD_10_ALIGN - 1));
+    for off in [end, Some(0), Some(MD_12_OFFSET)].into_iter().flatten() {
+        let Some(sb) = read(dev, size, off, 256) else {
+            continue;
+        };
+        // major_version 1; super_offset (sectors) at byte 144 says where it belongs.
+        if le32(&sb, 0) == MD_MAGIC && le32(&sb, 4) == 1 && le64(&sb, 144) == off / SECTOR {
+            return Some((sb, false));
+        }
+    }
+    None
+}
+
+/// LUKS1 or LUKS2 container: magic and version, UUID as text at byte 168, and (LUKS2
+/// only) a label at byte 24.
+fn probe_luks<F: FileExt>(dev: &F, size: u64) -> Option<Probe> {
+    let hdr = read(dev, size, 0, 208)?;
+    if &hdr[0..6] != LUKS_MAGIC {
+        return None;
+    }
+    let version = u16::from_be_bytes([hdr[6], hdr[7]]);
+    let uuid =
+        label(&hdr[168..208]).filter(|u| u.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
+    let name = match version {
+        2 => label(&hdr[24..72]),
+        _ => None,
+    };
+    found("crypto_LUKS", name, uuid)
 }
 
 /// LVM's 32-character id shown 6-4-4-4-4-4-6 with dashes, as blkid and pvs do.
@@ -1121,6 +1208,36 @@ mod tests {
 
         assert_matches_blkid(&p, "swap");
         assert_eq!(probe_file(&p).uuid.as_deref(), Some(uuid));
+    }
+
+    #[test]
+    fn luks1_and_luks2_containers_match_blkid() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, b"probe key").unwrap();
+        for (version, extra) in [("luks1", &[][..]), ("luks2", &["--label", "vault"][..])] {
+            let img = dir.path().join(format!("{version}.img"));
+            File::create(&img).unwrap().set_len(20 << 20).unwrap();
+            let mut args = vec![
+                "luksFormat",
+                "-q",
+                "--disable-locks",
+                "--type",
+                version,
+                "--pbkdf-force-iterations",
+                "1000",
+                "--key-file",
+                key.to_str().unwrap(),
+            ];
+            if version == "luks2" {
+                args.extend(["--pbkdf", "pbkdf2"]);
+            }
+            args.extend(extra);
+            args.push(img.to_str().unwrap());
+            run("cryptsetup-bin", "cryptsetup", &args);
+
+            assert_matches_blkid(&img, "crypto_LUKS");
+        }
     }
 
     #[test]

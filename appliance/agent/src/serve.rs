@@ -28,8 +28,8 @@ pub struct Agent {
     pub devices: DeviceRoots,
     /// Log each request to stderr (the console).
     pub debug: bool,
-    /// The lvm tool that activates volume groups found on the disks (None: never run it).
-    pub lvm: Option<PathBuf>,
+    /// The tools that assemble RAID arrays and activate volume groups found on the disks.
+    pub tools: crate::lvm::Tools,
     /// How long `Hello` waits for the disks the host names.
     pub disk_wait: std::time::Duration,
     /// Running as the appliance's init: `Hello` may set the clock and feed the kernel's
@@ -75,6 +75,7 @@ impl Agent {
                 Ok(Frame::Msg(Request::Shell(start))) => {
                     crate::shell::run(&self.sysroot, start, r, w).map(|()| None)
                 }
+                Ok(Frame::Msg(Request::Unlock { len })) => self.unlock(len, r, w).map(|()| None),
                 Ok(Frame::Msg(req)) => self.handle(req, w),
                 // In these cases the whole frame was consumed, so the stream is still in
                 // step: refuse the frame and carry on.
@@ -112,6 +113,39 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// `Unlock`: read the key (the next frame, DATA of exactly `len` bytes), open the
+    /// LUKS containers with it, wipe it, answer.
+    fn unlock<R: Read, W: Write>(&self, len: u32, r: &mut R, w: &mut W) -> io::Result<()> {
+        let key = match read_frame::<_, Request>(r) {
+            Ok(Frame::Data(key)) => key,
+            Ok(Frame::Msg(_)) => {
+                let e = OpError::new(ErrorKind::BadRequest, "Unlock without its key");
+                return answer(w, Err(e));
+            }
+            Err(FrameError::Io(e)) => return Err(e),
+            Err(e) => return answer(w, Err(OpError::new(ErrorKind::BadRequest, e.to_string()))),
+        };
+        let mut key = key;
+        let r = if key.len() != len as usize || key.len() > imgsafe_proto::MAX_KEY {
+            Err(OpError::new(ErrorKind::BadRequest, "bad key length"))
+        } else {
+            crate::luks::unlock(
+                &self.devices,
+                &self.tools,
+                self.tools.cryptsetup.as_deref(),
+                &key,
+                &|m| crate::init::log(m),
+            )
+            .map(|u| Response::Unlocked {
+                opened: u.opened,
+                refused: u.refused,
+            })
+            .map_err(|m| OpError::new(ErrorKind::Other, m))
+        };
+        crate::luks::wipe(&mut key);
+        answer(w, r)
     }
 
     fn log(&self, msg: &str) {
@@ -152,10 +186,9 @@ impl Agent {
                 answer(w, r)?
             }
             Request::ListFilesystems => {
-                let list =
-                    crate::lvm::list_with_volumes(&self.devices, self.lvm.as_deref(), &|m| {
-                        crate::init::log(m)
-                    });
+                let list = crate::lvm::list_with_volumes(&self.devices, &self.tools, &|m| {
+                    crate::init::log(m)
+                });
                 answer(w, Ok(Response::Filesystems { list }))?
             }
             Request::Mount {
@@ -210,6 +243,14 @@ impl Agent {
             )?,
             // `Shell` is taken over by `serve` (it needs the reader); the others only
             // mean something inside a shell session.
+            // Taken over by `serve` too (its key is the next frame).
+            Request::Unlock { .. } => answer(
+                w,
+                Err(OpError::new(
+                    ErrorKind::BadRequest,
+                    "Unlock without its key",
+                )),
+            )?,
             Request::Shell(_)
             | Request::ShellResize { .. }
             | Request::ShellEof
@@ -255,7 +296,7 @@ mod tests {
                 dev: root.join("no-dev"),
             },
             debug: false,
-            lvm: None,
+            tools: crate::lvm::Tools::default(),
             disk_wait: std::time::Duration::from_millis(50),
             is_init: false,
         };

@@ -22,8 +22,9 @@ pub mod fstypes;
 pub mod lvm_names;
 pub use escape::unescape_octal;
 
-/// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// Bumped whenever a message changes shape (5: mapped reads, btrfs subvolumes and LUKS
+/// unlock together).
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest frame (kind byte + payload) either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest data chunk the agent sends in one `KIND_DATA` frame.
@@ -59,6 +60,11 @@ pub const MAX_SUBVOLUMES: usize = 1024;
 /// The id of a btrfs filesystem's top-level subvolume (BTRFS_FS_TREE_OBJECTID).
 pub const BTRFS_TOP_LEVEL: u64 = 5;
 
+/// Most bytes of a LUKS key (`Unlock`): far more than any passphrase or key file in
+/// use (4 KiB random files are the usual), and one frame.
+pub const MAX_KEY: usize = 64 * 1024;
+/// Most LUKS containers one `Unlock` answer names.
+pub const MAX_UNLOCKED: usize = 256;
 /// Most disks one `Hello` asks the agent to wait for.
 pub const MAX_HELLO_DISKS: usize = 16;
 /// Longest virtio-blk serial (the device's ID string is 20 bytes).
@@ -116,6 +122,12 @@ pub enum Request {
     },
     /// Probe every block device and partition (and LVM volume) the guest sees.
     ListFilesystems,
+    /// Open every LUKS container on the disks (RAID arrays are assembled first; LVM
+    /// volumes are activated after, and containers on them opened too) read-only with
+    /// a key, which follows as one DATA frame of exactly `len` bytes (at most
+    /// [`MAX_KEY`]); it is never in a message, so never in JSON or a request log.
+    /// Answered by `Unlocked`.
+    Unlock { len: u32 },
     /// Mount `device` at the guest's sysroot + `mountpoint` ("/" for the root).
     /// `fstype` None = the type the probe found. Read-only, journals never replayed,
     /// unless `writable` (only asked when the host put a throwaway copy-on-write layer
@@ -340,6 +352,13 @@ pub enum Response {
     },
     Filesystems {
         list: Vec<FsInfo>,
+    },
+    /// The LUKS containers (guest devices) the key opened, and those where it opened
+    /// no key slot; each list at most [`MAX_UNLOCKED`]. Any other failure to open one
+    /// is an `Error`.
+    Unlocked {
+        opened: Vec<String>,
+        refused: Vec<String>,
     },
     Mounted {
         device: String,
