@@ -87,6 +87,10 @@ fn read_key(guest: &GuestArgs) -> Result<Option<crate::key::Key>> {
     guest.key_file.as_deref().map(crate::key::read).transpose()
 }
 
+/// Guest memory when a LUKS key is given: LUKS2's largest default Argon2 memory cost
+/// (1 GiB) plus the appliance's own.
+const LUKS_MEMORY_MIB: u32 = 1024 + vm::config::DEFAULT_MEMORY_MIB;
+
 /// The per-answer timeout in force.
 pub fn timeout() -> Result<Duration> {
     match std::env::var("IMGSAFE_TIMEOUT") {
@@ -222,6 +226,13 @@ impl Session {
         stage.done(&format!("{} (pvh={})", app.kernel_release, app.pvh));
 
         let mut cfg = vm_config(&app, dir.path())?;
+        if key.is_some() {
+            // LUKS2's Argon2 key slots take up to 1 GiB to open (cryptsetup's default
+            // on a machine with that much); guest memory is only allocated when the
+            // guest touches it, so a bigger VM costs nothing more for other commands.
+            // Its saved state is its own (the memory size is part of the warm key).
+            cfg.memory_mib = cfg.memory_mib.max(LUKS_MEMORY_MIB);
+        }
         if trace::verbose() {
             let argv: Vec<String> = cfg
                 .argv()

@@ -24,8 +24,17 @@ fn cryptsetup() -> std::process::Command {
     tool("cryptsetup", "cryptsetup-bin")
 }
 
-/// A LUKS `version` (1 or 2) container holding an ext4 of the sample tree.
+/// A LUKS `version` (1 or 2) container holding an ext4 of the sample tree, its key
+/// slot made with PBKDF2.
 fn container(version: u32) -> Container {
+    container_with(
+        version,
+        &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"],
+    )
+}
+
+/// [`container`] with the key slot made by cryptsetup `pbkdf` options.
+fn container_with(version: u32, pbkdf: &[&str]) -> Container {
     let tree = tempfile::tempdir().unwrap();
     sample_tree(tree.path(), TreeOpts::PLAIN);
     let dir = tempfile::tempdir().unwrap();
@@ -50,7 +59,7 @@ fn container(version: u32) -> Container {
                 "--type",
                 "luks2",
             ])
-            .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"])
+            .args(pbkdf)
             .args(["--reduce-device-size", "16M", "--key-file"])
             .arg(&key)
             .arg(&img),
@@ -202,5 +211,34 @@ fn a_key_from_stdin_when_it_is_not_a_terminal_is_its_exact_bytes() {
     let out = child.wait_with_output().unwrap();
 
     assert_eq!(ok_stdout(&out), "sample-host\n");
+    c.image.assert_unchanged();
+}
+
+#[test]
+fn an_argon2_key_slot_needing_more_memory_than_the_plain_appliance_opens() {
+    // 320 MiB of Argon2 memory: more than the 192 MiB appliance has, so this opens only
+    // because a session with a key gets the memory LUKS2's defaults can ask for.
+    let c = container_with(
+        2,
+        &[
+            "--pbkdf",
+            "argon2id",
+            "--pbkdf-force-iterations",
+            "4",
+            "--pbkdf-memory",
+            "327680",
+        ],
+    );
+    let (img, key) = (c.image.arg(), c.key.to_str().unwrap().to_string());
+
+    let cat = imgsafe()
+        .args(["cat", &img, "--key-file", &key, "/etc/hostname"])
+        .output()
+        .unwrap();
+
+    assert_eq!(
+        ok_stdout(&cat).as_bytes(),
+        fs::read(c.tree.path().join("etc/hostname")).unwrap()
+    );
     c.image.assert_unchanged();
 }
