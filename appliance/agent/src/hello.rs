@@ -94,7 +94,7 @@ pub fn wait_for_disks(
         settle(roots, serials, start, timeout)?;
         return put_in_order(roots, serials, start, timeout);
     }
-    rescan(&roots.sys)?;
+    rescan(&roots.sys, &|| missing(roots).is_empty())?;
     loop {
         let left = missing(roots);
         if left.is_empty() {
@@ -121,7 +121,12 @@ pub fn wait_for_disks(
 /// root bus. Where there are none to be found, the whole hierarchy. The buses are
 /// rescanned in order, so that the disks are probed, and named vda, vdb, ..., in the
 /// order of their root ports, as on a cold boot.
-fn rescan(sys: &Path) -> Result<(), OpError> {
+///
+/// The buses are rescanned in order and the rescan stops once `all_there` says every
+/// disk is present: the host plugs its disks into the first root ports, and probing
+/// is synchronous, so one disk costs one bus's rescan rather than all of them (each is
+/// config-space work that is slow under TCG).
+fn rescan(sys: &Path, all_there: &dyn Fn() -> bool) -> Result<(), OpError> {
     let failed = |path: &Path, e: std::io::Error| {
         OpError::new(
             ErrorKind::Other,
@@ -144,6 +149,9 @@ fn rescan(sys: &Path) -> Result<(), OpError> {
     }
     for bus in buses {
         std::fs::write(&bus, b"1").map_err(|e| failed(&bus, e))?;
+        if all_there() {
+            break;
+        }
     }
     Ok(())
 }
