@@ -301,3 +301,38 @@ fn parse_socket_mode(s: &str) -> Result<u32, String> {
         .filter(|m| *m <= 0o777)
         .ok_or_else(|| format!("{s:?} is not an octal mode from 0 to 777 (e.g. 600)"))
 }
+
+impl ImageArgs {
+    /// The plain options the image layer takes.
+    pub fn spec(&self) -> crate::image::ImageSpec {
+        crate::image::ImageSpec {
+            options: crate::format::OpenOptions {
+                format: self.format,
+                ignore_parent_id: self.ignore_parent_id,
+                disk: self.disk,
+                snapshot: self.snapshot.clone(),
+            },
+            vz_root: self.vz_root.clone(),
+        }
+    }
+}
+
+impl GuestArgs {
+    /// The plain guest description the session takes.
+    pub fn guest(&self) -> crate::session::Guest {
+        crate::session::Guest {
+            add: self.add.clone(),
+            key_file: self.key_file.clone(),
+        }
+    }
+}
+
+impl MountArgs {
+    /// The plain mount choice the session takes.
+    pub fn choice(&self) -> crate::session::MountChoice {
+        crate::session::MountChoice {
+            mount: self.mount.clone(),
+            inspect: self.inspect,
+        }
+    }
+}

@@ -1,6 +1,5 @@
 //! From what the user typed to an opened, decoded image.
 
-use crate::cli::ImageArgs;
 use crate::format::{self, BlockSource, FormatError, OpenOptions};
 use crate::Result;
 use std::io;
@@ -121,17 +120,21 @@ fn is_container_id(s: &str) -> bool {
     numeric || uuid
 }
 
+/// How to open an image, as the command line asked (parsed there, so this layer and
+/// the session never see clap's types).
+#[derive(Debug, Clone, Default)]
+pub struct ImageSpec {
+    /// The decoder's options (`--format`, `--ignore-parent-id`, `--disk`, `--snapshot`).
+    pub options: OpenOptions,
+    /// Where bare OpenVZ container ids are looked up.
+    pub vz_root: std::path::PathBuf,
+}
+
 /// Open and decode the image named on the command line.
-pub fn open(arg: &Path, args: &ImageArgs) -> Result<Arc<dyn BlockSource>> {
+pub fn open(arg: &Path, spec: &ImageSpec) -> Result<Arc<dyn BlockSource>> {
     let stage = crate::trace::stage("decode");
-    let path = resolve(arg, &args.vz_root)?;
-    let opts = OpenOptions {
-        format: args.format,
-        ignore_parent_id: args.ignore_parent_id,
-        disk: args.disk,
-        snapshot: args.snapshot.clone(),
-    };
-    let src: Arc<dyn BlockSource> = Arc::from(format::open(&path, &opts)?);
+    let path = resolve(arg, &spec.vz_root)?;
+    let src: Arc<dyn BlockSource> = Arc::from(format::open(&path, &spec.options)?);
     let top = src
         .layers()
         .first()

@@ -2,8 +2,8 @@
 //! reverse order (agent, VM, NBD server, temp dir) on every path.
 
 use crate::agent_client::{AgentClient, GuestFs};
-use crate::cli::{GuestArgs, ImageArgs, MountArgs};
 use crate::format::BlockSource;
+use crate::image::ImageSpec;
 use crate::inspect::{self, Planned};
 use crate::vm::{self, Vm};
 use crate::{appliance, image, nbd, trace, warm, Error, Result};
@@ -62,19 +62,40 @@ pub struct Session {
     mounts: Vec<(String, String)>,
 }
 
+/// The guest's other disks and its key, as the command line gave them.
+#[derive(Debug, Clone, Default)]
+pub struct Guest {
+    /// More images of the same guest, attached after the image in order.
+    pub add: Vec<PathBuf>,
+    /// The LUKS key's file (`-`: the terminal, or stdin).
+    pub key_file: Option<PathBuf>,
+}
+
+/// Which filesystems to mount, as the command line chose them.
+#[derive(Debug, Clone, Default)]
+pub struct MountChoice {
+    /// `-m DEV[:MOUNTPOINT]`, in order (empty: found by inspection or the only one).
+    pub mount: Vec<String>,
+    /// `-i`: find the root and mount what its fstab lists.
+    pub inspect: bool,
+}
+
 /// Decode the image and each `--add` image, in order. `--format`, `--snapshot` and
 /// `--disk` are about the image; an added image is probed on its own.
 fn open_disks(
     image_arg: &Path,
-    image_args: &ImageArgs,
-    guest: &GuestArgs,
+    image_args: &ImageSpec,
+    guest: &Guest,
 ) -> Result<Vec<(PathBuf, Arc<dyn BlockSource>)>> {
     let mut out = vec![(image_arg.to_path_buf(), image::open(image_arg, image_args)?)];
-    let added = ImageArgs {
-        format: None,
-        disk: None,
-        snapshot: None,
-        ..image_args.clone()
+    let added = ImageSpec {
+        options: crate::format::OpenOptions {
+            format: None,
+            disk: None,
+            snapshot: None,
+            ..image_args.options.clone()
+        },
+        vz_root: image_args.vz_root.clone(),
     };
     for extra in &guest.add {
         out.push((extra.clone(), image::open(extra, &added)?));
@@ -83,7 +104,7 @@ fn open_disks(
 }
 
 /// The `--key-file` key, read before anything boots (a prompt comes first).
-fn read_key(guest: &GuestArgs) -> Result<Option<crate::key::Key>> {
+fn read_key(guest: &Guest) -> Result<Option<crate::key::Key>> {
     guest.key_file.as_deref().map(crate::key::read).transpose()
 }
 
@@ -111,7 +132,7 @@ pub fn timeout() -> Result<Duration> {
 impl Session {
     /// Decode the image and the `--add` images, serve each over NBD, boot the appliance
     /// with the disks attached read-only, and handshake with the agent.
-    pub fn start(image_arg: &Path, image_args: &ImageArgs, guest: &GuestArgs) -> Result<Session> {
+    pub fn start(image_arg: &Path, image_args: &ImageSpec, guest: &Guest) -> Result<Session> {
         vm::reaper::install_signal_handlers();
         let sources = open_disks(image_arg, image_args, guest)?;
         let key = read_key(guest)?;
@@ -121,8 +142,8 @@ impl Session {
     /// [`Session::start`], then [`Session::run`].
     pub fn run_started<T>(
         image_arg: &Path,
-        image_args: &ImageArgs,
-        guest: &GuestArgs,
+        image_args: &ImageSpec,
+        guest: &Guest,
         f: impl FnOnce(&mut Session) -> Result<T>,
     ) -> Result<T> {
         Self::start(image_arg, image_args, guest)?.run(f)
@@ -131,9 +152,9 @@ impl Session {
     /// [`Session::open_mounted`], then [`Session::run`].
     pub fn run_mounted<T>(
         image_arg: &Path,
-        image_args: &ImageArgs,
-        guest: &GuestArgs,
-        mount: &MountArgs,
+        image_args: &ImageSpec,
+        guest: &Guest,
+        mount: &MountChoice,
         f: impl FnOnce(&mut Session) -> Result<T>,
     ) -> Result<T> {
         Self::open_mounted(image_arg, image_args, guest, mount)?.run(f)
@@ -313,9 +334,9 @@ impl Session {
     /// Start, then choose and mount the filesystem (see [`choose`]).
     pub fn open_mounted(
         image_arg: &Path,
-        image_args: &ImageArgs,
-        guest: &GuestArgs,
-        mount: &MountArgs,
+        image_args: &ImageSpec,
+        guest: &Guest,
+        mount: &MountChoice,
     ) -> Result<Session> {
         Self::open_mounted_with(image_arg, image_args, guest, mount, false, false)
     }
@@ -326,9 +347,9 @@ impl Session {
     /// unknown) gives a session with nothing mounted and a warning, not an error.
     pub fn open_mounted_with(
         image_arg: &Path,
-        image_args: &ImageArgs,
-        guest: &GuestArgs,
-        mount: &MountArgs,
+        image_args: &ImageSpec,
+        guest: &Guest,
+        mount: &MountChoice,
         overlay: bool,
         nothing_ok: bool,
     ) -> Result<Session> {
@@ -393,7 +414,7 @@ impl Session {
     /// Mount the tree the commands work on: the `-m` list (manual assembly); else, with
     /// `-i` or when the disk has several filesystems, the root found by inspection plus
     /// what its /etc/fstab lists; else the single filesystem (see [`choose`]).
-    pub fn mount_chosen(&mut self, mount: &MountArgs) -> Result<()> {
+    pub fn mount_chosen(&mut self, mount: &MountChoice) -> Result<()> {
         let list = self.filesystems()?;
         if !mount.mount.is_empty() {
             let plan =

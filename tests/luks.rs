@@ -35,11 +35,16 @@ fn container(version: u32) -> Container {
 
 /// [`container`] with the key slot made by cryptsetup `pbkdf` options.
 fn container_with(version: u32, pbkdf: &[&str]) -> Container {
+    container_keyed(version, pbkdf, KEY)
+}
+
+/// [`container_with`] for the key `key`.
+fn container_keyed(version: u32, pbkdf: &[&str], key_bytes: &[u8]) -> Container {
     let tree = tempfile::tempdir().unwrap();
     sample_tree(tree.path(), TreeOpts::PLAIN);
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("key");
-    fs::write(&key, KEY).unwrap();
+    fs::write(&key, key_bytes).unwrap();
     let img = dir.path().join("disk.img");
     fs_image("ext4", tree.path(), 16, &img);
     // Room for the header: reencrypt takes it from the end of the file.
@@ -239,6 +244,43 @@ fn an_argon2_key_slot_needing_more_memory_than_the_plain_appliance_opens() {
     assert_eq!(
         ok_stdout(&cat).as_bytes(),
         fs::read(c.tree.path().join("etc/hostname")).unwrap()
+    );
+    c.image.assert_unchanged();
+}
+
+#[test]
+fn a_passphrase_typed_on_the_terminal_opens_the_container_and_is_not_echoed() {
+    let pass = "typed-passphrase-5e0b93";
+    let c = container_keyed(
+        2,
+        &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"],
+        pass.as_bytes(),
+    );
+    let cmd = format!(
+        "env XDG_CACHE_HOME={} IMGSAFE_ACCEL=tcg {} cat --key-file - {} /etc/hostname; \
+         echo \"rc=$?\"; sleep 600",
+        test_cache().display(),
+        env!("CARGO_BIN_EXE_imgsafe"),
+        c.image.arg()
+    );
+    let t = support::tmux::Tmux::start(&cmd, 120, 20);
+    t.wait_for("the prompt", std::time::Duration::from_secs(60), |s| {
+        s.contains("imgsafe: key:")
+    });
+
+    t.keys(&["-l", pass]);
+    t.keys(&["Enter"]);
+    let screen = t.wait_for(
+        "the command to end",
+        std::time::Duration::from_secs(300),
+        |s| s.contains("rc="),
+    );
+
+    assert!(screen.contains("rc=0"), "{screen}");
+    assert!(screen.contains("sample-host"), "{screen}");
+    assert!(
+        !screen.contains(pass),
+        "the passphrase was echoed:\n{screen}"
     );
     c.image.assert_unchanged();
 }

@@ -6,9 +6,9 @@ mod support;
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
+use support::tmux::Tmux;
 use support::*;
 
 fn sample() -> (tempfile::TempDir, Image) {
@@ -249,72 +249,6 @@ fn overlay_makes_vfat_writable_and_keeps_iso9660_read_only_with_a_warning() {
     );
     img.assert_unchanged();
     iso.assert_unchanged();
-}
-
-/// A tmux server of its own, running one command in a window of a fixed size.
-struct Tmux {
-    socket: String,
-}
-
-impl Tmux {
-    fn start(cmd: &str, cols: u16, rows: u16) -> Tmux {
-        // One server per test: the tests of this file run in parallel in one process.
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let socket = format!(
-            "imgsafe-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let t = Tmux { socket };
-        must(t.cmd().args([
-            "new-session",
-            "-d",
-            "-x",
-            &cols.to_string(),
-            "-y",
-            &rows.to_string(),
-            cmd,
-        ]));
-        t
-    }
-
-    fn cmd(&self) -> Command {
-        let mut c = tool("tmux", "tmux");
-        c.args(["-L", &self.socket]);
-        c
-    }
-
-    fn keys(&self, keys: &[&str]) {
-        must(self.cmd().arg("send-keys").args(keys));
-    }
-
-    fn screen(&self) -> String {
-        let out = self
-            .cmd()
-            .args(["capture-pane", "-p", "-S", "-200"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Wait until the screen satisfies `ok`, or panic showing it.
-    fn wait_for(&self, what: &str, within: Duration, ok: impl Fn(&str) -> bool) -> String {
-        let start = Instant::now();
-        loop {
-            let s = self.screen();
-            if ok(&s) {
-                return s;
-            }
-            assert!(start.elapsed() < within, "waiting for {what}; screen:\n{s}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = self.cmd().arg("kill-server").output();
-    }
 }
 
 fn wait_for_file(p: &Path, within: Duration) -> String {

@@ -59,9 +59,9 @@ impl<W: Write> FileSink for CatSink<'_, W> {
 pub fn run(args: CatArgs) -> Result<()> {
     Session::run_mounted(
         &args.image,
-        &args.image_args,
-        &args.guest,
-        &args.mount,
+        &args.image_args.spec(),
+        &args.guest.guest(),
+        &args.mount.choice(),
         |s| {
             let reader = s.host_reader();
             let stage = trace::stage("cat");

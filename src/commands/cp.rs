@@ -140,9 +140,9 @@ pub fn run(args: CpArgs) -> Result<()> {
     }
     Session::run_mounted(
         &image,
-        &args.image_args,
-        &args.guest,
-        &args.mount,
+        &args.image_args.spec(),
+        &args.guest.guest(),
+        &args.mount.choice(),
         |session| {
             let protected = session
                 .image_files()

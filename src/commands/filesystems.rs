@@ -27,12 +27,16 @@ fn subvolumes_of(s: &mut Session, list: &[FsInfo]) -> Result<Subvolumes> {
 
 /// Run `imgsafe filesystems`.
 pub fn run(args: FilesystemsArgs) -> Result<()> {
-    let (detected, list, subvolumes) =
-        Session::run_started(&args.image, &args.image_args, &args.guest, |s| {
+    let (detected, list, subvolumes) = Session::run_started(
+        &args.image,
+        &args.image_args.spec(),
+        &args.guest.guest(),
+        |s| {
             let list = s.filesystems()?;
             let subvolumes = subvolumes_of(s, &list)?;
             Ok((s.detect_root()?, list, subvolumes))
-        })?;
+        },
+    )?;
     // What ls/cat mount at / without -m: the detected root, else the one choose() picks.
     let (found, os) = match detected {
         Some((f, os)) => (Some(f.device), os),

@@ -211,7 +211,7 @@ fn human(n: u64) -> String {
 /// Run `imgsafe info`.
 pub fn run(args: InfoArgs) -> Result<()> {
     let path = crate::image::resolve(&args.image, &args.image_args.vz_root)?;
-    let src = crate::image::open(&path, &args.image_args)?;
+    let src = crate::image::open(&path, &args.image_args.spec())?;
     let format = match args.image_args.format {
         Some(f) => f,
         None => crate::format::detect(&path, &crate::format::open_image_file(&path)?)?,

@@ -10,9 +10,12 @@ use std::io::Write;
 
 /// Run `imgsafe inspect`.
 pub fn run(args: InspectArgs) -> Result<()> {
-    let report = Session::run_started(&args.image, &args.image_args, &args.guest, |s| {
-        gather(s, &args)
-    })?;
+    let report = Session::run_started(
+        &args.image,
+        &args.image_args.spec(),
+        &args.guest.guest(),
+        |s| gather(s, &args),
+    )?;
     for w in &report.warnings {
         eprintln!("imgsafe: warning: {}: {w}", args.image.display());
     }
@@ -24,7 +27,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
 fn gather(s: &mut Session, args: &InspectArgs) -> Result<Report> {
     let list = s.filesystems()?;
     let mut early = None;
-    match s.mount_chosen(&args.mount) {
+    match s.mount_chosen(&args.mount.choice()) {
         Ok(()) => {}
         Err(Error::Filesystem { what, .. })
             if args.mount.mount.is_empty() && !vm::reaper::interrupted() =>

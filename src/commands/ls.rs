@@ -14,9 +14,9 @@ use std::io::{self, Write};
 pub fn run(args: LsArgs) -> Result<()> {
     Session::run_mounted(
         &args.image,
-        &args.image_args,
-        &args.guest,
-        &args.mount,
+        &args.image_args.spec(),
+        &args.guest.guest(),
+        &args.mount.choice(),
         |s| {
             let stage = crate::trace::stage("ls");
             let r = list(s.fs(), &args);

@@ -7,7 +7,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 /// Run `imgsafe serve`.
 pub fn run(args: ServeArgs) -> Result<()> {
-    let source = crate::image::open(&args.image, &args.image_args)?;
+    let source = crate::image::open(&args.image, &args.image_args.spec())?;
     let size = source.size();
     // Signal handlers go in before the socket exists, so a signal sent as soon as a
     // client sees the socket still gets a clean shutdown.

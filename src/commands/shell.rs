@@ -51,9 +51,9 @@ pub fn run(args: ShellArgs) -> Result<i32> {
     // A shell is useful even on a disk with no filesystem (hexdump /dev/vda).
     let s = Session::open_mounted_with(
         &args.image,
-        &args.image_args,
-        &args.guest,
-        &args.mount,
+        &args.image_args.spec(),
+        &args.guest.guest(),
+        &args.mount.choice(),
         args.overlay,
         true,
     )?;

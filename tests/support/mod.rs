@@ -6,6 +6,7 @@ pub mod exfat;
 pub mod lvm;
 pub mod ploopwriter;
 pub mod serve;
+pub mod tmux;
 pub mod vdidiff;
 pub mod vhdwriter;
 pub mod vhdxdiff;
