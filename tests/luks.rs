@@ -221,7 +221,7 @@ fn a_key_from_stdin_when_it_is_not_a_terminal_is_its_exact_bytes() {
 
 #[test]
 fn an_argon2_key_slot_needing_more_memory_than_the_plain_appliance_opens() {
-    // 320 MiB of Argon2 memory: more than the 192 MiB appliance has, so this opens only
+    // 320 MiB of Argon2 memory: more than the plain 256 MiB appliance has, so this opens only
     // because a session with a key gets the memory LUKS2's defaults can ask for.
     let c = container_with(
         2,

@@ -594,6 +594,15 @@ fn write_tree<W: io::Write>(
     }
     w.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")?;
     w.file("etc/group", 0o644, b"root:x:0:\n")?;
+    // Last in the archive: the agent refuses to run without it. The kernel unpacks the
+    // initramfs into guest memory and, when that runs out, stops with only a log line,
+    // leaving the archive's tail missing (modules, tools) and commands failing later
+    // in ways that do not say why.
+    w.file(
+        imgsafe_proto::INITRAMFS_COMPLETE.trim_start_matches('/'),
+        0o644,
+        b"",
+    )?;
     Ok(())
 }
 

@@ -11,9 +11,12 @@ use std::path::{Path, PathBuf};
 
 /// The QEMU binary looked up on `PATH` when none is configured.
 pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
-/// Guest memory: enough for the kernel, the initramfs unpacked in RAM and page cache
-/// for reading files; less makes large `cp` slower, more makes start-up slower.
-pub const DEFAULT_MEMORY_MIB: u32 = 192;
+/// Guest memory: enough for the kernel, the initramfs (about 46 MB) unpacked in RAM
+/// beside its own image while it unpacks, and page cache for reading files. 192 MiB
+/// was too little once mdadm and cryptsetup joined the initramfs: the kernel stopped
+/// unpacking ("write error") and the archive's tail was missing. Guest memory is only
+/// allocated as the guest touches it, so the headroom costs nothing until used.
+pub const DEFAULT_MEMORY_MIB: u32 = 256;
 /// vCPUs under KVM: the appliance does one job at a time.
 pub const DEFAULT_CPUS: u32 = 1;
 /// vCPUs under TCG. With a single present CPU the kernel rewrites every `lock` prefix

@@ -293,6 +293,13 @@ pub fn boot() -> Result<File, String> {
     // that never answers says how far it got in the host's error message: nothing
     // (the kernel), "init" (mounts or modules), or "port open" (the handshake).
     log(&format!("init at {started:.3}s"));
+    if !Path::new(imgsafe_proto::INITRAMFS_COMPLETE).exists() {
+        return Err(format!(
+            "the initramfs was not unpacked whole ({} is missing): the guest has too \
+             little memory for it",
+            imgsafe_proto::INITRAMFS_COMPLETE
+        ));
+    }
     mounts().map_err(|e| e.to_string())?;
     start_reaper();
     let mounted = uptime();

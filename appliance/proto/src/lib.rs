@@ -22,6 +22,10 @@ pub mod fstypes;
 pub mod lvm_names;
 pub use escape::unescape_octal;
 
+/// The file the appliance builder writes last into the initramfs; the agent checks it
+/// is there before anything else (see the builder).
+pub const INITRAMFS_COMPLETE: &str = "/etc/imgsafe/complete";
+
 /// Bumped whenever a message changes shape (5: mapped reads, btrfs subvolumes and LUKS
 /// unlock together).
 pub const PROTOCOL_VERSION: u32 = 5;
