@@ -208,21 +208,13 @@ pub fn subvolumes(device: &str) -> Result<(u64, Vec<Subvolume>), OpError> {
     let mut mounted = false;
     for opts in ["rescue=nologreplay,subvolid=5", "nologreplay,subvolid=5"] {
         let data = c(opts)?;
-        // SAFETY: valid NUL-terminated strings that outlive the call.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                dst.as_ptr(),
-                ty.as_ptr(),
-                flags,
-                data.as_ptr().cast(),
-            )
-        };
-        if rc == 0 {
-            mounted = true;
-            break;
+        match crate::mount::mount_syscall(&src, &dst, &ty, flags, &data) {
+            Ok(()) => {
+                mounted = true;
+                break;
+            }
+            Err(e) => last = e,
         }
-        last = std::io::Error::last_os_error();
     }
     if !mounted {
         return Err(OpError::new(

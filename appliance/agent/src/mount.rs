@@ -7,10 +7,36 @@ use crate::probe::probe;
 use crate::resolve::resolve_creating;
 use imgsafe_proto::fstypes::fs_type;
 use imgsafe_proto::ErrorKind;
+use std::ffi::CStr;
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::path::Path;
+
+/// mount(2) itself: the one place the agent calls it for a block filesystem.
+pub(crate) fn mount_syscall(
+    src: &CStr,
+    dst: &CStr,
+    ty: &CStr,
+    flags: libc::c_ulong,
+    data: &CStr,
+) -> io::Result<()> {
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            ty.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
 
 /// Flags of every mount: read-only, and nothing in the image may run or reach a device.
 const FLAGS: libc::c_ulong = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
@@ -107,20 +133,10 @@ pub fn mount(sysroot: &Path, device: &str, mountpoint: &str, how: How) -> Result
             None => opts.to_string(),
         };
         let data = cstr(opts.as_bytes(), "options")?;
-        // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                dst.as_ptr(),
-                ty.as_ptr(),
-                flags,
-                data.as_ptr().cast(),
-            )
-        };
-        if rc == 0 {
-            return Ok(t.to_string());
+        match mount_syscall(&src, &dst, &ty, flags, &data) {
+            Ok(()) => return Ok(t.to_string()),
+            Err(e) => last = e,
         }
-        last = io::Error::last_os_error();
         // A read-write attempt that fails for any reason falls back to read-only.
         let read_write = flags & libc::MS_RDONLY == 0;
         if !read_write && !matches!(last.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENODEV)) {
