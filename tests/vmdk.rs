@@ -250,8 +250,12 @@ fn parent_cid_mismatch_is_refused_unless_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let ([top, mid, _], disk) = chain_of_3(dir.path());
     let text = String::from_utf8_lossy(&fs::read(&mid).unwrap()).into_owned();
-    let cid = text.split("parentCID=").nth(1).unwrap()[..8].to_string();
-    let wrong = if cid.starts_with('0') { "1" } else { "0" }.to_string() + &cid[1..];
+    // qemu writes parentCID without zero padding ("%x"): take the whole token and
+    // flip its lowest bit, keeping its width so the embedded descriptor keeps its size.
+    let cid = text.split("parentCID=").nth(1).unwrap();
+    let cid = &cid[..cid.find(|c: char| c.is_whitespace()).unwrap()];
+    let value = u32::from_str_radix(cid, 16).unwrap() ^ 1;
+    let wrong = format!("{value:0width$x}", width = cid.len());
     fs::write(
         &mid,
         replaced(
@@ -267,7 +271,7 @@ fn parent_cid_mismatch_is_refused_unless_ignored() {
 
     assert_eq!(code(&out), 3, "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("mid.vmdk") && stderr(&out).contains(&format!("expects {wrong}")),
+        stderr(&out).contains("mid.vmdk") && stderr(&out).contains(&format!("expects {value:08x}")),
         "{}",
         stderr(&out)
     );
