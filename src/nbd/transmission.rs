@@ -42,6 +42,8 @@ const _: () = assert!(
 /// Block status asks the decoder about at most this much at a time, so a fragmented
 /// image cannot make one request build an enormous extent list.
 const STATUS_WINDOW: u64 = crate::format::EXTENT_WINDOW;
+/// First window of a one-extent block status query (widened ×8 up to [`STATUS_WINDOW`]).
+const FIRST_STATUS_WINDOW: u64 = 4 << 20;
 
 /// Reply buffers kept for reuse (sparing the zeroing and page faults of a fresh one).
 static POOL: SyncMutex<Vec<Vec<u8>>> = SyncMutex::new(Vec::new());
@@ -461,11 +463,27 @@ pub fn block_status_reply(source: &dyn BlockSource, req: &Request) -> Vec<u8> {
         MAX_DESCRIPTORS
     };
     let mut runs = Vec::new();
-    let mut pos = req.offset;
-    while pos < end && runs.len() < limit {
-        let window_end = end.min(pos.saturating_add(STATUS_WINDOW));
-        runs_of(source, &mut runs, pos, window_end);
-        pos = window_end;
+    if limit == 1 {
+        // One extent wanted (QEMU's client always asks so, once per extent): map a small
+        // window and widen it only while one run covers all of it, so the cost follows
+        // the extent's length rather than the request's.
+        let mut window = FIRST_STATUS_WINDOW;
+        loop {
+            runs.clear();
+            let window_end = end.min(req.offset.saturating_add(window));
+            runs_of(source, &mut runs, req.offset, window_end);
+            if runs.len() > 1 || window_end == end || window >= STATUS_WINDOW {
+                break;
+            }
+            window = (window * 8).min(STATUS_WINDOW);
+        }
+    } else {
+        let mut pos = req.offset;
+        while pos < end && runs.len() < limit {
+            let window_end = end.min(pos.saturating_add(STATUS_WINDOW));
+            runs_of(source, &mut runs, pos, window_end);
+            pos = window_end;
+        }
     }
     runs.truncate(limit);
     let mut buf = Vec::with_capacity(CHUNK_HEADER_LEN + 4 + runs.len() * 8);
@@ -695,5 +713,53 @@ mod tests {
 
         assert_eq!(buf.len(), 20 + 4 + 8);
         assert_eq!(&buf[24..32], &[0, 4, 0, 0, 0, 0, 0, 0]);
+    }
+
+    /// 1 GiB: data up to 100 MiB, a hole after; records the longest range it was asked
+    /// to map.
+    struct LongExtent(std::sync::Mutex<u64>);
+
+    const LONG: u64 = 100 << 20;
+
+    impl BlockSource for LongExtent {
+        fn size(&self) -> u64 {
+            1 << 30
+        }
+        fn read_at(&self, buf: &mut [u8], _offset: u64) -> io::Result<()> {
+            buf.fill(1);
+            Ok(())
+        }
+        fn extents(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+            let mut asked = self.0.lock().unwrap();
+            *asked = (*asked).max(length);
+            let end = offset + length;
+            let split = LONG.clamp(offset, end);
+            Ok([(offset, split, true), (split, end, false)]
+                .into_iter()
+                .filter(|(a, b, _)| a < b)
+                .map(|(a, b, allocated)| Extent {
+                    offset: a,
+                    length: b - a,
+                    allocated,
+                })
+                .collect())
+        }
+        fn layers(&self) -> Vec<LayerInfo> {
+            Vec::new()
+        }
+    }
+
+    #[test]
+    fn req_one_reports_a_long_extent_whole_mapping_little_beyond_it() {
+        let src = LongExtent(std::sync::Mutex::new(0));
+        let r = req(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, u32::MAX);
+
+        let buf = block_status_reply(&src, &r);
+
+        assert_eq!(buf.len(), 20 + 4 + 8);
+        assert_eq!(&buf[24..28], &(LONG as u32).to_be_bytes());
+        assert_eq!(&buf[28..32], &[0, 0, 0, 0]);
+        let asked = *src.0.lock().unwrap();
+        assert!(asked > LONG && asked <= 8 * LONG, "mapped {asked} bytes");
     }
 }

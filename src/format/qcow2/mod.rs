@@ -428,20 +428,46 @@ impl Qcow2 {
         })
     }
 
-    /// State of the run starting at virtual byte `pos` (< size) and its length: to the end
-    /// of the cluster, of a run of like subclusters, or of a whole unmapped L1 span.
-    fn state_at(&self, pos: u64) -> io::Result<(State, u64)> {
+    /// Call `f(pos, len, state)` for each run of `[pos, end)` in order (`end` ≤ size),
+    /// runs ending at cluster, like-subcluster or unmapped-L1-span boundaries (clipped to
+    /// `end`). The L1 entry and L2 table are looked up once per table, not per cluster:
+    /// the cache's lock and bookkeeping were most of a sequential read's CPU time.
+    fn walk(
+        &self,
+        mut pos: u64,
+        end: u64,
+        mut f: impl FnMut(u64, u64, State) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let span = self.l1_span();
+        while pos < end {
+            let span_end = (pos - pos % span).saturating_add(span).min(end);
+            let l2_off = self.l1_entry(pos / span)?;
+            if l2_off == 0 {
+                f(pos, span_end - pos, State::Unalloc)?;
+                pos = span_end;
+                continue;
+            }
+            let table = self.l2_table(l2_off)?;
+            while pos < span_end {
+                let (state, len) = self.entry_state(&table, pos)?;
+                let n = len.min(span_end - pos);
+                f(pos, n, state)?;
+                pos += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// State of the run starting at virtual byte `pos` within the cluster that `table`
+    /// (the L2 table of `pos`'s L1 span) maps, and its length to the end of the cluster
+    /// or of a run of like subclusters.
+    fn entry_state(&self, table: &[u8], pos: u64) -> io::Result<(State, u64)> {
         let cs = self.cs();
         let span = self.l1_span();
-        let l2_off = self.l1_entry(pos / span)?;
-        if l2_off == 0 {
-            return Ok((State::Unalloc, span - pos % span));
-        }
-        let table = self.l2_table(l2_off)?;
         let index = (pos % span) / cs;
         let esize = self.header.l2_entry_size();
         let at = (index * esize) as usize;
-        let entry = be64(&table, at);
+        let entry = be64(table, at);
         let within = pos % cs;
         if entry & OFLAG_COMPRESSED != 0 {
             return self.compressed_state(entry, within);
@@ -472,7 +498,7 @@ impl Qcow2 {
             };
             return Ok((state, cs - within));
         }
-        let bitmap = be64(&table, at + 8);
+        let bitmap = be64(table, at + 8);
         let (alloc, zero) = (bitmap & 0xffff_ffff, bitmap >> 32);
         if alloc & zero != 0 || (!allocated && alloc != 0) {
             return Err(bad_data(
@@ -638,16 +664,14 @@ impl Qcow2 {
             if read > MAX_COUNT_L2_BYTES {
                 return None;
             }
-            let mut pos = i * span;
             let end = ((i + 1) * span).min(self.size);
-            while pos < end {
-                let (state, len) = self.state_at(pos).ok()?;
-                let len = len.min(end - pos);
+            self.walk(i * span, end, |_, len, state| {
                 if matches!(state, State::Data(_) | State::Compressed(..)) {
                     total += len;
                 }
-                pos += len;
-            }
+                Ok(())
+            })
+            .ok()?;
         }
         Some(total)
     }
@@ -690,10 +714,7 @@ impl BlockSource for Qcow2 {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let end = super::check_read(self.size, offset, buf.len() as u64)?;
         let mut run: Option<Run> = None;
-        let mut pos = offset;
-        while pos < end {
-            let (state, len) = self.state_at(pos)?;
-            let n = len.min(end - pos);
+        self.walk(offset, end, |pos, n, state| {
             let start = (pos - offset) as usize;
             let kind = match state {
                 State::Data(h) => RunKind::Host(h),
@@ -708,8 +729,7 @@ impl BlockSource for Qcow2 {
                     let within = (pos % self.cs()) as usize;
                     buf[start..start + n as usize]
                         .copy_from_slice(&cluster[within..within + n as usize]);
-                    pos += n;
-                    continue;
+                    return Ok(());
                 }
             };
             match run.as_mut() {
@@ -726,8 +746,8 @@ impl BlockSource for Qcow2 {
                     });
                 }
             }
-            pos += n;
-        }
+            Ok(())
+        })?;
         match run {
             Some(r) => self.flush(buf, r),
             None => Ok(()),
@@ -738,10 +758,7 @@ impl BlockSource for Qcow2 {
         let end = offset.saturating_add(length).min(self.size);
         // This file's own map: (offset, length, state) with Unalloc left to resolve.
         let mut own: Vec<(u64, u64, bool, bool)> = Vec::new(); // (off, len, allocated, falls through)
-        let mut pos = offset;
-        while pos < end {
-            let (state, len) = self.state_at(pos)?;
-            let n = len.min(end - pos);
+        self.walk(offset.min(end), end, |pos, n, state| {
             let (alloc, through) = match state {
                 State::Data(_) | State::Compressed(..) => (true, false),
                 State::Zero => (false, false),
@@ -751,8 +768,8 @@ impl BlockSource for Qcow2 {
                 Some(l) if l.2 == alloc && l.3 == through => l.1 += n,
                 _ => own.push((pos, n, alloc, through)),
             }
-            pos += n;
-        }
+            Ok(())
+        })?;
         let span = (
             own.iter().find(|r| r.3).map(|r| r.0),
             own.iter().rfind(|r| r.3).map(|r| r.0 + r.1),
