@@ -13,7 +13,7 @@ use crate::{readdir, readfile, walk};
 use imgsafe_proto::{
     read_frame, write_msg, ErrorKind, Frame, FrameError, Request, Response, PROTOCOL_VERSION,
 };
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::path::PathBuf;
 
 /// Longest request text written to the console log.
@@ -68,7 +68,13 @@ fn answer<W: Write>(w: &mut W, r: Result<Response, OpError>) -> io::Result<()> {
 
 impl Agent {
     /// Serve requests from `r`, answering on `w`, until shutdown or disconnection.
-    pub fn serve<R: Read + Send, W: Write>(&self, r: &mut R, w: &mut W) -> Outcome {
+    ///
+    /// Answers are flushed only once no further request is already buffered: the host
+    /// sends a batch of requests at once (`cp` of a tree), and one channel write per batch
+    /// instead of per answer saves a guest exit and a host wake-up per file. The host
+    /// only ever sends whole frames, so a request the buffer holds only part of is
+    /// already on its way and reading it cannot wait on an unflushed answer.
+    pub fn serve<R: Read + Send, W: Write>(&self, r: &mut BufReader<R>, w: &mut W) -> Outcome {
         loop {
             let step = match read_frame::<_, Request>(r) {
                 // A shell session takes over the channel (reader too) until it ends.
@@ -104,7 +110,11 @@ impl Agent {
                     return Outcome::Disconnected
                 }
             };
-            match step.and_then(|o| w.flush().map(|()| o)) {
+            let step = match step {
+                Ok(o) if o.is_none() && !r.buffer().is_empty() => Ok(o),
+                other => other.and_then(|o| w.flush().map(|()| o)),
+            };
+            match step {
                 Ok(Some(outcome)) => return outcome,
                 Ok(None) => {}
                 Err(e) => {
@@ -287,9 +297,8 @@ mod tests {
         agent: Option<JoinHandle<Outcome>>,
     }
 
-    fn start(root: &Path) -> Host {
-        let (host, guest) = UnixStream::pair().unwrap();
-        let agent = Agent {
+    fn agent(root: &Path) -> Agent {
+        Agent {
             sysroot: root.to_path_buf(),
             devices: DeviceRoots {
                 sys: root.join("no-sys"),
@@ -299,7 +308,12 @@ mod tests {
             tools: crate::lvm::Tools::default(),
             disk_wait: std::time::Duration::from_millis(50),
             is_init: false,
-        };
+        }
+    }
+
+    fn start(root: &Path) -> Host {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let agent = agent(root);
         let handle = std::thread::spawn(move || {
             let mut r = io::BufReader::new(guest.try_clone().unwrap());
             let mut w = io::BufWriter::new(guest);
@@ -426,6 +440,50 @@ mod tests {
     }
 
     use std::os::unix::ffi::OsStrExt;
+
+    /// Counts the writes that reach the channel.
+    struct Counting(Vec<u8>, usize);
+
+    impl Write for Counting {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.extend_from_slice(b);
+            self.1 += 1;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_batch_of_requests_is_answered_in_one_channel_write() {
+        let t = tree();
+        let mut requests = Vec::new();
+        for _ in 0..3 {
+            let path = b"/etc/hostname".to_vec();
+            imgsafe_proto::write_msg(&mut requests, &Request::ReadFile { path }).unwrap();
+        }
+        let mut r = BufReader::new(&requests[..]);
+        let mut w = io::BufWriter::new(Counting(Vec::new(), 0));
+
+        let outcome = agent(t.path()).serve(&mut r, &mut w);
+
+        let out = w.into_inner().map_err(|_| ()).unwrap();
+        assert!(matches!(outcome, Outcome::Disconnected));
+        assert_eq!(out.1, 1, "one write for the whole batch");
+        let mut answers = &out.0[..];
+        for _ in 0..3 {
+            let start = read_frame::<_, Response>(&mut answers).unwrap();
+            assert!(matches!(start, Frame::Msg(Response::FileStart { size: 6 })));
+            assert!(
+                matches!(read_frame::<_, Response>(&mut answers), Ok(Frame::Data(d)) if d == b"guest\n")
+            );
+            assert!(matches!(
+                read_frame::<_, Response>(&mut answers),
+                Ok(Frame::Msg(Response::FileEnd))
+            ));
+        }
+    }
 
     #[test]
     fn hello_reports_version_and_kernel() {
