@@ -956,8 +956,8 @@ mod tests {
             is_init: false,
         };
         thread::spawn(move || {
-            let mut r = guest.try_clone().unwrap();
-            let mut w = guest;
+            let mut r = std::io::BufReader::new(guest.try_clone().unwrap());
+            let mut w = std::io::BufWriter::new(guest);
             agent.serve(&mut r, &mut w)
         });
         let mut c = AgentClient::connect(host, &[]).unwrap();
