@@ -1,7 +1,9 @@
 //! `bulk`: copying data out, where the bulk data path (the host reading mapped files
 //! from the image) should show: `cp` of one large random file against
-//! `guestfish --ro -a IMG -m /dev/sda copy-out` and against imgsafe's own stream
-//! through the guest (`IMGSAFE_BULK=0`); and `cp -r` of a tree of many small files
+//! `guestfish --ro -a IMG -m DEVICE copy-out`, on ext4, xfs, ext4 in an LVM linear LV on
+//! a partition (mapped through device-mapper) and btrfs (streamed: its FIEMAP is not a
+//! device offset), and on ext4 against imgsafe's own stream through the guest
+//! (`IMGSAFE_BULK=0`); `IMGSAFE_BENCH_BULK_LAYOUTS=ext4,xfs` picks layouts; and `cp -r` of a tree of many small files
 //! against `virt-tar-out IMG /dir - | tar -x` (as `guestfish --ro -m /dev/sda tar-out`,
 //! since virt-tar-out's `-i` needs an inspectable OS), with imgsafe's own tar stream
 //! (`imgsafe cp IMG:/dir - | tar -x`) beside it.
@@ -163,6 +165,111 @@ fn ext4(tree: &Path, image: &Path, mib: u64) -> Result<()> {
     super::util::warm_page_cache(image)
 }
 
+/// An xfs image of the large-file tree (`etc/hostname`, `big.bin`) of `mib` MiB, from an
+/// mkfs.xfs protofile (xfs has no `-d DIR`).
+fn xfs(tree: &Path, image: &Path, mib: u64) -> Result<()> {
+    std::fs::File::create(image)?.set_len(mib * MIB)?;
+    let proto = image.with_extension("proto");
+    let file = |name: &str| -> Result<String> {
+        let p = tree.join(name);
+        let shown = p.display().to_string();
+        if shown.contains(char::is_whitespace) {
+            bail!("{shown}: a protofile cannot name a path with spaces");
+        }
+        Ok(shown)
+    };
+    std::fs::write(
+        &proto,
+        format!(
+            "/dev/null\n0 0\nd--755 0 0\netc d--755 0 0\nhostname ---644 0 0 {}\n$\nbig.bin ---644 0 0 {}\n$\n",
+            file("etc/hostname")?,
+            file("big.bin")?
+        ),
+    )?;
+    let mut c = crate::tool("mkfs.xfs", "xfsprogs")?;
+    c.args(["-q", "-f", "-p"]).arg(&proto).arg(image);
+    ok(&mut c)?;
+    super::util::warm_page_cache(image)
+}
+
+/// A btrfs image of `tree` of `mib` MiB (mkfs.btrfs -r).
+fn btrfs(tree: &Path, image: &Path, mib: u64) -> Result<()> {
+    std::fs::File::create(image)?.set_len(mib * MIB)?;
+    let mut c = crate::tool("mkfs.btrfs", "btrfs-progs")?;
+    c.args(["-q", "-f", "-r"]).arg(tree).arg(image);
+    ok(&mut c)?;
+    super::util::warm_page_cache(image)
+}
+
+/// A disk of `mib` MiB as LVM tools make it: an MBR partition holding a PV, VG `VG`,
+/// one linear LV `LV` over all of it (made by libguestfs in its appliance, `-N lvfs`),
+/// whose contents are then replaced by an ext4 image of `tree` made on the host: one
+/// linear LV on a fresh PV is one contiguous range, at the partition's start plus the
+/// PV's first extent. Returns the LV's device name for guestfish.
+fn lvm(g: &e2e::Guestfs, tree: &Path, image: &Path, mib: u64) -> Result<&'static str> {
+    const LV: &str = "/dev/VG/LV";
+    let spec = format!("{}=lvfs:{LV}:ext4:{mib}M", image.display());
+    ok(g.bare("guestfish")?.args(["-N", &spec, "exit"]))?;
+    let query = |cmd: &[&str]| -> Result<String> {
+        let mut c = g.bare("guestfish")?;
+        c.args(["--ro", "--format=raw", "-a"]).arg(image).arg("run");
+        c.arg(":").args(cmd);
+        Ok(String::from_utf8_lossy(&timed(&mut c)?.stdout).into_owned())
+    };
+    let field = |text: &str, key: &str| -> Result<u64> {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(key)?.trim().strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no {key} in guestfish's answer {text:?}"))
+    };
+    let part_start = field(&query(&["part-list", "/dev/sda"])?, "part_start")?;
+    let pe_start = field(&query(&["pvs-full"])?, "pe_start")?;
+    let lv_size: u64 = query(&["blockdev-getsize64", LV])?
+        .trim()
+        .parse()
+        .context("blockdev-getsize64 answer")?;
+    let fs = image.with_extension("lv.img");
+    let mut c = crate::tool("mke2fs", "e2fsprogs")?;
+    c.args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(tree)
+        .arg(&fs)
+        .arg(format!("{}k", lv_size / 1024));
+    ok(&mut c)?;
+    {
+        use std::io::{Seek, SeekFrom};
+        let mut from = std::fs::File::open(&fs)?;
+        let mut to = std::fs::OpenOptions::new().write(true).open(image)?;
+        to.seek(SeekFrom::Start(part_start + pe_start))?;
+        std::io::copy(&mut from, &mut to)?;
+    }
+    std::fs::remove_file(&fs)?;
+    super::util::warm_page_cache(image)?;
+    Ok(LV)
+}
+
+/// One untimed `imgsafe cp -v SRC DEST`: the seconds of its copy stage as it reports
+/// them (after boot, probe and mount), and what it says about how the file was read.
+fn copy_stage(cmd: &mut Command, src: &str, dest: &Path) -> Result<(f64, String)> {
+    std::fs::create_dir_all(dest)?;
+    let out = timed(cmd.arg("cp").arg("-v").arg(src).arg(dest))?;
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("] cp: "))
+        .context("cp -v printed no copy stage")?;
+    let rest = line.split("] cp: ").nth(1).unwrap_or_default();
+    let secs = rest
+        .split('s')
+        .next()
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("unreadable copy stage {line:?}"))?;
+    let how = rest
+        .split_once('(')
+        .and_then(|(_, r)| r.split_once(')'))
+        .map_or_else(String::new, |(h, _)| h.to_string());
+    Ok((secs, how))
+}
+
 /// Run the group.
 pub fn run(ctx: &mut Ctx) -> Result<()> {
     let rounds: usize = env_num("IMGSAFE_BENCH_ROUNDS", ROUNDS)?;
@@ -227,35 +334,88 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
     let out = ctx.dir().join("bulk-out");
     std::fs::create_dir_all(&out)?;
 
-    // One large file.
-    let src = format!("{}:/big.bin", big_image.display());
+    // One large file, on each layout.
     let big_check = |dest: &Path| -> Result<()> {
         match super::util::first_difference(&big_file, &dest.join("big.bin"))? {
             None => Ok(()),
             Some(d) => bail!("big.bin differs: {d}"),
         }
     };
-    let mut sides = vec![
-        Side::new("imgsafe cp", |d: &Path| {
-            ok(imgsafe(true).arg("cp").arg(&src).arg(d))
-        }),
-        Side::new("guestfish copy-out", |d: &Path| match &guestfs {
-            Ok(g) => ok(&mut g.command(
-                "guestfish",
-                &big_image,
-                &["copy-out", "/big.bin", &d.display().to_string()],
-            )?),
-            Err(why) => bail!("{why}"),
-        }),
-        Side::new("imgsafe cp, IMGSAFE_BULK=0", |d: &Path| {
-            ok(imgsafe(false).arg("cp").arg(&src).arg(d))
-        }),
-    ];
-    println!("cp of a {big_mib} MiB file, {rounds} rounds:");
-    interleaved(&mut sides, rounds, &out, &big_check);
-    let what = format!("cp {big_mib} MiB file");
-    record(ctx, &what, &sides[0], &sides[1]);
-    record(ctx, &what, &sides[0], &sides[2]);
+    let fs_mib = big_mib + big_mib / 8 + 64;
+    let wanted =
+        std::env::var("IMGSAFE_BENCH_BULK_LAYOUTS").unwrap_or_else(|_| "ext4,xfs,lvm,btrfs".into());
+    for layout in wanted.split(',') {
+        let (image, device, label) = match layout {
+            "ext4" => (big_image.clone(), "/dev/sda", "ext4"),
+            "xfs" => {
+                let i = ctx.dir().join("bulk-big-xfs.img");
+                xfs(&big_tree, &i, fs_mib.max(300))?;
+                (i, "/dev/sda", "xfs")
+            }
+            "btrfs" => {
+                let i = ctx.dir().join("bulk-big-btrfs.img");
+                btrfs(&big_tree, &i, fs_mib.max(128))?;
+                (i, "/dev/sda", "btrfs, streamed through the guest")
+            }
+            "lvm" => {
+                let Ok(g) = &guestfs else {
+                    println!("LVM layout skipped: it is made with libguestfs, which is not usable");
+                    continue;
+                };
+                let i = ctx.dir().join("bulk-big-lvm.img");
+                let dev = lvm(g, &big_tree, &i, fs_mib + 16)?;
+                (i, dev, "ext4 on an LVM linear LV on a partition")
+            }
+            other => bail!(
+                "IMGSAFE_BENCH_BULK_LAYOUTS: unknown layout {other:?} (ext4, xfs, lvm, btrfs)"
+            ),
+        };
+        let src = format!("{}:/big.bin", image.display());
+        let mut sides = vec![
+            Side::new("imgsafe cp", |d: &Path| {
+                ok(imgsafe(true).arg("cp").arg(&src).arg(d))
+            }),
+            Side::new("guestfish copy-out", |d: &Path| match &guestfs {
+                Ok(g) => ok(&mut g.command_on(
+                    "guestfish",
+                    &image,
+                    device,
+                    &["copy-out", "/big.bin", &d.display().to_string()],
+                )?),
+                Err(why) => bail!("{why}"),
+            }),
+        ];
+        // The guest stream, once, on the first layout only: it does not depend on it.
+        if layout == "ext4" {
+            sides.push(Side::new("imgsafe cp, IMGSAFE_BULK=0", |d: &Path| {
+                ok(imgsafe(false).arg("cp").arg(&src).arg(d))
+            }));
+        }
+        println!("cp of a {big_mib} MiB file on {label}, {rounds} rounds:");
+        interleaved(&mut sides, rounds, &out, &big_check);
+        let what = format!("cp {big_mib} MiB file, {layout}");
+        record(ctx, &what, &sides[0], &sides[1]);
+        if let Some(stream) = sides.get(2) {
+            record(ctx, &what, &sides[0], stream);
+        }
+        if let Some(m) = median(&sides[0].samples) {
+            println!(
+                "  imgsafe cp on {label}: {:.0} MiB/s over the whole command (start-up included)",
+                big_mib as f64 / m
+            );
+        }
+        match copy_stage(&mut imgsafe(true), &src, &out.join("dest")) {
+            Ok((secs, mapped)) => println!(
+                "  imgsafe cp on {label}, copy stage of one more run (cp -v): {secs:.3} s, {:.0} MiB/s after start-up, {mapped}",
+                big_mib as f64 / secs
+            ),
+            Err(e) => println!("  imgsafe cp -v on {label}: {e:#}"),
+        }
+        let _ = e2e::remove_tree(&out.join("dest"));
+        if image != big_image {
+            std::fs::remove_file(&image)?;
+        }
+    }
 
     // Many small files.
     let src = format!("{}:/tree", small_image.display());

@@ -258,17 +258,34 @@ impl Guestfs {
     /// `NAME --format=raw -a IMAGE -m /dev/sda ARGS...` (guestfish also gets `--ro`: the
     /// virt-* tools are read-only by themselves, guestfish is not).
     pub(super) fn command(&self, name: &str, image: &Path, args: &[&str]) -> Result<Command> {
+        self.command_on(name, image, "/dev/sda", args)
+    }
+
+    /// `NAME` with only the backend settings: for making images (`guestfish -N`).
+    pub(super) fn bare(&self, name: &str) -> Result<Command> {
         let mut c = crate::tool(name, GUESTFS_PACKAGE)?;
-        if name == "guestfish" {
-            c.arg("--ro");
-        }
         c.env("LIBGUESTFS_BACKEND", "direct");
         if let Some(s) = self.settings {
             c.env("LIBGUESTFS_BACKEND_SETTINGS", s);
         }
+        Ok(c)
+    }
+
+    /// [`Guestfs::command`] mounting `device` (an LV, a partition) instead of /dev/sda.
+    pub(super) fn command_on(
+        &self,
+        name: &str,
+        image: &Path,
+        device: &str,
+        args: &[&str],
+    ) -> Result<Command> {
+        let mut c = self.bare(name)?;
+        if name == "guestfish" {
+            c.arg("--ro");
+        }
         c.args(["--format=raw", "-a"])
             .arg(image)
-            .args(["-m", "/dev/sda"])
+            .args(["-m", device])
             .args(args);
         Ok(c)
     }
