@@ -37,7 +37,53 @@ pub(crate) fn open_regular(root: &Path, path: &[u8]) -> Result<(File, u64), OpEr
 /// Answer `ReadFile` on `w`: `FileStart`, data frames, `FileEnd` — or `Error` at any
 /// point. Only an error writing to the channel is returned.
 pub fn read_file<W: Write>(root: &Path, path: &[u8], w: &mut W) -> io::Result<()> {
-    let (file, size) = match open_regular(root, path) {
+    send_file(path, open_regular(root, path), w)
+}
+
+/// Files of one batch small enough to be read ahead, and the most bytes read ahead for
+/// one batch: well inside the guest's page cache.
+const PREFETCH_FILE_MAX: u64 = 1 << 20;
+const PREFETCH_BATCH_MAX: u64 = 16 << 20;
+
+/// Answer several `ReadFile` requests, in order, as [`read_file`] would one by one; but
+/// first open them all and ask the kernel to read the small ones ahead. A tree of small
+/// files otherwise costs one synchronous disk read per file, each a round trip through
+/// the emulated disk to the host; asked together, they are in flight at once and the
+/// block layer merges neighbours.
+pub fn read_files<W: Write>(root: &Path, paths: &[Vec<u8>], w: &mut W) -> io::Result<()> {
+    let opened: Vec<_> = paths.iter().map(|p| open_regular(root, p)).collect();
+    let mut budget = PREFETCH_BATCH_MAX;
+    for (file, size) in opened.iter().flatten() {
+        if *size <= PREFETCH_FILE_MAX && *size <= budget {
+            budget -= size;
+            prefetch(file, *size);
+        }
+    }
+    for (path, o) in paths.iter().zip(opened) {
+        send_file(path, o, w)?;
+    }
+    Ok(())
+}
+
+/// Start reading `file` into the page cache without waiting (a hint: failure is
+/// harmless, the read then simply happens when the file is sent).
+fn prefetch(file: &File, size: u64) {
+    use std::os::fd::AsRawFd;
+    let len = libc::off_t::try_from(size).unwrap_or(0);
+    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open
+    // for as long as `file` lives, which outlasts the call.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, len, libc::POSIX_FADV_WILLNEED);
+    }
+}
+
+/// Send one file that [`open_regular`] opened (or the error it gave).
+fn send_file<W: Write>(
+    path: &[u8],
+    opened: Result<(File, u64), OpError>,
+    w: &mut W,
+) -> io::Result<()> {
+    let (file, size) = match opened {
         Ok(f) => f,
         Err(e) => return write_msg(w, &e.response()),
     };

@@ -16,6 +16,9 @@ use imgsafe_proto::{
 use std::io::{self, BufReader, Read, Write};
 use std::path::PathBuf;
 
+/// Most file requests answered as one batch (the host sends at most 64 at once).
+const READ_BATCH_MAX: usize = 64;
+
 /// Longest request text written to the console log.
 const LOG_REQUEST_MAX: usize = 200;
 
@@ -75,8 +78,30 @@ impl Agent {
     /// only ever sends whole frames, so a request the buffer holds only part of is
     /// already on its way and reading it cannot wait on an unflushed answer.
     pub fn serve<R: Read + Send, W: Write>(&self, r: &mut BufReader<R>, w: &mut W) -> Outcome {
+        // A frame read while gathering a batch that was not part of it, handled next.
+        let mut pending = None;
         loop {
-            let step = match read_frame::<_, Request>(r) {
+            let frame = match pending.take() {
+                Some(f) => f,
+                None => read_frame::<_, Request>(r),
+            };
+            let step = match frame {
+                // Further file requests already buffered are answered together (see
+                // `readfile::read_files`); the first other frame is kept for next.
+                Ok(Frame::Msg(Request::ReadFile { path })) if !r.buffer().is_empty() => {
+                    let mut paths = vec![path];
+                    while paths.len() < READ_BATCH_MAX && !r.buffer().is_empty() {
+                        match read_frame::<_, Request>(r) {
+                            Ok(Frame::Msg(Request::ReadFile { path })) => paths.push(path),
+                            other => {
+                                pending = Some(other);
+                                break;
+                            }
+                        }
+                    }
+                    self.log(&format!("ReadFile x{}", paths.len()));
+                    readfile::read_files(&self.sysroot, &paths, w).map(|()| None)
+                }
                 // A shell session takes over the channel (reader too) until it ends.
                 Ok(Frame::Msg(Request::Shell(start))) => {
                     crate::shell::run(&self.sysroot, start, r, w).map(|()| None)
@@ -111,7 +136,7 @@ impl Agent {
                 }
             };
             let step = match step {
-                Ok(o) if o.is_none() && !r.buffer().is_empty() => Ok(o),
+                Ok(o) if o.is_none() && (pending.is_some() || !r.buffer().is_empty()) => Ok(o),
                 other => other.and_then(|o| w.flush().map(|()| o)),
             };
             match step {
@@ -453,6 +478,46 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn a_batch_with_a_missing_file_and_another_request_is_answered_in_order() {
+        let t = tree();
+        let mut requests = Vec::new();
+        for path in [&b"/etc/hostname"[..], b"/nope", b"/etc/sub/deep"] {
+            let path = path.to_vec();
+            imgsafe_proto::write_msg(&mut requests, &Request::ReadFile { path }).unwrap();
+        }
+        let path = b"/etc/hostname".to_vec();
+        imgsafe_proto::write_msg(&mut requests, &Request::Stat { path }).unwrap();
+        let mut r = BufReader::new(&requests[..]);
+        let mut w = io::BufWriter::new(Counting(Vec::new(), 0));
+
+        agent(t.path()).serve(&mut r, &mut w);
+
+        let out = w.into_inner().map_err(|_| ()).unwrap();
+        let mut a = &out.0[..];
+        let mut next = || read_frame::<_, Response>(&mut a).unwrap();
+        assert!(matches!(
+            next(),
+            Frame::Msg(Response::FileStart { size: 6 })
+        ));
+        assert!(matches!(next(), Frame::Data(d) if d == b"guest\n"));
+        assert!(matches!(next(), Frame::Msg(Response::FileEnd)));
+        assert!(matches!(
+            next(),
+            Frame::Msg(Response::Error {
+                kind: ErrorKind::NotFound,
+                ..
+            })
+        ));
+        assert!(matches!(
+            next(),
+            Frame::Msg(Response::FileStart { size: 1 })
+        ));
+        assert!(matches!(next(), Frame::Data(d) if d == b"x"));
+        assert!(matches!(next(), Frame::Msg(Response::FileEnd)));
+        assert!(matches!(next(), Frame::Msg(Response::Stat { .. })));
     }
 
     #[test]
