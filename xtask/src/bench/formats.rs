@@ -3,7 +3,9 @@
 //! `-c` zlib-compressed clusters), a dynamic VDI, a dynamic VHDX and a sparse and a
 //! stream-optimized VMDK; each is served by `imgsafe serve` (imgsafe's own decoder) and
 //! by `qemu-nbd -f vpc|parallels|qcow2|vdi|vhdx|vmdk` (qemu's), and read whole with
-//! `qemu-img convert -O raw`.
+//! `qemu-img convert -O raw`. `IMGSAFE_BENCH_FORMATS=qcow2,vdi` picks formats by file
+//! name (`disk.vhd`, `disk.hds`, `disk.qcow2`, `disk-c.qcow2`, `disk.vdi`, `disk.vhdx`,
+//! `disk.vmdk`, `disk-stream.vmdk`).
 
 use super::nbd::{push, qemu_img_convert, remove, start_imgsafe, start_qemu_nbd, time_rounds};
 use super::util::{self, output_dir, timed, Server};
@@ -78,7 +80,15 @@ const FORMATS: [Format; 8] = [
 pub fn run(ctx: &mut Ctx) -> Result<()> {
     let raw = ctx.raw_image()?;
     let out = output_dir(ctx.dir(), 2 * RAW_SIZE)?;
-    for f in &FORMATS {
+    // IMGSAFE_BENCH_FORMATS=qcow2,vmdk: only the formats whose file name contains one.
+    let wanted = std::env::var("IMGSAFE_BENCH_FORMATS").unwrap_or_default();
+    let picked = |f: &Format| {
+        wanted.is_empty()
+            || wanted
+                .split(',')
+                .any(|w| !w.is_empty() && f.file.contains(w))
+    };
+    for f in FORMATS.iter().filter(|f| picked(f)) {
         println!("\n--- {} ---", f.label);
         if let Err(e) = one_format(ctx, &raw, out.path(), f) {
             println!("{}: stopped: {e:#}", f.label);

@@ -94,7 +94,8 @@ pub(super) fn start_qemu_nbd(
     .map_err(|e| format!("{e:#}"))
 }
 
-/// Time `client` against every server for [`ROUNDS`] rounds, alternating which server
+/// Time `client` against every server for [`ROUNDS`] rounds (`IMGSAFE_BENCH_ROUNDS`
+/// overrides), alternating which server
 /// goes first so slow drift (page cache, CPU frequency) is shared; `cleanup` runs after
 /// every run. A server that could not start, or a run that fails, gives `Skipped`.
 pub(super) fn time_rounds(
@@ -106,7 +107,12 @@ pub(super) fn time_rounds(
         .iter()
         .map(|(_, s)| s.as_ref().map(|_| Vec::new()).map_err(Clone::clone))
         .collect();
-    for round in 0..ROUNDS {
+    let rounds = std::env::var("IMGSAFE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or(ROUNDS);
+    for round in 0..rounds {
         let mut order: Vec<usize> = (0..sides.len()).collect();
         if round % 2 == 1 {
             order.reverse();
