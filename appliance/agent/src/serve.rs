@@ -99,7 +99,9 @@ impl Agent {
                             }
                         }
                     }
-                    self.log(&format!("ReadFile x{}", paths.len()));
+                    if self.debug {
+                        self.log(&format!("ReadFile x{}", paths.len()));
+                    }
                     readfile::read_files(&self.sysroot, &paths, w).map(|()| None)
                 }
                 // A shell session takes over the channel (reader too) until it ends.
@@ -480,22 +482,40 @@ mod tests {
         }
     }
 
+    /// Serve `requests`, all buffered at once, to the end; the outcome and what reached
+    /// the channel.
+    fn serve_buffered(root: &Path, requests: &[Request]) -> (Outcome, Counting) {
+        let mut bytes = Vec::new();
+        for req in requests {
+            imgsafe_proto::write_msg(&mut bytes, req).unwrap();
+        }
+        let mut r = BufReader::new(&bytes[..]);
+        let mut w = io::BufWriter::new(Counting(Vec::new(), 0));
+        let outcome = agent(root).serve(&mut r, &mut w);
+        (outcome, w.into_inner().map_err(|_| ()).unwrap())
+    }
+
+    fn read_file(path: &[u8]) -> Request {
+        Request::ReadFile {
+            path: path.to_vec(),
+        }
+    }
+
     #[test]
     fn a_batch_with_a_missing_file_and_another_request_is_answered_in_order() {
         let t = tree();
-        let mut requests = Vec::new();
-        for path in [&b"/etc/hostname"[..], b"/nope", b"/etc/sub/deep"] {
-            let path = path.to_vec();
-            imgsafe_proto::write_msg(&mut requests, &Request::ReadFile { path }).unwrap();
-        }
-        let path = b"/etc/hostname".to_vec();
-        imgsafe_proto::write_msg(&mut requests, &Request::Stat { path }).unwrap();
-        let mut r = BufReader::new(&requests[..]);
-        let mut w = io::BufWriter::new(Counting(Vec::new(), 0));
+        let stat = Request::Stat {
+            path: b"/etc/hostname".to_vec(),
+        };
+        let requests = [
+            read_file(b"/etc/hostname"),
+            read_file(b"/nope"),
+            read_file(b"/etc/sub/deep"),
+            stat,
+        ];
 
-        agent(t.path()).serve(&mut r, &mut w);
+        let (_, out) = serve_buffered(t.path(), &requests);
 
-        let out = w.into_inner().map_err(|_| ()).unwrap();
         let mut a = &out.0[..];
         let mut next = || read_frame::<_, Response>(&mut a).unwrap();
         assert!(matches!(
@@ -523,17 +543,10 @@ mod tests {
     #[test]
     fn a_batch_of_requests_is_answered_in_one_channel_write() {
         let t = tree();
-        let mut requests = Vec::new();
-        for _ in 0..3 {
-            let path = b"/etc/hostname".to_vec();
-            imgsafe_proto::write_msg(&mut requests, &Request::ReadFile { path }).unwrap();
-        }
-        let mut r = BufReader::new(&requests[..]);
-        let mut w = io::BufWriter::new(Counting(Vec::new(), 0));
+        let requests = [0; 3].map(|_| read_file(b"/etc/hostname"));
 
-        let outcome = agent(t.path()).serve(&mut r, &mut w);
+        let (outcome, out) = serve_buffered(t.path(), &requests);
 
-        let out = w.into_inner().map_err(|_| ()).unwrap();
         assert!(matches!(outcome, Outcome::Disconnected));
         assert_eq!(out.1, 1, "one write for the whole batch");
         let mut answers = &out.0[..];
