@@ -4,8 +4,8 @@
 //! a partition (mapped through device-mapper) and btrfs (streamed: its FIEMAP is not a
 //! device offset), and on ext4 against imgsafe's own stream through the guest
 //! (`IMGSAFE_BULK=0`); `IMGSAFE_BENCH_BULK_LAYOUTS=ext4,xfs` picks layouts (empty: none),
-//! `IMGSAFE_BENCH_OUT=DIR` puts the copies in DIR (a tmpfs, say); and `cp -r` of a tree of many small files
-//! against `virt-tar-out IMG /dir - | tar -x` (as `guestfish --ro -m /dev/sda tar-out`,
+//! `IMGSAFE_BENCH_OUT=DIR` puts the copies in DIR (a tmpfs, say); and `cp -r` of a tree
+//! of many small files against `virt-tar-out IMG /dir - | tar -x` (as `guestfish --ro -m /dev/sda tar-out`,
 //! since virt-tar-out's `-i` needs an inspectable OS), with imgsafe's own tar stream
 //! (`imgsafe cp IMG:/dir - | tar -x`) beside it.
 //!
@@ -15,7 +15,7 @@
 //! `IMGSAFE_BENCH_ROUNDS=1 IMGSAFE_BENCH_BULK_MIB=16 IMGSAFE_BENCH_SMALL_FILES=200`.
 
 use super::e2e::{self, same_tree};
-use super::util::{fmt_samples, median, timed, SplitMix, MIB};
+use super::util::{env_num, fmt_samples, median, timed, SplitMix, MIB};
 use super::{print_comparison, Ctx, Outcome, Row};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -32,15 +32,6 @@ const SMALL_FILES: usize = 20_000;
 const SMALL_SIZE: usize = 1024;
 /// Small files per directory.
 const PER_DIR: usize = 200;
-
-fn env_num<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
-    match std::env::var(name) {
-        Err(_) => Ok(default),
-        Ok(v) => v
-            .parse()
-            .map_err(|_| anyhow::anyhow!("{name}={v:?}: expected a number")),
-    }
-}
 
 /// How a side runs once into a fresh DEST.
 type RunInto<'a> = Box<dyn Fn(&Path) -> Result<()> + 'a>;
@@ -156,13 +147,18 @@ fn record(ctx: &mut Ctx, what: &str, mine: &Side<'_>, peer: &Side<'_>) {
 }
 
 /// An ext4 image of `tree` of `mib` MiB (mke2fs -d).
-fn ext4(tree: &Path, image: &Path, mib: u64) -> Result<()> {
+fn make_ext4(tree: &Path, image: &Path, mib: u64) -> Result<()> {
     let mut c = crate::tool("mke2fs", "e2fsprogs")?;
     c.args(["-q", "-F", "-t", "ext4", "-N", "60000", "-d"])
         .arg(tree)
         .arg(image)
         .arg(format!("{mib}M"));
-    ok(&mut c)?;
+    ok(&mut c)
+}
+
+/// [`make_ext4`], then the image read once into the page cache for the timed runs.
+fn ext4(tree: &Path, image: &Path, mib: u64) -> Result<()> {
+    make_ext4(tree, image, mib)?;
     super::util::warm_page_cache(image)
 }
 
@@ -229,13 +225,11 @@ fn lvm(g: &e2e::Guestfs, tree: &Path, image: &Path, mib: u64) -> Result<&'static
         .trim()
         .parse()
         .context("blockdev-getsize64 answer")?;
+    if !lv_size.is_multiple_of(MIB) {
+        bail!("LV of {lv_size} bytes is not whole MiB");
+    }
     let fs = image.with_extension("lv.img");
-    let mut c = crate::tool("mke2fs", "e2fsprogs")?;
-    c.args(["-q", "-F", "-t", "ext4", "-d"])
-        .arg(tree)
-        .arg(&fs)
-        .arg(format!("{}k", lv_size / 1024));
-    ok(&mut c)?;
+    make_ext4(tree, &fs, lv_size / MIB)?;
     {
         use std::io::{Seek, SeekFrom};
         let mut from = std::fs::File::open(&fs)?;

@@ -107,10 +107,9 @@ pub(super) fn time_rounds(
         .iter()
         .map(|(_, s)| s.as_ref().map(|_| Vec::new()).map_err(Clone::clone))
         .collect();
-    let rounds = std::env::var("IMGSAFE_BENCH_ROUNDS")
+    let rounds = util::env_num("IMGSAFE_BENCH_ROUNDS", ROUNDS)
         .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n: &usize| n > 0)
+        .filter(|&n| n > 0)
         .unwrap_or(ROUNDS);
     for round in 0..rounds {
         let mut order: Vec<usize> = (0..sides.len()).collect();

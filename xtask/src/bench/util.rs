@@ -388,6 +388,16 @@ pub fn extent_kind(index: u64) -> Extent {
     }
 }
 
+/// The number in environment variable `name`, or `default` when it is not set.
+pub fn env_num<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(v) => v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}={v:?}: expected a number")),
+    }
+}
+
 /// Write a raw disk image of `size` bytes (a multiple of 1 MiB) with realistic content:
 /// mostly data, some holes (see [`extent_kind`]). Returns the bytes of data written.
 pub fn make_raw_image(path: &Path, size: u64) -> Result<u64> {
