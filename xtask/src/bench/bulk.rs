@@ -162,10 +162,15 @@ fn ext4(tree: &Path, image: &Path, mib: u64) -> Result<()> {
     super::util::warm_page_cache(image)
 }
 
-/// An xfs image of the large-file tree (`etc/hostname`, `big.bin`) of `mib` MiB, from an
-/// mkfs.xfs protofile (xfs has no `-d DIR`).
-fn xfs(tree: &Path, image: &Path, mib: u64) -> Result<()> {
-    std::fs::File::create(image)?.set_len(mib * MIB)?;
+/// An xfs image of the large-file tree (`etc/hostname`, `big.bin`), from an mkfs.xfs
+/// protofile (xfs has no `-d DIR`), with two allocation groups each larger than the
+/// `file_mib` MiB file. mkfs.xfs 6.1 writes a protofile's file as one run from its first
+/// extent, so a file that needs extents in two groups overwrites the next group's
+/// headers (xfs_repair then finds garbage in the log and btrees); inside one group the
+/// free space is a single extent and the image is sound.
+fn xfs(tree: &Path, image: &Path, file_mib: u64) -> Result<()> {
+    let ag_mib = (file_mib + file_mib / 4 + 64).max(300);
+    std::fs::File::create(image)?.set_len(2 * ag_mib * MIB)?;
     let proto = image.with_extension("proto");
     let file = |name: &str| -> Result<String> {
         let p = tree.join(name);
@@ -184,7 +189,9 @@ fn xfs(tree: &Path, image: &Path, mib: u64) -> Result<()> {
         ),
     )?;
     let mut c = crate::tool("mkfs.xfs", "xfsprogs")?;
-    c.args(["-q", "-f", "-p"]).arg(&proto).arg(image);
+    c.args(["-q", "-f", "-d", "agcount=2", "-p"])
+        .arg(&proto)
+        .arg(image);
     ok(&mut c)?;
     super::util::warm_page_cache(image)
 }
@@ -349,7 +356,7 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
             "ext4" => (big_image.clone(), "/dev/sda", "ext4"),
             "xfs" => {
                 let i = ctx.dir().join("bulk-big-xfs.img");
-                xfs(&big_tree, &i, fs_mib.max(300))?;
+                xfs(&big_tree, &i, big_mib)?;
                 (i, "/dev/sda", "xfs")
             }
             "btrfs" => {
