@@ -16,13 +16,16 @@ put() { # target name flagbyte file [maxbytes]
   } > "$out/$t/$n"
 }
 fill() { qemu-io -f "$1" -c 'write -P 0x5a 0 64k' -c 'write -P 0xa5 1M 64k' -c 'write -z 2M 64k' "$2" >/dev/null; }
-# VMDK
+# VMDK: a sparse image written through qemu-io (data, and a zeroed range), the same
+# disk converted to streamOptimized, and a delta over the sparse one.
+qemu-img create -q -f vmdk -o subformat=monolithicSparse "$w/monolithicSparse.vmdk" 4M
+fill vmdk "$w/monolithicSparse.vmdk"
+qemu-img convert -O vmdk -o subformat=streamOptimized "$w/monolithicSparse.vmdk" "$w/streamOptimized.vmdk"
 for sub in monolithicSparse streamOptimized; do
-  qemu-img create -q -f vmdk -o subformat=$sub "$w/$sub.vmdk" 4M
-  [ $sub = streamOptimized ] && { qemu-img create -q -f raw "$w/r.raw" 4M; fill raw "$w/r.raw"; qemu-img convert -O vmdk -o subformat=$sub "$w/r.raw" "$w/$sub.vmdk"; } || fill vmdk "$w/$sub.vmdk"
   put vmdk_open $sub-1 01 "$w/$sub.vmdk"; put vmdk_open $sub-0 00 "$w/$sub.vmdk"
 done
-qemu-img create -q -f vmdk -o subformat=monolithicSparse,backing_file=monolithicSparse.vmdk,backing_fmt=vmdk "$w/delta.vmdk" 4M 2>/dev/null && put vmdk_open delta-1 01 "$w/delta.vmdk" || true
+qemu-img create -q -f vmdk -o subformat=monolithicSparse,backing_file=monolithicSparse.vmdk,backing_fmt=vmdk "$w/delta.vmdk" 4M
+put vmdk_open delta-1 01 "$w/delta.vmdk"
 printf '# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n# Extent description\nRW 8 FLAT "data.bin" 0\nRW 8 ZERO\n\nddb.virtualHWVersion = "4"\n' > "$w/flat.txt"
 put vmdk_open flat 00 "$w/flat.txt"
 printf '# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="twoGbMaxExtentSparse"\n\nRW 8192 SPARSE "ext.vmdk"\nRW 16 FLAT "data.bin" 1\n' > "$w/sparse.txt"
@@ -31,7 +34,7 @@ printf '# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=87654321\ncrea
 put vmdk_open vmfs 00 "$w/vmfs.txt"
 # OVA
 cp "$w/streamOptimized.vmdk" "$w/disk1.vmdk"; cp "$w/streamOptimized.vmdk" "$w/disk2.vmdk"
-printf '<?xml version="1.0"?>\n<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1"><References><File ovf:href="disk1.vmdk" ovf:id="f1"/></References></Envelope>\n' > "$w/vm.ovf"
+printf '<?xml version="1.0"?>\n<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"><References><File ovf:href="disk1.vmdk" ovf:id="f1"/></References></Envelope>\n' > "$w/vm.ovf"
 (cd "$w" && tar -cf one.ova vm.ovf disk1.vmdk && tar -cf two.ova vm.ovf disk1.vmdk disk2.vmdk && tar --format=pax -cf pax.ova vm.ovf disk1.vmdk)
 put ova_open one 00 "$w/one.ova"; put ova_open two 02 "$w/two.ova"; put ova_open pax 00 "$w/pax.ova"
 # VDI
