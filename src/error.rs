@@ -162,6 +162,13 @@ pub fn write_output(r: io::Result<()>) -> Result<()> {
     }
 }
 
+/// A command's whole output written to stdout and flushed, through [`write_output`].
+pub fn print_output(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut out = io::stdout().lock();
+    write_output(out.write_all(bytes).and_then(|()| out.flush()))
+}
+
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -96,6 +96,43 @@ fn raw_image_json() {
     assert_eq!(hashes(dir.path()), before);
 }
 
+/// Regression: `info` turned a reader that went away (`imgsafe info IMG | head -c1`)
+/// into exit 1, where every other command treats it as the end of its output.
+#[test]
+fn a_closed_reader_ends_info_quietly_a_full_disk_is_an_output_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+
+    let closed = support::imgsafe()
+        .args(["info", raw.to_str().unwrap()])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let no_space = support::imgsafe()
+        .args(["info", "--json", raw.to_str().unwrap()])
+        .stdout(full)
+        .output()
+        .unwrap();
+
+    assert_eq!(support::code(&closed), 0, "{}", support::stderr(&closed));
+    assert_eq!(support::stderr(&closed), "");
+    assert_eq!(support::code(&no_space), 1);
+    assert_eq!(
+        support::stderr(&no_space),
+        "imgsafe: writing output: No space left on device (os error 28)\n"
+    );
+}
+
 #[test]
 fn ploop_image_json_and_text() {
     let dir = tempfile::tempdir().unwrap();

@@ -11,30 +11,31 @@ pub fn completions(args: CompletionsArgs) -> Result<()> {
     let mut cmd = Cli::command();
     let mut out = Vec::new();
     clap_complete::generate(args.shell, &mut cmd, "imgsafe", &mut out);
-    write_stdout(&out)
+    crate::error::print_output(&out)
 }
 
 /// Print the manual page (roff) on stdout: imgsafe(1), with every subcommand's options.
 pub fn man() -> Result<()> {
-    write_stdout(&man_page()?)
+    // Rendering writes into memory; only the final write to stdout can really fail.
+    let page = man_page().map_err(Error::Output)?;
+    crate::error::print_output(&page)
 }
 
 /// The roff text of imgsafe(1): the top-level page, then one section per subcommand.
-pub fn man_page() -> Result<Vec<u8>> {
+pub fn man_page() -> std::io::Result<Vec<u8>> {
     let cmd = Cli::command();
     let mut out = Vec::new();
-    let io = |e: std::io::Error| Error::Other(format!("writing the manual page: {e}"));
     let man = clap_mangen::Man::new(cmd.clone());
-    man.render_title(&mut out).map_err(io)?;
-    man.render_name_section(&mut out).map_err(io)?;
-    man.render_synopsis_section(&mut out).map_err(io)?;
-    man.render_description_section(&mut out).map_err(io)?;
-    man.render_options_section(&mut out).map_err(io)?;
+    man.render_title(&mut out)?;
+    man.render_name_section(&mut out)?;
+    man.render_synopsis_section(&mut out)?;
+    man.render_description_section(&mut out)?;
+    man.render_options_section(&mut out)?;
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
-        render_subcommand(&mut out, sub).map_err(io)?;
+        render_subcommand(&mut out, sub)?;
     }
-    render_exit_status(&mut out).map_err(io)?;
-    man.render_version_section(&mut out).map_err(io)?;
+    render_exit_status(&mut out)?;
+    man.render_version_section(&mut out)?;
     Ok(out)
 }
 
@@ -93,12 +94,6 @@ fn escape_roff(s: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-fn write_stdout(bytes: &[u8]) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    // `imgsafe man | head` is not a failure.
-    crate::error::write_output(out.write_all(bytes).and_then(|()| out.flush()))
 }
 
 #[cfg(test)]

@@ -5,7 +5,6 @@ use crate::session::{self, Session};
 use crate::Result;
 use imgsafe_proto::{FsInfo, Subvolume};
 use std::collections::BTreeMap;
-use std::io::Write;
 
 /// Each btrfs device's subvolumes: (default id, list).
 type Subvolumes = BTreeMap<String, (u64, Vec<Subvolume>)>;
@@ -49,7 +48,7 @@ pub fn run(args: FilesystemsArgs) -> Result<()> {
     } else {
         table(&list, root.as_deref(), detected.is_some()) + &subvolume_table(&subvolumes)
     };
-    crate::error::write_output(std::io::stdout().write_all(out.as_bytes()))
+    crate::error::print_output(out.as_bytes())
 }
 
 /// Guest-supplied text made safe before it reaches a terminal.

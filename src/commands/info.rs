@@ -3,7 +3,6 @@
 use crate::cli::InfoArgs;
 use crate::format::{count_allocated, BlockSource, LayerInfo, SnapshotInfo, MAX_COUNTED_EXTENTS};
 use crate::Result;
-use std::io::Write;
 use std::path::Path;
 
 /// What `info` reports, gathered from a decoded image.
@@ -224,10 +223,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
     } else {
         info.to_text()
     };
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.flush())
-        .map_err(|e| crate::Error::Other(format!("stdout: {e}")))
+    crate::error::print_output(text.as_bytes())
 }
 
 #[cfg(test)]

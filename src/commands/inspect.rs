@@ -6,7 +6,6 @@ use crate::guest_os::{self, Report};
 use crate::session::Session;
 use crate::terminal::printable;
 use crate::{vm, Error, Result};
-use std::io::Write;
 
 /// Run `imgsafe inspect`.
 pub fn run(args: InspectArgs) -> Result<()> {
@@ -54,15 +53,13 @@ fn gather(s: &mut Session, args: &InspectArgs) -> Result<Report> {
 
 fn print(r: &Report, json: bool) -> Result<()> {
     let text = if json {
-        let mut t = serde_json::to_string_pretty(r)
-            .map_err(|e| Error::Other(format!("writing JSON: {e}")))?;
+        let mut t = serde_json::to_string_pretty(r).map_err(|e| Error::Output(e.into()))?;
         t.push('\n');
         t
     } else {
         summary(r)
     };
-    let mut out = std::io::stdout().lock();
-    crate::error::write_output(out.write_all(text.as_bytes()).and_then(|()| out.flush()))
+    crate::error::print_output(text.as_bytes())
 }
 
 /// A short human summary; guest text shown with control characters as `?`.
