@@ -164,6 +164,23 @@ fn agent_error(kind: ErrorKind, message: String, path: &[u8]) -> Error {
     }
 }
 
+/// A call the host could not make, through no fault of the guest's.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The kernel gave no random bytes for the session nonce and the guest's entropy.
+    #[error("getrandom: {0}")]
+    Entropy(#[source] std::io::Error),
+    /// A path to ask the guest about is longer than the protocol carries, or holds a NUL.
+    #[error("{path}: path too long or contains NUL")]
+    BadPath {
+        /// The path, lossily decoded.
+        path: String,
+    },
+    /// A batch asked for the map of a file other than its last.
+    #[error("only the last file of a batch may be mapped")]
+    MappedNotLast,
+}
+
 /// How often a wait for the agent's first answer asks whether to go on.
 pub const ANSWER_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -218,7 +235,7 @@ impl AgentClient {
             writable_mounts: false,
         };
         let mut fresh = [0u8; 8 + HELLO_ENTROPY];
-        random_bytes(&mut fresh).map_err(|e| Error::Other(format!("getrandom: {e}")))?;
+        random_bytes(&mut fresh).map_err(ClientError::Entropy)?;
         let (nonce, entropy) = fresh.split_at(8);
         let nonce = u64::from_le_bytes(nonce.try_into().expect("8 bytes"));
         c.send(&Request::Hello {
@@ -471,10 +488,10 @@ impl AgentClient {
 
 fn check_path(path: &[u8]) -> Result<()> {
     if path.len() > proto::MAX_PATH || path.contains(&0) {
-        return Err(Error::Other(format!(
-            "{}: path too long or contains NUL",
-            String::from_utf8_lossy(path)
-        )));
+        return Err(ClientError::BadPath {
+            path: String::from_utf8_lossy(path).into_owned(),
+        }
+        .into());
     }
     Ok(())
 }
@@ -608,9 +625,7 @@ impl GuestFs for AgentClient {
             return Ok(());
         };
         if head.iter().any(|f| f.mapped) {
-            return Err(Error::Other(
-                "only the last file of a batch may be mapped".into(),
-            ));
+            return Err(ClientError::MappedNotLast.into());
         }
         for f in files {
             check_path(&f.path)?;

@@ -83,9 +83,18 @@ pub enum Error {
     /// A step of `cp` failed on the host side (the destination, mostly).
     #[error(transparent)]
     Copy(#[from] crate::commands::cp::CpError),
-    /// Any other failure, already phrased as one sentence.
-    #[error("{0}")]
-    Other(String),
+    /// A session could not be set up on the host (run directory, NBD server, overlay).
+    #[error(transparent)]
+    Session(#[from] crate::session::SessionError),
+    /// The host could not make a call to the agent (see `agent_client::ClientError`).
+    #[error(transparent)]
+    Client(#[from] crate::agent_client::ClientError),
+    /// The host side of `shell` failed (terminal, pipes).
+    #[error(transparent)]
+    Shell(#[from] crate::commands::shell::ShellError),
+    /// `serve` could not start (signal handlers, socket).
+    #[error(transparent)]
+    Serve(#[from] crate::commands::serve::ServeError),
     /// Arguments clap accepted but the command cannot use (e.g. a cp source without IMAGE:).
     #[error("{0}")]
     Usage(String),
@@ -105,7 +114,12 @@ impl Error {
             | Error::Guest { .. } => exit::APPLIANCE,
             Error::OnImage { source, .. } => source.exit_code(),
             Error::Interrupted => exit::INTERRUPTED,
-            Error::Output(_) | Error::Other(_) | Error::Copy(_) => exit::OTHER,
+            Error::Output(_)
+            | Error::Copy(_)
+            | Error::Session(_)
+            | Error::Client(_)
+            | Error::Shell(_)
+            | Error::Serve(_) => exit::OTHER,
             Error::Usage(_) => exit::USAGE,
         }
     }

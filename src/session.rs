@@ -13,6 +13,32 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// A step of setting a session up on the host that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The private run directory (sockets, overlays) could not be made.
+    #[error(transparent)]
+    RunDir(#[from] crate::rundir::RunDirError),
+    /// A disk's NBD server could not listen on its socket.
+    #[error("starting the NBD server on {}: {source}", socket.display())]
+    NbdServer {
+        /// The socket in the run directory.
+        socket: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A disk's throwaway copy-on-write overlay (`shell --overlay`) could not be made.
+    #[error("creating the overlay {}: {source}", path.display())]
+    Overlay {
+        /// The overlay file in the run directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Default limit for the guest to boot and answer, and for each later answer
 /// (`IMGSAFE_TIMEOUT` seconds overrides).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -196,7 +222,7 @@ impl Session {
             .flat_map(|(_, s)| s.layers())
             .map(|l| l.path)
             .collect();
-        let dir = crate::rundir::create().map_err(|e| Error::Other(e.to_string()))?;
+        let dir = crate::rundir::create().map_err(SessionError::RunDir)?;
         // The bulk data path reads the image (the first disk) itself; never under an
         // overlay, where the guest may have written.
         let bulk = (!overlay).then(|| sources[0].1.clone());
@@ -211,11 +237,11 @@ impl Session {
                 0 => dir.path().join("nbd.sock"),
                 _ => dir.path().join(format!("nbd{i}.sock")),
             };
-            let nbd = nbd::Server::start(source, &nbd_sock, "").map_err(|e| {
-                Error::Other(format!(
-                    "starting the NBD server on {}: {e}",
-                    nbd_sock.display()
-                ))
+            let nbd = nbd::Server::start(source, &nbd_sock, "").map_err(|source| {
+                SessionError::NbdServer {
+                    socket: nbd_sock.clone(),
+                    source,
+                }
             })?;
             servers.push(nbd);
             let overlay_file = dir.path().join(match i {
@@ -223,11 +249,11 @@ impl Session {
                 _ => format!("overlay{i}.qcow2"),
             });
             if overlay {
-                vm::qcow2::create(&overlay_file, disk_size).map_err(|e| {
-                    Error::Other(format!(
-                        "creating the overlay {}: {e}",
-                        overlay_file.display()
-                    ))
+                vm::qcow2::create(&overlay_file, disk_size).map_err(|source| {
+                    SessionError::Overlay {
+                        path: overlay_file.clone(),
+                        source,
+                    }
                 })?;
                 // An overlay grows to at most its disk plus its tables (~0.02%).
                 overlay_bytes = overlay_bytes

@@ -2,8 +2,30 @@
 
 use crate::cli::ServeArgs;
 use crate::nbd::Server;
-use crate::{Error, Result};
+use crate::Result;
+use std::io;
+use std::path::PathBuf;
 use tokio::signal::unix::{signal, SignalKind};
+
+/// A step of `serve` that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The runtime that waits for signals could not be made.
+    #[error("cannot start the signal handler: {0}")]
+    Runtime(#[source] io::Error),
+    /// SIGINT/SIGTERM handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] io::Error),
+    /// The socket could not be bound or listened on.
+    #[error("{}: cannot listen: {source}", socket.display())]
+    Listen {
+        /// The socket path asked for.
+        socket: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
 
 /// Run `imgsafe serve`.
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -14,7 +36,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
-        .map_err(|e| Error::Other(format!("cannot start the signal handler: {e}")))?;
+        .map_err(ServeError::Runtime)?;
     let (mut int, mut term) = runtime
         .block_on(async {
             Ok::<_, std::io::Error>((
@@ -22,10 +44,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 signal(SignalKind::terminate())?,
             ))
         })
-        .map_err(|e| Error::Other(format!("cannot install signal handlers: {e}")))?;
+        .map_err(ServeError::Signals)?;
 
     let server = Server::start_with_mode(source, &args.socket, &args.export_name, args.socket_mode)
-        .map_err(|e| Error::Other(format!("{}: cannot listen: {e}", args.socket.display())))?;
+        .map_err(|source| ServeError::Listen {
+            socket: args.socket.clone(),
+            source,
+        })?;
     eprintln!(
         "imgsafe: serving {} ({size} bytes, read-only) on {}",
         args.image.display(),

@@ -31,6 +31,24 @@ const MAX_BANNER_FIELD: usize = 200;
 /// Status when the guest reports one that cannot be an exit status.
 const BAD_STATUS: i32 = 255;
 
+/// A host-side step of the shell that failed (the guest's failures are
+/// [`Error::Guest`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ShellError {
+    /// SIGWINCH could not be watched.
+    #[error("watching terminal resizes: {0}")]
+    Resizes(#[source] io::Error),
+    /// The terminal could not be put in raw mode.
+    #[error("setting the terminal to raw mode: {0}")]
+    RawMode(#[source] io::Error),
+    /// The pipe that wakes the input loop could not be made.
+    #[error("creating a pipe: {0}")]
+    Pipe(#[source] io::Error),
+    /// The thread copying the guest's output panicked.
+    #[error("shell output thread panicked")]
+    OutputThread,
+}
+
 /// How the shell is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -112,10 +130,8 @@ fn drive(s: &mut Session, args: &ShellArgs, mode: Mode) -> Result<ShellStatus> {
         Mode::Interactive => {
             eprint!("{}", banner(&image, &mounts, args.overlay));
             let _sigint = term::SignalGuard::ignore_sigint();
-            let winch = term::Winch::install()
-                .map_err(|e| Error::Other(format!("watching terminal resizes: {e}")))?;
-            let raw = term::RawMode::enable(libc::STDIN_FILENO)
-                .map_err(|e| Error::Other(format!("setting the terminal to raw mode: {e}")))?;
+            let winch = term::Winch::install().map_err(ShellError::Resizes)?;
+            let raw = term::RawMode::enable(libc::STDIN_FILENO).map_err(ShellError::RawMode)?;
             let st = pump(ch.reader, ch.writer, Some(&winch));
             drop(raw);
             st
@@ -220,7 +236,7 @@ fn pump<R: io::Read + Send, W: Write>(
     w: &mut W,
     winch: Option<&term::Winch>,
 ) -> Result<ShellStatus> {
-    let (wake_r, wake_w) = pipe().map_err(|e| Error::Other(format!("creating a pipe: {e}")))?;
+    let (wake_r, wake_w) = pipe().map_err(ShellError::Pipe)?;
     std::thread::scope(|scope| {
         let output = scope.spawn(move || {
             let r = copy_output(r, &wake_w);
@@ -231,7 +247,7 @@ fn pump<R: io::Read + Send, W: Write>(
         let input = copy_input(w, winch, wake_r.as_raw_fd());
         let status = output
             .join()
-            .unwrap_or_else(|_| Err(Error::Other("shell output thread panicked".into())));
+            .unwrap_or_else(|_| Err(ShellError::OutputThread.into()));
         let status = status?;
         input?;
         write_msg(w, &Request::ShellDone)

@@ -165,7 +165,9 @@ impl GuestFs for MemFs {
                     seen.push(listing(dir));
                 }
                 if self.fail.as_ref() == Some(&key(path)) {
-                    return Err(Error::Other("No space left on device".into()));
+                    return Err(Error::Output(std::io::Error::from_raw_os_error(
+                        libc::ENOSPC,
+                    )));
                 }
             }
         }
