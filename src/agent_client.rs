@@ -176,9 +176,46 @@ pub enum ClientError {
         /// The path, lossily decoded.
         path: String,
     },
+    /// The agent channel's socket could not be duplicated into reader and writer.
+    #[error("opening the agent channel: {0}")]
+    Channel(#[source] std::io::Error),
+    /// The agent channel's read timeout could not be set.
+    #[error("setting the agent channel's timeout: {0}")]
+    Timeout(#[source] std::io::Error),
     /// A batch asked for the map of a file other than its last.
     #[error("only the last file of a batch may be mapped")]
     MappedNotLast,
+}
+
+/// Set the agent channel's read timeout (None = wait forever).
+pub(crate) fn set_channel_timeout(
+    channel: &UnixStream,
+    t: Option<std::time::Duration>,
+) -> Result<()> {
+    Ok(channel.set_read_timeout(t).map_err(ClientError::Timeout)?)
+}
+
+/// A frame that could not be read from the agent channel: no answer in time, or a
+/// channel closed under it, is the appliance's failure; anything else is the guest
+/// breaking the protocol.
+pub(crate) fn channel_error(e: proto::FrameError) -> Error {
+    match e {
+        proto::FrameError::Io(io)
+            if io.kind() == std::io::ErrorKind::WouldBlock
+                || io.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            Error::appliance("the guest agent did not answer in time")
+        }
+        proto::FrameError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Error::appliance("the appliance closed the agent channel (guest crashed or was killed)")
+        }
+        other => Error::GuestFrame(other),
+    }
+}
+
+/// A request that could not be written to the agent channel.
+pub(crate) fn send_error(e: std::io::Error) -> Error {
+    Error::guest(format!("sending request: {e}"))
 }
 
 /// How often a wait for the agent's first answer asks whether to go on.
@@ -222,11 +259,7 @@ impl AgentClient {
         disks: &[String],
         keep_waiting: &mut dyn FnMut() -> bool,
     ) -> Result<Self> {
-        let reader = BufReader::new(
-            stream
-                .try_clone()
-                .map_err(|e| Error::guest(e.to_string()))?,
-        );
+        let reader = BufReader::new(stream.try_clone().map_err(ClientError::Channel)?);
         let writer = BufWriter::new(stream);
         let mut c = AgentClient {
             reader,
@@ -300,33 +333,17 @@ impl AgentClient {
 
     /// Set a read timeout for every later answer (None = wait forever).
     pub fn set_timeout(&self, t: Option<std::time::Duration>) -> Result<()> {
-        self.reader
-            .get_ref()
-            .set_read_timeout(t)
-            .map_err(|e| Error::guest(e.to_string()))
+        set_channel_timeout(self.reader.get_ref(), t)
     }
 
     fn send(&mut self, req: &Request) -> Result<()> {
         proto::write_msg(&mut self.writer, req)
             .and_then(|_| self.writer.flush())
-            .map_err(|e| Error::guest(format!("sending request: {e}")))
+            .map_err(send_error)
     }
 
     fn recv(&mut self) -> Result<Frame<Response>> {
-        proto::read_frame(&mut self.reader).map_err(|e| match e {
-            proto::FrameError::Io(io)
-                if io.kind() == std::io::ErrorKind::WouldBlock
-                    || io.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                Error::appliance("the guest agent did not answer in time")
-            }
-            proto::FrameError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-                Error::appliance(
-                    "the appliance closed the agent channel (guest crashed or was killed)",
-                )
-            }
-            other => Error::guest(other.to_string()),
-        })
+        proto::read_frame(&mut self.reader).map_err(channel_error)
     }
 
     fn recv_msg(&mut self) -> Result<Response> {
@@ -635,12 +652,9 @@ impl GuestFs for AgentClient {
             } else {
                 Request::ReadFile { path }
             };
-            proto::write_msg(&mut self.writer, &req)
-                .map_err(|e| Error::guest(format!("sending request: {e}")))?;
+            proto::write_msg(&mut self.writer, &req).map_err(send_error)?;
         }
-        self.writer
-            .flush()
-            .map_err(|e| Error::guest(format!("sending request: {e}")))?;
+        self.writer.flush().map_err(send_error)?;
         for (i, f) in files.iter().enumerate() {
             let size = match self.recv_msg()? {
                 Response::FileStart { size } => size,

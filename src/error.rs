@@ -63,9 +63,17 @@ pub enum Error {
     /// be tried again.
     #[error("{what}")]
     NoAnswer { what: String },
-    /// The guest agent broke the protocol or sent something unsafe.
+    /// The guest agent broke the protocol or sent something unsafe. What was wrong is
+    /// said in words: the host's answer to every such answer is the same (stop, exit
+    /// 6), so one variant serves them all; the text names the request and what broke.
     #[error("guest agent: {what}")]
     Guest { what: String },
+    /// The guest agent sent a frame that could not be decoded.
+    #[error("guest agent: {0}")]
+    GuestFrame(#[source] imgsafe_proto::FrameError),
+    /// A warm state could not be saved (the warm path then boots cold; seen with `-v`).
+    #[error(transparent)]
+    Warm(#[from] crate::warm::WarmError),
     /// Interrupted by a signal.
     #[error("interrupted")]
     Interrupted,
@@ -73,6 +81,14 @@ pub enum Error {
     /// that went away.
     #[error("writing output: {0}")]
     Output(#[source] io::Error),
+    /// QEMU is gone: what failed (`cause`), then what QEMU and the guest console said
+    /// last (`said`), which is why it failed.
+    #[error("{}{said}", gone_text(cause))]
+    QemuGone {
+        #[source]
+        cause: Box<Error>,
+        said: String,
+    },
     /// An appliance or guest failure while working on `image`, which it names first.
     #[error("{}: {source}", image.display())]
     OnImage {
@@ -111,7 +127,10 @@ impl Error {
             | Error::Vm(_)
             | Error::Appliance { .. }
             | Error::NoAnswer { .. }
-            | Error::Guest { .. } => exit::APPLIANCE,
+            | Error::Guest { .. }
+            | Error::GuestFrame(_)
+            | Error::QemuGone { .. }
+            | Error::Warm(_) => exit::APPLIANCE,
             Error::OnImage { source, .. } => source.exit_code(),
             Error::Interrupted => exit::INTERRUPTED,
             Error::Output(_)
@@ -122,6 +141,12 @@ impl Error {
             | Error::Serve(_) => exit::OTHER,
             Error::Usage(_) => exit::USAGE,
         }
+    }
+
+    /// Whether the appliance, QEMU or the guest agent failed (exit 6): the session
+    /// cannot go on, unlike after a file that could not be read.
+    pub fn is_appliance_failure(&self) -> bool {
+        self.exit_code() == exit::APPLIANCE
     }
 
     /// Name `image` in this error, the one place that does it (the session calls it
@@ -148,7 +173,9 @@ impl Error {
             | Error::Vm(_)
             | Error::Appliance { .. }
             | Error::NoAnswer { .. }
-            | Error::Guest { .. }) => Error::OnImage {
+            | Error::Guest { .. }
+            | Error::GuestFrame(_)
+            | Error::QemuGone { .. }) => Error::OnImage {
                 image: image.to_path_buf(),
                 source: Box::new(e),
             },
@@ -164,6 +191,16 @@ impl Error {
     /// Shorthand for an [`Error::Guest`].
     pub fn guest(what: impl Into<String>) -> Self {
         Error::Guest { what: what.into() }
+    }
+}
+
+/// What failed before QEMU went away. The guest's part is said without its
+/// `guest agent:` prefix: with QEMU gone, the agent is not the one to blame.
+fn gone_text(cause: &Error) -> String {
+    match cause {
+        Error::Guest { what } => what.clone(),
+        Error::GuestFrame(f) => f.to_string(),
+        other => other.to_string(),
     }
 }
 
@@ -198,6 +235,25 @@ mod tests {
         assert_eq!(again.to_string(), "d.img: guest agent: bad frame");
         assert_eq!(again.exit_code(), exit::APPLIANCE);
         assert!(std::error::Error::source(&again).is_some());
+    }
+
+    #[test]
+    fn a_failure_after_qemu_went_away_keeps_its_cause_and_adds_what_was_said() {
+        let gone = Error::QemuGone {
+            cause: Box::new(Error::guest("sending request: Broken pipe")),
+            said: " (QEMU exited: signal 9); guest said: Kernel panic".into(),
+        };
+
+        let e = gone.about_image(Path::new("d.img"));
+
+        assert_eq!(
+            e.to_string(),
+            "d.img: sending request: Broken pipe (QEMU exited: signal 9); guest said: Kernel panic"
+        );
+        assert_eq!(e.exit_code(), exit::APPLIANCE);
+        let gone = std::error::Error::source(&e).unwrap();
+        let cause = gone.source().unwrap();
+        assert_eq!(cause.to_string(), "guest agent: sending request: Broken pipe");
     }
 
     #[test]

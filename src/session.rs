@@ -714,13 +714,16 @@ impl Session {
             return Error::Interrupted;
         }
         let e = match e {
-            Error::Appliance { what } | Error::Guest { what }
+            e @ (Error::Appliance { .. }
+            | Error::Guest { .. }
+            | Error::GuestFrame(_)
+            | Error::Vm(_))
                 if self.vm.exit_status().is_some() =>
             {
-                Error::appliance(format!("{what}{}", diagnostics(&mut self.vm)))
-            }
-            Error::Vm(e) if self.vm.exit_status().is_some() => {
-                Error::appliance(format!("{e}{}", diagnostics(&mut self.vm)))
+                Error::QemuGone {
+                    cause: Box::new(e),
+                    said: diagnostics(&mut self.vm),
+                }
             }
             other => other,
         };
@@ -762,7 +765,9 @@ impl Session {
         match bye {
             // An agent that breaks the protocol on its way out is reported like any
             // other time it does.
-            Err(e @ Error::Guest { .. }) => Err(e.about_image(&self.image)),
+            Err(e @ (Error::Guest { .. } | Error::GuestFrame(_))) => {
+                Err(e.about_image(&self.image))
+            }
             // The command's work is done and QEMU is stopped either way; a guest that
             // powered off before answering loses nothing (the image is never written,
             // an overlay is thrown away), so this is only worth a note.
@@ -819,9 +824,7 @@ fn connect_agent(
     disks: &[String],
 ) -> Result<AgentClient> {
     let stream = vm.connect_agent()?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| Error::appliance(e.to_string()))?;
+    crate::agent_client::set_channel_timeout(&stream, Some(timeout))?;
     let started = std::time::Instant::now();
     let waited_before = vm.run_queue_wait();
     let mut keep_waiting = || {
@@ -940,11 +943,8 @@ fn boot(
             return cold_boot(cold_cfg, disks, timeout);
         }
     };
-    let saved = save(cfg, &pending, timeout).and_then(|()| {
-        store
-            .publish(pending)
-            .map_err(|e| Error::appliance(e.to_string()))
-    });
+    let saved =
+        save(cfg, &pending, timeout).and_then(|()| store.publish(pending).map_err(Error::from));
     match saved {
         Ok(state) => restore_or_cold(&state, "restoring the state just saved"),
         Err(_) if vm::reaper::interrupted() => Err(Error::Interrupted),

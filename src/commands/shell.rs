@@ -9,13 +9,13 @@
 
 mod term;
 
-use crate::agent_client::ShellChannel;
+use crate::agent_client::{channel_error, send_error, set_channel_timeout, ShellChannel};
 use crate::cli::ShellArgs;
 use crate::session::{self, Session};
 use crate::{vm, Error, Result};
 use imgsafe_proto::{
-    read_shell_frame, write_data, write_msg, ErrorKind, FrameError, Request, Response, ShellFrame,
-    ShellMount, ShellStart, ShellStatus, WinSize,
+    read_shell_frame, write_data, write_msg, ErrorKind, Request, Response, ShellFrame, ShellMount,
+    ShellStart, ShellStatus, WinSize,
 };
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -143,23 +143,7 @@ fn drive(s: &mut Session, args: &ShellArgs, mode: Mode) -> Result<ShellStatus> {
 }
 
 fn set_timeout(ch: &ShellChannel, t: Option<std::time::Duration>) -> Result<()> {
-    ch.reader
-        .get_ref()
-        .set_read_timeout(t)
-        .map_err(|e| Error::guest(e.to_string()))
-}
-
-fn channel_error(e: FrameError) -> Error {
-    match e {
-        FrameError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof => {
-            Error::appliance("the appliance closed the agent channel (guest crashed or was killed)")
-        }
-        other => Error::guest(other.to_string()),
-    }
-}
-
-fn send_error(e: io::Error) -> Error {
-    Error::appliance(format!("sending to the guest agent: {e}"))
+    set_channel_timeout(ch.reader.get_ref(), t)
 }
 
 /// Send `Shell` and read its answer: the guest's mount list.

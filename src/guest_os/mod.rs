@@ -152,9 +152,7 @@ impl Inspector<'_> {
             ))),
             // A symlink to nowhere, or to a directory.
             Err(Error::NotFound { what, .. }) => Ok(Read::Unreadable(what)),
-            Err(e @ (Error::Guest { .. } | Error::Appliance { .. } | Error::NoAnswer { .. })) => {
-                Err(e)
-            }
+            Err(e) if e.is_appliance_failure() => Err(e),
             Err(Error::Interrupted) => Err(Error::Interrupted),
             Err(e) => Ok(Read::Unreadable(e.to_string())),
         }
@@ -219,9 +217,7 @@ impl Inspector<'_> {
                 Ok(Some(names))
             }
             Err(Error::NotFound { .. }) => Ok(None),
-            Err(e @ (Error::Guest { .. } | Error::Appliance { .. } | Error::NoAnswer { .. })) => {
-                Err(e)
-            }
+            Err(e) if e.is_appliance_failure() => Err(e),
             Err(Error::Interrupted) => Err(Error::Interrupted),
             Err(e) => {
                 self.warn(format!("{path}: {e}; not read"));
