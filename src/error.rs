@@ -253,7 +253,10 @@ mod tests {
         assert_eq!(e.exit_code(), exit::APPLIANCE);
         let gone = std::error::Error::source(&e).unwrap();
         let cause = gone.source().unwrap();
-        assert_eq!(cause.to_string(), "guest agent: sending request: Broken pipe");
+        assert_eq!(
+            cause.to_string(),
+            "guest agent: sending request: Broken pipe"
+        );
     }
 
     #[test]

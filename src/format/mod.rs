@@ -194,6 +194,27 @@ pub enum FormatError {
     /// The file is valid but uses a feature imgsafe does not read.
     #[error("{}: unsupported: {what}", path.display())]
     Unsupported { path: PathBuf, what: String },
+    /// The file is not of the format it must be (`format`), for the reason `why`.
+    #[error("{}: not a {format} file: {why}", path.display())]
+    NotFormat {
+        path: PathBuf,
+        format: &'static str,
+        why: &'static str,
+    },
+    /// A file opened as the parent of differencing disk `child` could not be used;
+    /// `source` names the parent and says why.
+    #[error(
+        "{source} (it is the parent of differencing disk {}{})",
+        child.display(),
+        must_be.map_or(String::new(), |f| format!(", and must be a {f}"))
+    )]
+    ParentOf {
+        child: PathBuf,
+        /// The parent's format, said when the file is not of it.
+        must_be: Option<&'static str>,
+        #[source]
+        source: Box<FormatError>,
+    },
 }
 
 impl FormatError {
@@ -202,6 +223,19 @@ impl FormatError {
         FormatError::Corrupt {
             path: path.to_path_buf(),
             what: what.into(),
+        }
+    }
+
+    /// The file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            FormatError::Io { path, .. }
+            | FormatError::IsDirectory { path }
+            | FormatError::Empty { path }
+            | FormatError::Corrupt { path, .. }
+            | FormatError::Unsupported { path, .. }
+            | FormatError::NotFormat { path, .. } => path,
+            FormatError::ParentOf { source, .. } => source.path(),
         }
     }
 
@@ -231,6 +265,60 @@ pub struct OpenOptions {
 /// for every format: each is an open file and a lookup per block, and a cycle that the
 /// name checks miss still ends here.
 pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// The files of one same-format chain opened so far (VHD, VHDX and VDI differencing
+/// parents, VMDK deltas), by (device, inode): one cycle check and one depth limit for
+/// the chains those decoders walk themselves. Backing files of any format (qcow2) go
+/// through [`open_layer`] and its [`ChainPos`] instead, which the formats that need a
+/// parent of their own kind cannot use: they check the parent's id before opening its
+/// chain.
+#[derive(Debug, Default)]
+pub struct ChainFiles(Vec<(u64, u64)>);
+
+impl ChainFiles {
+    /// Enter `file` as the next file down a `kind` chain ("differencing", "delta"):
+    /// refused when it is already in the chain, or when the chain would be deeper than
+    /// [`MAX_CHAIN_DEPTH`].
+    pub fn enter(&mut self, path: &Path, file: &File, kind: &str) -> Result<(), FormatError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata().map_err(|e| FormatError::io(path, e))?;
+        let id = (meta.dev(), meta.ino());
+        if self.0.contains(&id) {
+            return Err(FormatError::corrupt(
+                path,
+                format!("parent loop: this file is already in the {kind} chain"),
+            ));
+        }
+        if self.0.len() >= MAX_CHAIN_DEPTH {
+            return Err(FormatError::Unsupported {
+                path: path.to_path_buf(),
+                what: format!("{kind} chain deeper than {MAX_CHAIN_DEPTH} files"),
+            });
+        }
+        self.0.push(id);
+        Ok(())
+    }
+
+    /// Whether the file entered last is a parent, not the image named by the user.
+    pub fn is_parent(&self) -> bool {
+        self.0.len() > 1
+    }
+
+    /// How many files are in the chain.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no file was entered yet.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Forget the files entered after the first `len` (a parent candidate that failed).
+    pub fn truncate(&mut self, len: usize) {
+        self.0.truncate(len);
+    }
+}
 
 /// Where a file being opened sits in a chain of backing files: how deep, and which files
 /// are open above it (a file that is its own ancestor would otherwise recurse forever).

@@ -22,7 +22,6 @@ use super::{BlockSource, Extent, FormatError, LayerInfo};
 use header::{Header, BLOCK_FREE, BLOCK_ZERO, SECTOR};
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 pub use super::MAX_CHAIN_DEPTH;
@@ -51,7 +50,7 @@ pub fn probe(head: &[u8]) -> bool {
 #[derive(Default)]
 struct Chain {
     /// (device, inode) of each file, top first, to refuse parent loops.
-    files: Vec<(u64, u64)>,
+    files: super::ChainFiles,
     /// Bytes held by their block maps.
     map_bytes: u64,
 }
@@ -70,21 +69,8 @@ fn read_header(path: &Path, file: &File) -> Result<Header, FormatError> {
 
 /// Open one file of a chain; `chain` holds what the files above it took.
 fn open_layer(path: &Path, file: File, chain: &mut Chain) -> Result<Vdi, FormatError> {
-    let meta = file.metadata().map_err(|e| FormatError::io(path, e))?;
-    if chain.files.contains(&(meta.dev(), meta.ino())) {
-        return Err(FormatError::corrupt(
-            path,
-            "parent loop: this file is already in the differencing chain",
-        ));
-    }
-    if chain.files.len() >= MAX_CHAIN_DEPTH {
-        return Err(FormatError::Unsupported {
-            path: path.to_path_buf(),
-            what: format!("differencing chain deeper than {MAX_CHAIN_DEPTH} files"),
-        });
-    }
-    chain.files.push((meta.dev(), meta.ino()));
-    let is_parent = chain.files.len() > 1;
+    chain.files.enter(path, &file, "differencing")?;
+    let is_parent = chain.files.is_parent();
 
     let header = read_header(path, &file)?;
     let layout = load_layout(path, &file, &header)?;

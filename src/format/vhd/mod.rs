@@ -36,7 +36,6 @@ use dynamic::{load_layout, Dynamic};
 use footer::{Footer, FooterProblem, FOOTER_COOKIE, FOOTER_LEN, OLD_FOOTER_LEN};
 use header::{locator_path, PLATFORM_MACX, PLATFORM_W2KU, PLATFORM_W2RU};
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 pub use super::MAX_CHAIN_DEPTH;
@@ -48,7 +47,7 @@ pub const MAX_CHAIN_BAT_BYTES: u64 = 512 << 20;
 #[derive(Default)]
 struct Chain {
     /// (device, inode) of each file, top first, to refuse parent loops.
-    files: Vec<(u64, u64)>,
+    files: super::ChainFiles,
     /// Bytes held by their BATs.
     bat_bytes: u64,
     /// Some file's parent could not be opened: the error is on its way up, and no file
@@ -179,10 +178,11 @@ fn read_footer(path: &Path, file: &File) -> Result<FooterFound, FormatError> {
             path,
             format!("VHD footer copy at offset 0: {p}"),
         )),
-        _ => Err(FormatError::corrupt(
-            path,
-            "not a VHD file: no valid \"conectix\" footer at the end of the file or at offset 0",
-        )),
+        _ => Err(FormatError::NotFormat {
+            path: path.to_path_buf(),
+            format: "VHD",
+            why: "no valid \"conectix\" footer at the end of the file or at offset 0",
+        }),
     }
 }
 
@@ -195,21 +195,8 @@ fn open_layer(
     opts: &OpenOptions,
     chain: &mut Chain,
 ) -> Result<Box<dyn BlockSource>, FormatError> {
-    let meta = file.metadata().map_err(|e| FormatError::io(path, e))?;
-    if chain.files.contains(&(meta.dev(), meta.ino())) {
-        return Err(FormatError::corrupt(
-            path,
-            "parent loop: this file is already in the differencing chain",
-        ));
-    }
-    if chain.files.len() >= MAX_CHAIN_DEPTH {
-        return Err(FormatError::Unsupported {
-            path: path.to_path_buf(),
-            what: format!("differencing chain deeper than {MAX_CHAIN_DEPTH} files"),
-        });
-    }
-    chain.files.push((meta.dev(), meta.ino()));
-    let is_parent = chain.files.len() > 1;
+    chain.files.enter(path, &file, "differencing")?;
+    let is_parent = chain.files.is_parent();
 
     let footer = found.footer;
     // Whole sectors only, like qemu (total_sectors = current_size / 512).
@@ -355,39 +342,13 @@ fn try_parent(
 /// Add to an error about `parent` itself that it was opened as the parent of `child`, so
 /// the message names both files. Errors about other files are left alone.
 fn as_parent_of(err: FormatError, parent: &Path, child: &Path) -> FormatError {
-    let note = |what: &str| {
-        let must = if what.starts_with("not a VHD file") {
-            ", and must be a VHD"
-        } else {
-            ""
-        };
-        format!(
-            "{what} (it is the parent of differencing disk {}{must})",
-            child.display()
-        )
-    };
-    match err {
-        FormatError::Io { path, source } if path == parent => {
-            let source = std::io::Error::new(source.kind(), note(&source.to_string()));
-            FormatError::Io { path, source }
-        }
-        FormatError::Corrupt { path, what } if path == parent => FormatError::Corrupt {
-            what: note(&what),
-            path,
-        },
-        FormatError::Unsupported { path, what } if path == parent => FormatError::Unsupported {
-            what: note(&what),
-            path,
-        },
-        FormatError::IsDirectory { path } if path == parent => FormatError::Corrupt {
-            what: note("is a directory, not a disk image"),
-            path,
-        },
-        FormatError::Empty { path } if path == parent => FormatError::Corrupt {
-            what: note("empty file (0 bytes), not a disk image"),
-            path,
-        },
-        other => other,
+    if err.path() != parent {
+        return err;
+    }
+    FormatError::ParentOf {
+        child: child.to_path_buf(),
+        must_be: matches!(err, FormatError::NotFormat { .. }).then_some("VHD"),
+        source: Box::new(err),
     }
 }
 

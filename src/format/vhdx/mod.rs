@@ -38,7 +38,6 @@ use super::{BlockSource, Extent, FormatError, LayerInfo, OpenOptions};
 use layout::{guid_text, offset, state, Layout};
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -60,7 +59,7 @@ pub fn probe(head: &[u8]) -> bool {
 #[derive(Default)]
 struct Chain {
     /// (device, inode) of each file, top first, to refuse parent loops.
-    files: Vec<(u64, u64)>,
+    files: super::ChainFiles,
     /// Bytes held by their BATs.
     bat_bytes: u64,
 }
@@ -81,21 +80,8 @@ fn open_layer(
     opts: &OpenOptions,
     chain: &mut Chain,
 ) -> Result<Vhdx, FormatError> {
-    let meta = file.metadata().map_err(|e| FormatError::io(path, e))?;
-    if chain.files.contains(&(meta.dev(), meta.ino())) {
-        return Err(FormatError::corrupt(
-            path,
-            "parent loop: this file is already in the differencing chain",
-        ));
-    }
-    if chain.files.len() >= MAX_CHAIN_DEPTH {
-        return Err(FormatError::Unsupported {
-            path: path.to_path_buf(),
-            what: format!("differencing chain deeper than {MAX_CHAIN_DEPTH} files"),
-        });
-    }
-    chain.files.push((meta.dev(), meta.ino()));
-    let is_parent = chain.files.len() > 1;
+    chain.files.enter(path, &file, "differencing")?;
+    let is_parent = chain.files.is_parent();
     let layout = layout::load(path, &file)?;
     chain.bat_bytes += layout.bat.len() as u64 * 8;
     if chain.bat_bytes > MAX_CHAIN_BAT_BYTES {

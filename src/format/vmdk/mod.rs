@@ -24,7 +24,6 @@ use descriptor::{Descriptor, ExtentKind, Problem, NO_PARENT_CID};
 use sparse::{Grain, Sparse, SECTOR};
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 pub use super::MAX_CHAIN_DEPTH;
@@ -40,7 +39,7 @@ pub fn open(
     file: File,
     opts: &OpenOptions,
 ) -> Result<Box<dyn BlockSource>, FormatError> {
-    let mut chain = Vec::new();
+    let mut chain = super::ChainFiles::default();
     Ok(Box::new(open_layer(path, file, opts, &mut chain)?))
 }
 
@@ -168,23 +167,10 @@ fn open_layer(
     path: &Path,
     file: File,
     opts: &OpenOptions,
-    chain: &mut Vec<(u64, u64)>,
+    chain: &mut super::ChainFiles,
 ) -> Result<Vmdk, FormatError> {
-    let meta = file.metadata().map_err(|e| FormatError::io(path, e))?;
-    if chain.contains(&(meta.dev(), meta.ino())) {
-        return Err(FormatError::corrupt(
-            path,
-            "parent loop: this file is already in the delta chain",
-        ));
-    }
-    if chain.len() >= MAX_CHAIN_DEPTH {
-        return Err(FormatError::Unsupported {
-            path: path.to_path_buf(),
-            what: format!("delta chain deeper than {MAX_CHAIN_DEPTH} files"),
-        });
-    }
-    chain.push((meta.dev(), meta.ino()));
-    let is_parent = chain.len() > 1;
+    chain.enter(path, &file, "delta")?;
+    let is_parent = chain.is_parent();
     let head = super::read_head(path, &file)?;
     let (desc, own_header) = read_descriptor(path, &file, &head)?;
     let dir = folder_of(path);
