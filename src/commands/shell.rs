@@ -17,8 +17,9 @@ use imgsafe_proto::{
     read_shell_frame, write_data, write_msg, ErrorKind, Request, Response, ShellFrame, ShellMount,
     ShellStart, ShellStatus, WinSize,
 };
+use rustix::event::{PollFd, PollFlags};
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -220,7 +221,8 @@ fn pump<R: io::Read + Send, W: Write>(
     w: &mut W,
     winch: Option<&term::Winch>,
 ) -> Result<ShellStatus> {
-    let (wake_r, wake_w) = pipe().map_err(ShellError::Pipe)?;
+    let (wake_r, wake_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| ShellError::Pipe(e.into()))?;
     std::thread::scope(|scope| {
         let output = scope.spawn(move || {
             let r = copy_output(r, &wake_w);
@@ -228,7 +230,7 @@ fn pump<R: io::Read + Send, W: Write>(
             drop(wake_w);
             r
         });
-        let input = copy_input(w, winch, wake_r.as_raw_fd());
+        let input = copy_input(w, winch, wake_r.as_fd());
         let status = output
             .join()
             .unwrap_or_else(|_| Err(ShellError::OutputThread.into()));
@@ -253,9 +255,9 @@ fn copy_output<R: io::Read>(r: &mut R, wake: &OwnedFd) -> Result<ShellStatus> {
             ShellFrame::Data(d) if out_failed.is_none() => {
                 if let Err(e) = out.write_all(&d).and_then(|()| out.flush()) {
                     out_failed = Some(e);
-                    // SAFETY: writing one byte from a local to a pipe we own. If it
-                    // fails the input side still ends when this thread closes `wake`.
-                    unsafe { libc::write(wake.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+                    // If this fails the input side still ends when this thread
+                    // closes `wake`.
+                    let _ = rustix::io::write(wake, &[1]);
                 }
             }
             ShellFrame::Data(_) => {}
@@ -276,31 +278,34 @@ fn copy_output<R: io::Read>(r: &mut R, wake: &OwnedFd) -> Result<ShellStatus> {
 }
 
 /// Host stdin (and resizes) to the guest until `wake` says the output side ended.
-fn copy_input<W: Write>(w: &mut W, winch: Option<&term::Winch>, wake: RawFd) -> Result<()> {
+fn copy_input<W: Write>(
+    w: &mut W,
+    winch: Option<&term::Winch>,
+    wake: BorrowedFd<'_>,
+) -> Result<()> {
+    let stdin = io::stdin();
+    let stdin = stdin.as_fd();
     let mut stdin_open = true;
     let mut buf = vec![0u8; INPUT_CHUNK];
     loop {
-        let mut fds = vec![pollfd(wake)];
+        let mut fds = vec![PollFd::from_borrowed_fd(wake, PollFlags::IN)];
         if let Some(wn) = winch {
-            fds.push(pollfd(wn.fd()));
+            fds.push(PollFd::from_borrowed_fd(wn.fd(), PollFlags::IN));
         }
         if stdin_open {
-            fds.push(pollfd(libc::STDIN_FILENO));
+            fds.push(PollFd::from_borrowed_fd(stdin, PollFlags::IN));
         }
-        // SAFETY: fds is a valid array of pollfd.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if rc < 0 {
+        if rustix::event::poll(&mut fds, None).is_err() {
             // A signal: SIGTERM/SIGHUP killed QEMU and the output side will end.
             if vm::reaper::interrupted() {
                 return Ok(());
             }
             continue;
         }
-        if fds[0].revents != 0 {
+        let ready: Vec<bool> = fds.iter().map(|p| !p.revents().is_empty()).collect();
+        if ready[0] {
             let mut byte = [0u8; 1];
-            // SAFETY: reading one byte into a local from the wake pipe.
-            let n = unsafe { libc::read(wake, byte.as_mut_ptr().cast(), 1) };
-            if n != 1 {
+            if !matches!(rustix::io::read(wake, &mut byte), Ok(1)) {
                 // EOF: the output side has ended.
                 return Ok(());
             }
@@ -311,7 +316,7 @@ fn copy_input<W: Write>(w: &mut W, winch: Option<&term::Winch>, wake: RawFd) -> 
             continue;
         }
         if let Some(wn) = winch {
-            if fds[1].revents != 0 {
+            if ready[1] {
                 wn.drain();
                 if let Some((rows, cols)) = term::window_size(libc::STDIN_FILENO) {
                     write_msg(w, &Request::ShellResize { rows, cols })
@@ -320,42 +325,21 @@ fn copy_input<W: Write>(w: &mut W, winch: Option<&term::Winch>, wake: RawFd) -> 
                 }
             }
         }
-        if stdin_open && fds.last().is_some_and(|p| p.revents != 0) {
-            // SAFETY: reading into our buffer from stdin.
-            let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
-            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            if n <= 0 {
-                stdin_open = false;
-                write_msg(w, &Request::ShellEof)
+        if stdin_open && ready.last() == Some(&true) {
+            match rustix::io::read(stdin, &mut buf) {
+                Err(rustix::io::Errno::INTR) => continue,
+                Ok(0) | Err(_) => {
+                    stdin_open = false;
+                    write_msg(w, &Request::ShellEof)
+                        .and_then(|()| w.flush())
+                        .map_err(send_error)?;
+                }
+                Ok(n) => write_data(w, &buf[..n])
                     .and_then(|()| w.flush())
-                    .map_err(send_error)?;
-            } else {
-                write_data(w, &buf[..n as usize])
-                    .and_then(|()| w.flush())
-                    .map_err(send_error)?;
+                    .map_err(send_error)?,
             }
         }
     }
-}
-
-fn pollfd(fd: RawFd) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    }
-}
-
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both fds are new and ours.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 #[cfg(test)]
@@ -402,7 +386,7 @@ mod tests {
         )
         .unwrap();
 
-        let (_wake_r, wake_w) = pipe().unwrap();
+        let (_wake_r, wake_w) = rustix::pipe::pipe().unwrap();
 
         let st = copy_output(&mut buf.as_slice(), &wake_w).unwrap();
 

@@ -4,7 +4,7 @@
 
 use rustix::termios;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// The write end of the SIGWINCH pipe (-1 = none); read by the signal handler.
@@ -128,8 +128,8 @@ impl Winch {
     }
 
     /// The fd that becomes readable on a resize.
-    pub fn fd(&self) -> RawFd {
-        self.read.as_raw_fd()
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
     }
 
     /// Empty the pipe after a wake-up.
@@ -153,6 +153,7 @@ impl Drop for Winch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::event::{PollFd, PollFlags};
 
     #[test]
     fn winch_signal_makes_the_pipe_readable() {
@@ -161,25 +162,24 @@ mod tests {
         // SAFETY: raising a signal whose handler is installed.
         unsafe { libc::raise(libc::SIGWINCH) };
 
-        let mut p = [libc::pollfd {
-            fd: w.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        assert_eq!(unsafe { libc::poll(p.as_mut_ptr(), 1, 1000) }, 1);
+        let second = rustix::event::Timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        };
+        let mut p = [PollFd::from_borrowed_fd(w.fd(), PollFlags::IN)];
+        assert_eq!(rustix::event::poll(&mut p, Some(&second)), Ok(1));
         w.drain();
-        assert_eq!(unsafe { libc::poll(p.as_mut_ptr(), 1, 0) }, 0);
+        let mut p = [PollFd::from_borrowed_fd(w.fd(), PollFlags::IN)];
+        let now = rustix::event::Timespec::default();
+        assert_eq!(rustix::event::poll(&mut p, Some(&now)), Ok(0));
     }
 
     #[test]
     fn a_pipe_is_not_a_terminal() {
-        let mut fds = [0; 2];
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let (r, _w) = rustix::pipe::pipe().unwrap();
 
-        let (tty, size) = (is_tty(fds[0]), window_size(fds[0]));
+        let (tty, size) = (is_tty(r.as_raw_fd()), window_size(r.as_raw_fd()));
 
         assert!(!tty && size.is_none());
-        unsafe { libc::close(fds[0]) };
-        unsafe { libc::close(fds[1]) };
     }
 }
