@@ -49,7 +49,7 @@ pub const AGENT_CHARDEV_ID: &str = "agent";
 /// - `panic=-1`: reboot at once on panic; with `-no-reboot` QEMU then exits, so a
 ///   crashed guest is seen as a dead process instead of a hang.
 /// - `pcie_ports=native`: let Linux drive the root ports (hot-plug) without ACPI _OSC.
-/// - [`imgsafe_agent::APPLIANCE_MARKER`]: the kernel hands it to /init as an
+/// - [`imgsafe_proto::APPLIANCE_MARKER`]: the kernel hands it to /init as an
 ///   environment variable; it is what makes the binary the guest agent (never its pid:
 ///   a container runs its entrypoint as PID 1 too).
 /// - `cryptomgr.notests`: skip crypto self-tests, a measurable part of boot under TCG.
@@ -57,7 +57,7 @@ pub const AGENT_CHARDEV_ID: &str = "agent";
 ///   SP800-108 KDF self-test and the kprobe-events tracer set-up. Skipping them cut the
 ///   guest's boot under TCG from 1.34 s to 1.13 s (medians of 8, alternating runs).
 pub const BASE_CMDLINE: &[&str] = &[
-    imgsafe_agent::APPLIANCE_MARKER,
+    imgsafe_proto::APPLIANCE_MARKER,
     "console=ttyS0",
     "quiet",
     "panic=-1",

@@ -14,18 +14,12 @@ pub const SYSROOT: &str = "/sysroot";
 /// Pause before reading again after the host end of the port closed (it reads EOF then).
 const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
 
-/// Kernel argument the host boots the appliance with. Having no dot in its name, the
-/// kernel passes it to init as the environment variable [`MARKER_VAR`].
-pub const APPLIANCE_MARKER: &str = "imgsafe_appliance=1";
-/// The environment variable the kernel makes of [`APPLIANCE_MARKER`].
-const MARKER_VAR: &str = "imgsafe_appliance";
-
 /// Whether this process is the appliance's init, so the binary must be the guest agent:
-/// PID 1, started as `/init`, *and* booted with [`APPLIANCE_MARKER`]. A container
+/// PID 1, started as `/init`, *and* booted with [`imgsafe_proto::APPLIANCE_MARKER`]. A container
 /// entrypoint is PID 1 too, and must stay the command-line tool.
 pub fn is_appliance_init() -> bool {
     std::process::id() == 1
-        && std::env::var_os(MARKER_VAR).is_some_and(|v| v == "1")
+        && std::env::var_os(imgsafe_proto::APPLIANCE_MARKER_VAR).is_some_and(|v| v == "1")
         && std::env::args_os().next().is_some_and(|a| a == "/init")
 }
 

@@ -26,6 +26,13 @@ pub use escape::unescape_octal;
 /// is there before anything else (see the builder).
 pub const INITRAMFS_COMPLETE: &str = "/etc/imgsafe/complete";
 
+/// Kernel argument the host boots the appliance with, and the agent's sign that it is
+/// the appliance's init. Having no dot in its name, the kernel passes it to init as the
+/// environment variable [`APPLIANCE_MARKER_VAR`] = `1`.
+pub const APPLIANCE_MARKER: &str = "imgsafe_appliance=1";
+/// The environment variable the kernel makes of [`APPLIANCE_MARKER`].
+pub const APPLIANCE_MARKER_VAR: &str = "imgsafe_appliance";
+
 /// Bumped whenever a message changes shape (5: mapped reads, btrfs subvolumes and LUKS
 /// unlock together).
 pub const PROTOCOL_VERSION: u32 = 5;
@@ -554,6 +561,14 @@ pub fn validate_name(name: &[u8]) -> Result<(), NameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_marker_the_host_boots_with_is_the_variable_the_agent_reads() {
+        let var = format!("{APPLIANCE_MARKER_VAR}=1");
+
+        assert_eq!(APPLIANCE_MARKER, var);
+        assert!(!APPLIANCE_MARKER_VAR.contains('.'));
+    }
 
     #[test]
     fn message_round_trips() {
