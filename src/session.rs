@@ -7,7 +7,6 @@ use crate::image::ImageSpec;
 use crate::inspect::{self, Planned};
 use crate::vm::{self, Vm};
 use crate::{appliance, image, nbd, trace, warm, Error, Result};
-use imgsafe_proto::fstypes::is_mountable;
 use imgsafe_proto::{FileType, FsInfo, Subvolume};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -325,7 +324,10 @@ impl Session {
     /// be used).
     fn unlock(&mut self, key: &crate::key::Key) -> Result<()> {
         let stage = trace::stage("unlock");
-        let (opened, refused) = self.agent.unlock(key.bytes()).map_err(|e| self.fail(e))?;
+        let (opened, refused) = self
+            .agent
+            .unlock(key.bytes())
+            .map_err(|e| self.annotate(e))?;
         stage.done(&format!(
             "{} opened, {} refused",
             opened.len(),
@@ -430,7 +432,10 @@ impl Session {
     pub fn filesystems(&mut self) -> Result<Vec<FsInfo>> {
         if self.filesystems.is_none() {
             let stage = trace::stage("probe");
-            let list = self.agent.list_filesystems().map_err(|e| self.fail(e))?;
+            let list = self
+                .agent
+                .list_filesystems()
+                .map_err(|e| self.annotate(e))?;
             stage.done(&format!("{} devices", list.len()));
             self.filesystems = Some(list);
         }
@@ -487,7 +492,7 @@ impl Session {
         let list = self.filesystems()?;
         let root = self.find_root(&list, inspect::root_candidates(&list).len() > 1)?;
         if root.is_some() {
-            self.agent.unmount("/").map_err(|e| self.fail(e))?;
+            self.agent.unmount("/").map_err(|e| self.annotate(e))?;
             self.mounts.clear();
         }
         Ok(root.map(|r| match r {
@@ -524,7 +529,7 @@ impl Session {
         if let (true, [only]) = (etc_only, with_etc.as_slice()) {
             self.agent
                 .mount(&only.device, "/", only.fstype.as_deref(), None)
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| self.annotate(e))?;
             stage.done(&format!("root is {} (has /etc)", only.device));
             self.mounts.push((only.device.clone(), "/".into()));
             return Ok(Some(Root::EtcOnly(only.clone())));
@@ -544,21 +549,21 @@ impl Session {
             Ok(_) => {}
             // A candidate the kernel refuses is simply not the root.
             Err(Error::Filesystem { .. }) => return Ok(None),
-            Err(e) => return Err(self.fail(e)),
+            Err(e) => return Err(self.annotate(e)),
         }
         for marker in ROOT_MARKERS {
             match self.agent.stat(marker) {
                 Ok(_) => return Ok(Some(RootKind::Os)),
                 Err(Error::NotFound { .. }) => {}
-                Err(e) => return Err(self.fail(e)),
+                Err(e) => return Err(self.annotate(e)),
             }
         }
         let etc = match self.agent.stat(b"/etc") {
             Ok(e) if e.kind == FileType::Directory => Some(RootKind::Etc),
             Ok(_) | Err(Error::NotFound { .. }) => None,
-            Err(e) => return Err(self.fail(e)),
+            Err(e) => return Err(self.annotate(e)),
         };
-        self.agent.unmount("/").map_err(|e| self.fail(e))?;
+        self.agent.unmount("/").map_err(|e| self.annotate(e))?;
         Ok(etc)
     }
 
@@ -570,7 +575,10 @@ impl Session {
     /// The subvolumes of the btrfs on `device` (asked once).
     fn subvolumes_of(&mut self, device: &str) -> Result<(u64, Vec<Subvolume>)> {
         if !self.subvolumes.contains_key(device) {
-            let found = self.agent.subvolumes(device).map_err(|e| self.fail(e))?;
+            let found = self
+                .agent
+                .subvolumes(device)
+                .map_err(|e| self.annotate(e))?;
             self.subvolumes.insert(device.to_string(), found);
         }
         Ok(self.subvolumes[device].clone())
@@ -674,7 +682,7 @@ impl Session {
         let fstype = self
             .agent
             .mount(&p.device, &p.mountpoint, p.fstype.as_deref(), subvolid)
-            .map_err(|e| self.fail(e))?;
+            .map_err(|e| self.annotate(e))?;
         stage.done(&format!("{} on {} ({fstype})", p.device, p.mountpoint));
         self.mounts.push((p.device.clone(), p.mountpoint.clone()));
         Ok(())
@@ -742,10 +750,6 @@ impl Session {
                 Err(e)
             }
         }
-    }
-
-    fn fail(&mut self, e: Error) -> Error {
-        self.annotate(e)
     }
 
     /// Shut the appliance down cleanly (agent unmounts, QEMU quits), then stop the NBD
@@ -850,7 +854,7 @@ fn connect_agent(
 /// The VM config for this host and environment: accelerator (said once on stderr
 /// when it is TCG), machine, debug flag; sockets and console log in `run_dir`.
 pub fn vm_config(app: &appliance::Appliance, run_dir: &Path) -> Result<vm::VmConfig> {
-    let (accel, note) = vm::accel::choose().map_err(|e| Error::Usage(e.to_string()))?;
+    let (accel, note) = vm::accel::choose()?;
     if let Some(note) = note {
         eprintln!("{note}");
     }
@@ -1103,10 +1107,7 @@ fn restore(
 /// error that lists them and says how to pick one (the session has looked for a root
 /// among them first, see `find_root`).
 pub fn choose(list: &[FsInfo]) -> std::result::Result<&FsInfo, String> {
-    let mountable: Vec<&FsInfo> = list
-        .iter()
-        .filter(|f| !f.partitioned && f.fstype.as_deref().is_some_and(is_mountable))
-        .collect();
+    let mountable: Vec<&FsInfo> = list.iter().filter(|f| inspect::is_mountable(f)).collect();
     match mountable.as_slice() {
         [] => Err("no filesystem found in the image".into()),
         [one] => Ok(one),
