@@ -8,6 +8,7 @@
 pub mod agent_client;
 pub mod appliance;
 pub mod bulk;
+pub mod bytes;
 pub mod cli;
 pub mod commands;
 pub mod error;

@@ -4,6 +4,7 @@
 //! NetworkBlockDevice/nbd); section names are given in the doc comments. All integers on
 //! the wire are big-endian.
 
+use crate::bytes::{be16, be32, be64};
 use crate::format::Extent;
 
 /// Handshake: first magic sent by the server ("NBDMAGIC"). proto.md "Newstyle negotiation".
@@ -172,15 +173,15 @@ pub struct Request {
 impl Request {
     /// Decode a request header; `None` if the magic is wrong (the stream is out of sync).
     pub fn parse(b: &[u8; REQUEST_LEN]) -> Option<Request> {
-        if be32(&b[0..4]) != REQUEST_MAGIC {
+        if be32(b, 0) != REQUEST_MAGIC {
             return None;
         }
         Some(Request {
-            flags: be16(&b[4..6]),
-            kind: be16(&b[6..8]),
-            cookie: be64(&b[8..16]),
-            offset: be64(&b[16..24]),
-            length: be32(&b[24..28]),
+            flags: be16(b, 4),
+            kind: be16(b, 6),
+            cookie: be64(b, 8),
+            offset: be64(b, 16),
+            length: be32(b, 24),
         })
     }
 
@@ -229,7 +230,7 @@ pub fn parse_info_request(data: &[u8]) -> Option<InfoRequest<'_>> {
     if !r.0.is_empty() {
         return None;
     }
-    let infos = list.chunks_exact(2).map(be16).collect();
+    let infos = list.chunks_exact(2).map(|b| be16(b, 0)).collect();
     Some(InfoRequest { name, infos })
 }
 
@@ -496,23 +497,6 @@ pub fn layout_structured_read(
     data
 }
 
-/// Big-endian u16 from the first 2 bytes.
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-
-/// Big-endian u32 from the first 4 bytes.
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-/// Big-endian u64 from the first 8 bytes.
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
-}
-
 /// A bounds-checked reader over an option payload.
 struct Cursor<'a>(&'a [u8]);
 
@@ -527,11 +511,11 @@ impl<'a> Cursor<'a> {
     }
 
     fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(be16)
+        self.take(2).map(|b| be16(b, 0))
     }
 
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(be32)
+        self.take(4).map(|b| be32(b, 0))
     }
 }
 
@@ -743,12 +727,12 @@ mod tests {
 
         assert_eq!(out.len(), 28 + 4 + 32);
         assert_eq!(data, vec![(28..32, 0)]);
-        assert_eq!(be16(&out[4..6]), 0);
-        assert_eq!(be16(&out[6..8]), REPLY_TYPE_OFFSET_DATA);
-        assert_eq!(be16(&out[32 + 4..32 + 6]), REPLY_FLAG_DONE);
-        assert_eq!(be16(&out[32 + 6..32 + 8]), REPLY_TYPE_OFFSET_HOLE);
-        assert_eq!(be64(&out[32 + 20..32 + 28]), 4);
-        assert_eq!(be32(&out[32 + 28..32 + 32]), 8);
+        assert_eq!(be16(&out, 4), 0);
+        assert_eq!(be16(&out, 6), REPLY_TYPE_OFFSET_DATA);
+        assert_eq!(be16(&out, 32 + 4), REPLY_FLAG_DONE);
+        assert_eq!(be16(&out, 32 + 6), REPLY_TYPE_OFFSET_HOLE);
+        assert_eq!(be64(&out, 32 + 20), 4);
+        assert_eq!(be32(&out, 32 + 28), 8);
     }
 
     #[test]
@@ -770,8 +754,8 @@ mod tests {
         put_block_status(&mut buf, 3, &runs);
 
         assert_eq!(buf.len(), 20 + 4 + 16);
-        assert_eq!(be32(&buf[16..20]), 20);
-        assert_eq!(be32(&buf[20..24]), BASE_ALLOCATION_ID);
+        assert_eq!(be32(&buf, 16), 20);
+        assert_eq!(be32(&buf, 20), BASE_ALLOCATION_ID);
         assert_eq!(
             &buf[24..40],
             &[0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 3]
@@ -784,10 +768,10 @@ mod tests {
 
         put_error_chunk(&mut buf, 5, EINVAL, "bad");
 
-        assert_eq!(be16(&buf[4..6]), REPLY_FLAG_DONE);
-        assert_eq!(be16(&buf[6..8]), REPLY_TYPE_ERROR);
-        assert_eq!(be32(&buf[16..20]), 9);
-        assert_eq!(be32(&buf[20..24]), EINVAL);
+        assert_eq!(be16(&buf, 4), REPLY_FLAG_DONE);
+        assert_eq!(be16(&buf, 6), REPLY_TYPE_ERROR);
+        assert_eq!(be32(&buf, 16), 9);
+        assert_eq!(be32(&buf, 20), EINVAL);
         assert_eq!(&buf[24..], &[0, 3, b'b', b'a', b'd']);
     }
 }

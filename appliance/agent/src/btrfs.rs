@@ -3,6 +3,7 @@
 //! structures from the disk itself, only the kernel's answers, and bounds those).
 
 use crate::error::{errno_text, OpError};
+use crate::probe::le64;
 use imgsafe_proto::{ErrorKind, Subvolume, BTRFS_TOP_LEVEL, MAX_FRAME, MAX_PATH, MAX_SUBVOLUMES};
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -34,10 +35,6 @@ const MAX_SEARCHES: usize = 4096;
 
 /// A root-tree item found by [`search`]: (objectid, offset, data).
 type Item = (u64, u64, Vec<u8>);
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default())
-}
 
 /// Every item of `key_type` in the root tree with an objectid in `objectids`, in key
 /// order, through as many tree-search calls as it takes (bounded).

@@ -127,15 +127,17 @@ fn read<F: FileExt>(dev: &F, size: u64, off: u64, len: usize) -> Option<Vec<u8>>
     Some(buf)
 }
 
-fn le16(b: &[u8], at: usize) -> u16 {
+/// Little-endian integers at fixed offsets of a superblock or tree item (the buffers
+/// are read whole, of the size their parser needs).
+pub(crate) fn le16(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
+pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-fn le64(b: &[u8], at: usize) -> u64 {
+pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(a)

@@ -16,6 +16,7 @@ pub mod descriptor;
 mod xml;
 
 use super::{BlockSource, Extent, FormatError, LayerInfo};
+use crate::bytes::{le32, le64};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -69,14 +70,6 @@ pub struct Header {
     pub size_sectors: u64,
     /// `m_DiskInUse` says the image was not closed cleanly.
     pub in_use: bool,
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
 }
 
 impl Header {

@@ -3,6 +3,8 @@
 //! Everything here is a pure function of bytes, so the fuzz target can drive it without
 //! files. All fields are big-endian.
 
+use crate::bytes::{be32, be64};
+
 /// `QFI\xfb` at offset 0 ("magic").
 pub const MAGIC: &[u8; 4] = b"QFI\xfb";
 /// Length of a version 2 header, and the fixed part of version 3 ("header_length" is
@@ -126,14 +128,6 @@ pub struct Header {
     pub backing_format: Option<String>,
     /// External data file name, as written.
     pub data_file: Option<String>,
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().unwrap_or([0; 4]))
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
 }
 
 /// Name of incompatible bit `bit`, from the image's feature name table or the spec.

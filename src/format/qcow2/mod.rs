@@ -24,6 +24,7 @@ pub use header::{Compression, Header, HeaderError, Snapshot};
 use super::vhd::cache::BitmapCache;
 use super::SnapshotInfo;
 use super::{BlockSource, ChainPos, Extent, Format, FormatError, LayerInfo, OpenOptions};
+use crate::bytes::be64_or_zero;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -372,12 +373,6 @@ pub fn open(
     }))
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
-        .and_then(|s| s.try_into().ok())
-        .map_or(0, u64::from_be_bytes)
-}
-
 impl Qcow2 {
     fn cs(&self) -> u64 {
         self.header.cluster_size()
@@ -403,7 +398,7 @@ impl Qcow2 {
             super::read_exact_at(&self.file, &mut b, page_off)?;
             Ok(b)
         })?;
-        Ok(be64(&table, (byte % cs) as usize) & OFFSET_MASK)
+        Ok(be64_or_zero(&table, (byte % cs) as usize) & OFFSET_MASK)
     }
 
     /// The L2 table at `offset`, checked to lie after the header and inside the file.
@@ -467,7 +462,7 @@ impl Qcow2 {
         let index = (pos % span) / cs;
         let esize = self.header.l2_entry_size();
         let at = (index * esize) as usize;
-        let entry = be64(table, at);
+        let entry = be64_or_zero(table, at);
         let within = pos % cs;
         if entry & OFLAG_COMPRESSED != 0 {
             return self.compressed_state(entry, within);
@@ -498,7 +493,7 @@ impl Qcow2 {
             };
             return Ok((state, cs - within));
         }
-        let bitmap = be64(table, at + 8);
+        let bitmap = be64_or_zero(table, at + 8);
         let (alloc, zero) = (bitmap & 0xffff_ffff, bitmap >> 32);
         if alloc & zero != 0 || (!allocated && alloc != 0) {
             return Err(bad_data(

@@ -1,6 +1,8 @@
 //! The VirtualBox VDI header, version 1.1 (VirtualBox `VDICore.h`: `VDIPREHEADER` +
 //! `VDIHEADER1`), all fields little-endian.
 
+use crate::bytes::{le32, le64};
+
 /// Bytes of the pre-header: a 64-byte text banner, the signature and the version.
 pub const PRE_HEADER_LEN: usize = 72;
 /// Offset of the signature in the pre-header.
@@ -99,14 +101,6 @@ impl std::fmt::Display for HeaderProblem {
             ),
         }
     }
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
 }
 
 fn uuid(b: &[u8], at: usize) -> [u8; 16] {

@@ -34,17 +34,7 @@ pub fn checksum(bytes: &[u8], at: usize) -> u32 {
     !sum
 }
 
-/// Read a big-endian u32 at `at` (callers pass fixed offsets inside a fixed-size buffer).
-pub fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-/// Read a big-endian u64 at `at`.
-pub fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
-}
+pub use crate::bytes::{be32, be64};
 
 /// A VHD footer, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]

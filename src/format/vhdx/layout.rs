@@ -3,6 +3,7 @@
 //! All integers are little-endian; GUIDs are in Microsoft's mixed-endian layout.
 
 use super::crc32c::crc32c_with_hole;
+use crate::bytes::{le16, le32, le64};
 use crate::format::FormatError;
 use std::fs::File;
 use std::path::Path;
@@ -138,18 +139,6 @@ pub const LOCATOR_TYPE_VHDX: [u8; 16] = guid(
     0x4A81,
     [0xB7, 0x89, 0x25, 0xB8, 0xE9, 0x44, 0x59, 0x13],
 );
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
-}
 
 fn guid_at(b: &[u8], at: usize) -> [u8; 16] {
     let mut g = [0u8; 16];

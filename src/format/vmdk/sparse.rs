@@ -5,6 +5,7 @@
 //! header 1024 bytes before the end) and store each grain deflate-compressed behind a
 //! 12-byte marker (`lba` u64, `size` u32).
 
+use crate::bytes::{le16, le32, le64};
 use crate::format::vhd::cache::BitmapCache;
 use std::fs::File;
 use std::io;
@@ -46,18 +47,6 @@ const GT_CACHE_MAX: usize = 1 << 20;
 const GT_CACHE_MIN: usize = 4096;
 /// Bytes of decompressed grains kept in memory per stream-optimized extent.
 const GRAIN_CACHE_BYTES: usize = 4 << 20;
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
-}
 
 /// The sparse extent header.
 #[derive(Debug, Clone, PartialEq, Eq)]
