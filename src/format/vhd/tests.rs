@@ -1,5 +1,11 @@
 //! Unit tests of probing, footer selection and the open-time checks, on images built in
 //! memory with the test-only footer/header builders.
+//!
+//! These builders are not the integration tests' writer (tests/support/vhdwriter.rs) on
+//! purpose: that one is written from the spec with none of the decoder's code, so that
+//! it can check the decoder; these use the decoder's own constants and checksum to set
+//! up one field at a time for the checks here, and unit tests cannot reach the other
+//! (it lives in the integration tests' crate).
 
 use super::*;
 use std::io::Write;
