@@ -57,9 +57,34 @@ pub fn human_size(n: u64) -> String {
     }
 }
 
+/// Human-readable size for a figure that is read, not watched: binary units with at
+/// most one decimal, exact values without one (`1 MiB`, `1.5 GiB`). [`human_size`]
+/// always keeps its decimal, so a progress bar's width holds still.
+pub fn human_size_exact(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut unit = 0;
+    let mut div = 1u64;
+    while unit + 1 < UNITS.len() && n / div >= 1024 {
+        div *= 1024;
+        unit += 1;
+    }
+    if n.is_multiple_of(div) {
+        format!("{} {}", n / div, UNITS[unit])
+    } else {
+        format!("{:.1} {}", n as f64 / div as f64, UNITS[unit])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exact_sizes_drop_the_decimal() {
+        assert_eq!(human_size_exact(1 << 20), "1 MiB");
+        assert_eq!(human_size_exact(1536), "1.5 KiB");
+        assert_eq!(human_size_exact(100), "100 B");
+    }
 
     #[test]
     fn sizes_use_binary_units() {

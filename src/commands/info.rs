@@ -2,6 +2,7 @@
 
 use crate::cli::InfoArgs;
 use crate::format::{count_allocated, BlockSource, LayerInfo, SnapshotInfo, MAX_COUNTED_EXTENTS};
+use crate::terminal::human_size_exact;
 use crate::Result;
 use std::path::Path;
 
@@ -139,10 +140,14 @@ impl Info {
                             .map(|v| format!(" {v}"))
                             .unwrap_or_default()
                     ),
-                    l.cluster_size
-                        .map_or_else(|| "-".into(), |c| format!("cluster {}", human(c))),
-                    l.allocated_bytes
-                        .map_or_else(|| "-".into(), |a| format!("allocated {}", human(a))),
+                    l.cluster_size.map_or_else(
+                        || "-".into(),
+                        |c| format!("cluster {}", human_size_exact(c)),
+                    ),
+                    l.allocated_bytes.map_or_else(
+                        || "-".into(),
+                        |a| format!("allocated {}", human_size_exact(a)),
+                    ),
                     // Parent names come from the image (locators, descriptors).
                     crate::terminal::printable(l.path.as_os_str().as_encoded_bytes()),
                 ]
@@ -174,7 +179,7 @@ impl Info {
                     "  {}  {:?}  {}  {date}\n",
                     sn.id,
                     sn.name,
-                    human(sn.disk_size)
+                    human_size_exact(sn.disk_size)
                 ));
             }
         }
@@ -187,23 +192,7 @@ fn bytes(n: u64) -> String {
     if n < 1024 {
         format!("{n} bytes")
     } else {
-        format!("{n} bytes ({})", human(n))
-    }
-}
-
-/// Binary units with at most one decimal, exact values without one: `1 MiB`, `1.5 GiB`.
-fn human(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut unit = 0;
-    let mut div = 1u64;
-    while unit + 1 < UNITS.len() && n / div >= 1024 {
-        div *= 1024;
-        unit += 1;
-    }
-    if n.is_multiple_of(div) {
-        format!("{} {}", n / div, UNITS[unit])
-    } else {
-        format!("{:.1} {}", n as f64 / div as f64, UNITS[unit])
+        format!("{n} bytes ({})", human_size_exact(n))
     }
 }
 
@@ -249,13 +238,6 @@ mod tests {
             }],
             snapshots: Vec::new(),
         }
-    }
-
-    #[test]
-    fn human_units() {
-        assert_eq!(human(1 << 20), "1 MiB");
-        assert_eq!(human(1536), "1.5 KiB");
-        assert_eq!(human(100), "100 B");
     }
 
     #[test]
