@@ -1,4 +1,7 @@
-//! The error every command returns, and its exit code.
+//! The error every command returns, and its exit code. It gathers each module's own
+//! error (format, vm, appliance, session, the commands' own steps), so it sits above
+//! them all: the layers below (format, nbd, vm, appliance) return their own errors and
+//! never this one.
 
 use crate::appliance::ApplianceError;
 use crate::format::FormatError;
@@ -201,6 +204,26 @@ fn gone_text(cause: &Error) -> String {
         Error::Guest { what } => what.clone(),
         Error::GuestFrame(f) => f.to_string(),
         other => other.to_string(),
+    }
+}
+
+impl From<VmError> for Error {
+    /// A VM failure after a signal is the signal's doing (QEMU was killed by the
+    /// handler), so it becomes [`Error::Interrupted`]; anything else is an appliance
+    /// failure.
+    fn from(e: VmError) -> Self {
+        if crate::vm::reaper::interrupted() {
+            Error::Interrupted
+        } else {
+            Error::Vm(e)
+        }
+    }
+}
+
+impl From<crate::vm::AccelError> for Error {
+    /// A bad `IMGSAFE_ACCEL` is a usage problem, reported as one line.
+    fn from(e: crate::vm::AccelError) -> Self {
+        Error::Usage(e.to_string())
     }
 }
 

@@ -47,26 +47,6 @@ pub use config::{Accel, DiskSpec, GuestRam, Machine, VmConfig};
 pub use machine::MachineError;
 pub use process::{DiskSlot, Vm, VmError, MAX_QEMU_FILE_BYTES};
 
-impl From<VmError> for crate::Error {
-    /// A VM failure after a signal is the signal's doing (QEMU was killed by the
-    /// handler), so it becomes [`crate::Error::Interrupted`]; anything else is an
-    /// appliance failure.
-    fn from(e: VmError) -> Self {
-        if reaper::interrupted() {
-            crate::Error::Interrupted
-        } else {
-            crate::Error::Vm(e)
-        }
-    }
-}
-
-impl From<AccelError> for crate::Error {
-    /// A bad `IMGSAFE_ACCEL` is a usage problem, reported as one line.
-    fn from(e: AccelError) -> Self {
-        crate::Error::Usage(e.to_string())
-    }
-}
-
 /// What a setting like `IMGSAFE_ACCEL` names among `choices` (compared ignoring ASCII
 /// case): `Ok(None)` when unset or empty, `Err` with the value (lossily decoded) when it
 /// names none of them.
