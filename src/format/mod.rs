@@ -320,6 +320,16 @@ impl ChainFiles {
     }
 }
 
+/// The role `info` shows for a file of a same-format chain: a parent, the top of a
+/// chain, or an image on its own.
+pub fn chain_role(is_parent: bool, has_parent: bool) -> &'static str {
+    match (is_parent, has_parent) {
+        (true, _) => "parent",
+        (false, true) => "top",
+        (false, false) => "image",
+    }
+}
+
 /// Where a file being opened sits in a chain of backing files: how deep, and which files
 /// are open above it (a file that is its own ancestor would otherwise recurse forever).
 #[derive(Debug, Clone, Default)]

@@ -89,11 +89,7 @@ fn open_layer(path: &Path, file: File, chain: &mut Chain) -> Result<Vdi, FormatE
     } else {
         None
     };
-    let role = match (is_parent, parent.is_some()) {
-        (true, _) => "parent",
-        (false, true) => "top",
-        (false, false) => "image",
-    };
+    let role = super::chain_role(is_parent, parent.is_some());
     Ok(Vdi::new(path, file, &header, layout, parent, role))
 }
 

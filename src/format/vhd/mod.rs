@@ -218,19 +218,20 @@ fn open_layer(
                     format!("footer current_size {size} is larger than the {} data bytes before the footer", found.data_limit),
                 ));
             }
-            let role = if is_parent { "parent" } else { "image" };
+            let role = super::chain_role(is_parent, false);
             Ok(Box::new(Fixed::new(path, file, size, role)))
         }
         footer::TYPE_DYNAMIC | footer::TYPE_DIFFERENCING => {
             let layout = load_layout(path, &file, &footer, size, found.data_limit)?;
             chain.charge_bat(path, layout.bat.len())?;
-            let (parent, role) = if footer.disk_type == footer::TYPE_DIFFERENCING {
+            let parent = if footer.disk_type == footer::TYPE_DIFFERENCING {
                 let parent = open_parent(path, &file, &layout.header, opts, chain)
                     .inspect_err(|_| chain.parent_failed = true)?;
-                (Some(parent), if is_parent { "parent" } else { "top" })
+                Some(parent)
             } else {
-                (None, if is_parent { "parent" } else { "image" })
+                None
             };
+            let role = super::chain_role(is_parent, parent.is_some());
             let src = Dynamic::new(path, file, &footer, size, layout, parent, role);
             Ok(Box::new(src))
         }

@@ -110,11 +110,7 @@ fn open_layer(
     } else {
         None
     };
-    let role = match (is_parent, parent.is_some()) {
-        (true, _) => "parent",
-        (false, true) => "top",
-        (false, false) => "image",
-    };
+    let role = super::chain_role(is_parent, parent.is_some());
     Ok(Vhdx::new(path, file, layout, parent, role))
 }
 

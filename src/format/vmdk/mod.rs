@@ -176,7 +176,6 @@ fn open_layer(
     let dir = folder_of(path);
     let mut parts: Vec<Part> = Vec::new();
     let mut pos: u64 = 0;
-    let mut own_file = Some(file);
     let (create_type, cid, parent_cid, hint) = match &desc {
         Some(d) => (
             d.create_type.clone(),
@@ -204,6 +203,12 @@ fn open_layer(
         .iter()
         .filter(|l| matches!(l.kind, ExtentKind::Sparse { .. }))
         .count();
+    // A sparse file with its own descriptor is its one extent, whatever the descriptor
+    // calls it (the file may have been renamed).
+    let mut own = match own_header.clone() {
+        Some(h) if lines.len() == 1 => Some((file, h)),
+        _ => None,
+    };
     for line in &lines {
         let bytes = line
             .sectors
@@ -213,59 +218,7 @@ fn open_layer(
                     .is_some_and(|e| e <= sparse::MAX_CAPACITY * SECTOR)
             })
             .ok_or_else(|| FormatError::corrupt(path, "extents add up to more than 64 TiB"))?;
-        let piece = match &line.kind {
-            ExtentKind::Zero => Piece::Zero,
-            ExtentKind::Flat { file: name, offset } => {
-                let p = extent_path(path, &dir, name)?;
-                let f = open_named(&p)?;
-                let base = offset
-                    .checked_mul(SECTOR)
-                    .ok_or_else(|| FormatError::corrupt(&p, "flat extent offset overflows"))?;
-                let len = super::file_len(&p, &f)?;
-                if base.checked_add(bytes).is_none_or(|e| e > len) {
-                    return Err(FormatError::corrupt(
-                        &p,
-                        format!(
-                            "flat extent of {} sectors from sector {offset} is longer than the file ({len} bytes)",
-                            line.sectors
-                        ),
-                    ));
-                }
-                Piece::Flat {
-                    file: f,
-                    path: p,
-                    base,
-                }
-            }
-            ExtentKind::Sparse { file: name } => {
-                // A sparse file with its own descriptor is its one extent, whatever the
-                // descriptor calls it (the file may have been renamed).
-                let (p, f, h) = match (&own_header, own_file.take()) {
-                    (Some(h), Some(f)) if lines.len() == 1 => (path.to_path_buf(), f, h.clone()),
-                    _ => {
-                        let p = extent_path(path, &dir, name)?;
-                        let f = open_named(&p)?;
-                        let head = super::read_head(&p, &f)?;
-                        let h = sparse::Header::parse(&head)
-                            .map_err(|e| FormatError::corrupt(&p, e))?;
-                        (p, f, h)
-                    }
-                };
-                if h.capacity < line.sectors {
-                    return Err(FormatError::corrupt(
-                        &p,
-                        format!(
-                            "sparse extent holds {} sectors but the descriptor gives it {}",
-                            h.capacity, line.sectors
-                        ),
-                    ));
-                }
-                Piece::Sparse(Box::new(
-                    Sparse::open(&p, f, h, sparse_count)
-                        .map_err(|e| FormatError::corrupt(&p, e))?,
-                ))
-            }
-        };
+        let piece = open_piece(path, &dir, line, bytes, own.take(), sparse_count)?;
         parts.push(Part {
             start: pos,
             len: bytes,
@@ -273,37 +226,11 @@ fn open_layer(
         });
         pos += bytes;
     }
-    let parent = if parent_cid != NO_PARENT_CID {
-        let hint = hint.ok_or_else(|| {
-            FormatError::corrupt(path, "delta (parentCID set) has no parentFileNameHint")
-        })?;
-        let unix = hint.replace('\\', "/");
-        let pp = if Path::new(&unix).is_absolute() {
-            PathBuf::from(&unix)
-        } else {
-            dir.join(&unix)
-        };
-        let pf = open_named(&pp)?;
-        let parent = open_layer(&pp, pf, opts, chain)?;
-        if parent.cid != parent_cid && !opts.ignore_parent_id {
-            return Err(FormatError::corrupt(
-                path,
-                format!(
-                    "parent {} has CID {:08x} but this delta expects {parent_cid:08x} (the parent was modified after the snapshot; --ignore-parent-id opens it anyway)",
-                    pp.display(),
-                    parent.cid
-                ),
-            ));
-        }
-        Some(Box::new(parent) as Box<dyn BlockSource>)
-    } else {
-        None
+    let parent = match parent_cid {
+        NO_PARENT_CID => None,
+        _ => Some(open_parent(path, &dir, hint, parent_cid, opts, chain)?),
     };
-    let role = match (is_parent, parent.is_some()) {
-        (true, _) => "parent",
-        (false, true) => "top",
-        (false, false) => "image",
-    };
+    let role = super::chain_role(is_parent, parent.is_some());
     let version = own_header
         .as_ref()
         .map(|h| format!("{create_type} v{}", h.version))
@@ -317,6 +244,102 @@ fn open_layer(
         role: role.into(),
         version,
     })
+}
+
+/// Open the extent that `line` describes, `bytes` long. `own` is the file being opened
+/// with its sparse header, when it is itself the disk's one sparse extent.
+fn open_piece(
+    path: &Path,
+    dir: &Path,
+    line: &descriptor::ExtentLine,
+    bytes: u64,
+    own: Option<(File, sparse::Header)>,
+    sparse_count: usize,
+) -> Result<Piece, FormatError> {
+    Ok(match &line.kind {
+        ExtentKind::Zero => Piece::Zero,
+        ExtentKind::Flat { file: name, offset } => {
+            let p = extent_path(path, dir, name)?;
+            let f = open_named(&p)?;
+            let base = offset
+                .checked_mul(SECTOR)
+                .ok_or_else(|| FormatError::corrupt(&p, "flat extent offset overflows"))?;
+            let len = super::file_len(&p, &f)?;
+            if base.checked_add(bytes).is_none_or(|e| e > len) {
+                return Err(FormatError::corrupt(
+                    &p,
+                    format!(
+                        "flat extent of {} sectors from sector {offset} is longer than the file ({len} bytes)",
+                        line.sectors
+                    ),
+                ));
+            }
+            Piece::Flat {
+                file: f,
+                path: p,
+                base,
+            }
+        }
+        ExtentKind::Sparse { file: name } => {
+            let (p, f, h) = match own {
+                Some((f, h)) => (path.to_path_buf(), f, h),
+                None => {
+                    let p = extent_path(path, dir, name)?;
+                    let f = open_named(&p)?;
+                    let head = super::read_head(&p, &f)?;
+                    let h =
+                        sparse::Header::parse(&head).map_err(|e| FormatError::corrupt(&p, e))?;
+                    (p, f, h)
+                }
+            };
+            if h.capacity < line.sectors {
+                return Err(FormatError::corrupt(
+                    &p,
+                    format!(
+                        "sparse extent holds {} sectors but the descriptor gives it {}",
+                        h.capacity, line.sectors
+                    ),
+                ));
+            }
+            Piece::Sparse(Box::new(
+                Sparse::open(&p, f, h, sparse_count).map_err(|e| FormatError::corrupt(&p, e))?,
+            ))
+        }
+    })
+}
+
+/// Open the parent of delta `path`, named by `hint`, and check it is the disk the delta
+/// was taken from (its CID is `parent_cid`).
+fn open_parent(
+    path: &Path,
+    dir: &Path,
+    hint: Option<String>,
+    parent_cid: u32,
+    opts: &OpenOptions,
+    chain: &mut super::ChainFiles,
+) -> Result<Box<dyn BlockSource>, FormatError> {
+    let hint = hint.ok_or_else(|| {
+        FormatError::corrupt(path, "delta (parentCID set) has no parentFileNameHint")
+    })?;
+    let unix = hint.replace('\\', "/");
+    let pp = if Path::new(&unix).is_absolute() {
+        PathBuf::from(&unix)
+    } else {
+        dir.join(&unix)
+    };
+    let pf = open_named(&pp)?;
+    let parent = open_layer(&pp, pf, opts, chain)?;
+    if parent.cid != parent_cid && !opts.ignore_parent_id {
+        return Err(FormatError::corrupt(
+            path,
+            format!(
+                "parent {} has CID {:08x} but this delta expects {parent_cid:08x} (the parent was modified after the snapshot; --ignore-parent-id opens it anyway)",
+                pp.display(),
+                parent.cid
+            ),
+        ));
+    }
+    Ok(Box::new(parent))
 }
 
 /// A VMDK disk: its pieces in order, and its parent for a delta.
