@@ -225,47 +225,7 @@ impl Session {
         // The bulk data path reads the image (the first disk) itself; never under an
         // overlay, where the guest may have written.
         let bulk = (!overlay).then(|| sources[0].1.clone());
-        let mut servers = Vec::new();
-        let mut disks = Vec::new();
-        let mut overlay_bytes: u64 = 0;
-        for (i, (name, source)) in sources.into_iter().enumerate() {
-            let disk_size = source.size();
-            image::check_vm_size(&name, disk_size)?;
-            // The first disk keeps the socket name it always had.
-            let nbd_sock = match i {
-                0 => dir.path().join("nbd.sock"),
-                _ => dir.path().join(format!("nbd{i}.sock")),
-            };
-            let nbd = nbd::Server::start(source, &nbd_sock, "").map_err(|source| {
-                SessionError::NbdServer {
-                    socket: nbd_sock.clone(),
-                    source,
-                }
-            })?;
-            servers.push(nbd);
-            let overlay_file = dir.path().join(match i {
-                0 => "overlay.qcow2".to_string(),
-                _ => format!("overlay{i}.qcow2"),
-            });
-            if overlay {
-                vm::qcow2::create(&overlay_file, disk_size).map_err(|source| {
-                    SessionError::Overlay {
-                        path: overlay_file.clone(),
-                        source,
-                    }
-                })?;
-                // An overlay grows to at most its disk plus its tables (~0.02%).
-                overlay_bytes = overlay_bytes
-                    .saturating_add(disk_size)
-                    .saturating_add(disk_size / 256);
-            }
-            disks.push(vm::DiskSpec {
-                nbd_socket: nbd_sock,
-                export: String::new(),
-                read_only: true,
-                overlay: overlay.then_some(overlay_file),
-            });
-        }
+        let served = serve_disks(dir.path(), sources, overlay)?;
 
         let stage = trace::stage("appliance");
         let app = appliance::ensure()?;
@@ -279,6 +239,12 @@ impl Session {
             // Its saved state is its own (the memory size is part of the warm key).
             cfg.memory_mib = cfg.memory_mib.max(LUKS_MEMORY_MIB);
         }
+        if overlay {
+            // QEMU may write the overlays, the console log still far less.
+            cfg.max_file_bytes = cfg
+                .max_file_bytes
+                .max(served.overlay_bytes.saturating_add(64 << 20));
+        }
         if trace::verbose() {
             let argv: Vec<String> = cfg
                 .argv()
@@ -287,20 +253,14 @@ impl Session {
                 .collect();
             trace::note(&format!("qemu: {} {}", cfg.qemu.display(), argv.join(" ")));
         }
-        if overlay {
-            // QEMU may write the overlays, the console log still far less.
-            cfg.max_file_bytes = cfg
-                .max_file_bytes
-                .max(overlay_bytes.saturating_add(64 << 20));
-        }
-        let (vm, mut agent) = boot(&cfg, &disks, timeout)?;
+        let (vm, mut agent) = boot(&cfg, &served.disks, timeout)?;
         agent.writable_mounts = overlay;
         let mut s = Session {
             image: image_arg.to_path_buf(),
             image_files,
             agent,
             vm,
-            nbd: servers,
+            nbd: served.servers,
             _dir: dir,
             filesystems: None,
             subvolumes: Default::default(),
@@ -790,6 +750,70 @@ impl Session {
             n.stop();
         }
     }
+}
+
+/// The disks of a session, each served on its own NBD socket in the run directory.
+struct Served {
+    /// One server per disk, in disk order.
+    servers: Vec<nbd::Server>,
+    /// How QEMU attaches each.
+    disks: Vec<vm::DiskSpec>,
+    /// The most the overlays can grow to (0 without `--overlay`).
+    overlay_bytes: u64,
+}
+
+/// Serve each of `sources` over NBD in `dir` and describe it for QEMU; with `overlay`,
+/// each gets an empty copy-on-write overlay there too.
+fn serve_disks(
+    dir: &Path,
+    sources: Vec<(PathBuf, Arc<dyn BlockSource>)>,
+    overlay: bool,
+) -> Result<Served> {
+    let mut served = Served {
+        servers: Vec::new(),
+        disks: Vec::new(),
+        overlay_bytes: 0,
+    };
+    for (i, (name, source)) in sources.into_iter().enumerate() {
+        let disk_size = source.size();
+        image::check_vm_size(&name, disk_size)?;
+        // The first disk keeps the socket name it always had.
+        let nbd_sock = match i {
+            0 => dir.join("nbd.sock"),
+            _ => dir.join(format!("nbd{i}.sock")),
+        };
+        let nbd = nbd::Server::start(source, &nbd_sock, "").map_err(|source| {
+            SessionError::NbdServer {
+                socket: nbd_sock.clone(),
+                source,
+            }
+        })?;
+        served.servers.push(nbd);
+        let overlay_file = dir.join(match i {
+            0 => "overlay.qcow2".to_string(),
+            _ => format!("overlay{i}.qcow2"),
+        });
+        if overlay {
+            vm::qcow2::create(&overlay_file, disk_size).map_err(|source| {
+                SessionError::Overlay {
+                    path: overlay_file.clone(),
+                    source,
+                }
+            })?;
+            // An overlay grows to at most its disk plus its tables (~0.02%).
+            served.overlay_bytes = served
+                .overlay_bytes
+                .saturating_add(disk_size)
+                .saturating_add(disk_size / 256);
+        }
+        served.disks.push(vm::DiskSpec {
+            nbd_socket: nbd_sock,
+            export: String::new(),
+            read_only: true,
+            overlay: overlay.then_some(overlay_file),
+        });
+    }
+    Ok(served)
 }
 
 /// What QEMU and the guest console said, for an error message: the guest's panic line
