@@ -24,6 +24,7 @@ const MAX_VMLINUX: usize = 512 << 20;
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
 mod package;
+pub use package::FetchError;
 
 /// The kernel found for the appliance.
 #[derive(Debug, Clone)]

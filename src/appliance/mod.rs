@@ -36,6 +36,30 @@ pub enum ApplianceError {
     /// An input exists but is unusable.
     #[error("building the appliance: {0}")]
     Invalid(String),
+    /// The host kernel is unreadable and no package of it could be fetched; `tries`
+    /// holds each package name tried and why it failed (none when no name could be
+    /// derived). The message names both ways out.
+    #[error(
+        "building the appliance: kernel {} is not readable by this user and its package \
+         could not be fetched with apt-get ({}); make the kernel readable (sudo chmod \
+         0644 {}) or point IMGSAFE_KERNEL at a readable kernel",
+        host.display(),
+        fetch_tries(tries),
+        host.display()
+    )]
+    KernelNotFetched {
+        host: PathBuf,
+        tries: Vec<(String, kernel::FetchError)>,
+    },
+}
+
+/// Each package tried and why it failed, for [`ApplianceError::KernelNotFetched`].
+fn fetch_tries(tries: &[(String, kernel::FetchError)]) -> String {
+    if tries.is_empty() {
+        return "no package name could be derived from its name".into();
+    }
+    let each: Vec<String> = tries.iter().map(|(p, e)| format!("{p}: {e}")).collect();
+    each.join("; ")
 }
 
 impl ApplianceError {
@@ -636,6 +660,41 @@ fn busybox_applets(busybox: &Path) -> Result<Vec<String>, ApplianceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unfetchable_kernel_names_each_try_and_both_ways_out() {
+        let e = ApplianceError::KernelNotFetched {
+            host: "/boot/vmlinuz-6.1".into(),
+            tries: vec![
+                (
+                    "linux-image-6.1".into(),
+                    kernel::FetchError::ToolMissing {
+                        tool: "apt-get".into(),
+                    },
+                ),
+                (
+                    "linux-image-6.1-cloud".into(),
+                    kernel::FetchError::Packages(0),
+                ),
+            ],
+        };
+        let none = ApplianceError::KernelNotFetched {
+            host: "/boot/vmlinuz-x".into(),
+            tries: Vec::new(),
+        };
+
+        let (e, none) = (e.to_string(), none.to_string());
+
+        assert!(
+            e.contains("(linux-image-6.1: apt-get not found; linux-image-6.1-cloud: apt-get wrote 0 packages, expected one)"),
+            "{e}"
+        );
+        assert!(e.contains("sudo chmod 0644 /boot/vmlinuz-6.1") && e.contains("IMGSAFE_KERNEL"));
+        assert!(
+            none.contains("(no package name could be derived from its name)"),
+            "{none}"
+        );
+    }
 
     fn entry(root: &Path, name: &str, age: std::time::Duration) -> PathBuf {
         let d = root.join(name);

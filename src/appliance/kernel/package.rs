@@ -8,9 +8,54 @@
 
 use super::super::ApplianceError;
 use std::fs;
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+/// A step of fetching one kernel package that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// A file or folder in the cache could not be made, read or moved.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A tool (apt-get, dpkg-deb, depmod) is not installed.
+    #[error("{tool} not found")]
+    ToolMissing { tool: String },
+    /// A tool could not be started.
+    #[error("{tool}: {source}")]
+    ToolStart {
+        tool: String,
+        #[source]
+        source: io::Error,
+    },
+    /// A tool failed; `said` is the last line it printed on stderr.
+    #[error("{tool}: {said}")]
+    ToolFailed { tool: String, said: String },
+    /// apt-get did not leave exactly one package.
+    #[error("apt-get wrote {0} packages, expected one")]
+    Packages(usize),
+    /// The package has no /boot.
+    #[error("the package has no /boot")]
+    NoBoot,
+    /// The package's /boot does not hold exactly one kernel.
+    #[error("the package has {0} kernels in /boot, expected one")]
+    Kernels(usize),
+    /// The cache entry lacks a part after it was made.
+    #[error("{} is incomplete", path.display())]
+    Incomplete { path: PathBuf },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FetchError + '_ {
+    move |source| FetchError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// A kernel unpacked from its package into the cache.
 #[derive(Debug)]
@@ -29,10 +74,10 @@ pub struct Fetched {
 pub fn fetch(cache: &Path, host: &Path, release: &str) -> Result<(Fetched, bool), ApplianceError> {
     let candidates = package_candidates(host, release);
     if candidates.is_empty() {
-        return Err(failed(
-            host,
-            "no package name could be derived from its name",
-        ));
+        return Err(ApplianceError::KernelNotFetched {
+            host: host.to_path_buf(),
+            tries: Vec::new(),
+        });
     }
     let meta = fs::metadata(host).map_err(|e| ApplianceError::io(host, e))?;
     let store = cache.join("kernel");
@@ -40,18 +85,21 @@ pub fn fetch(cache: &Path, host: &Path, release: &str) -> Result<(Fetched, bool)
     crate::rundir::private_dir(cache).map_err(|e| ApplianceError::io(cache, e))?;
     crate::rundir::private_dir(&store).map_err(|e| ApplianceError::io(&store, e))?;
     sweep(&store);
-    let mut why = Vec::new();
-    for pkg in &candidates {
+    let mut tries = Vec::new();
+    for pkg in candidates {
         let dir = store.join(format!("{pkg}-{}-{}", meta.len(), meta.mtime()));
         if let Some(f) = load(&dir) {
             return Ok((f, false));
         }
-        match download_into(&store, &dir, pkg) {
+        match download_into(&store, &dir, &pkg) {
             Ok(f) => return Ok((f, true)),
-            Err(e) => why.push(format!("{pkg}: {e}")),
+            Err(e) => tries.push((pkg, e)),
         }
     }
-    Err(failed(host, &why.join("; ")))
+    Err(ApplianceError::KernelNotFetched {
+        host: host.to_path_buf(),
+        tries,
+    })
 }
 
 /// Remove temp dirs left by a fetch that was killed (older than an hour), best effort.
@@ -68,17 +116,6 @@ fn sweep(store: &Path) {
             let _ = fs::remove_dir_all(e.path());
         }
     }
-}
-
-/// The error naming both ways out.
-fn failed(host: &Path, why: &str) -> ApplianceError {
-    ApplianceError::Invalid(format!(
-        "kernel {} is not readable by this user and its package could not be fetched \
-         with apt-get ({why}); make the kernel readable (sudo chmod 0644 {}) or point \
-         IMGSAFE_KERNEL at a readable kernel",
-        host.display(),
-        host.display()
-    ))
 }
 
 /// Package names to try, best first: the package that owns the file (`dpkg -S`), then
@@ -168,13 +205,13 @@ fn load(dir: &Path) -> Option<Fetched> {
 
 /// Download and unpack `pkg` in a private temp dir of `store`, then rename the result
 /// to `dir` (another imgsafe may have won the race: its entry is used).
-fn download_into(store: &Path, dir: &Path, pkg: &str) -> Result<Fetched, String> {
+fn download_into(store: &Path, dir: &Path, pkg: &str) -> Result<Fetched, FetchError> {
     let tmp = tempfile::Builder::new()
         .prefix(".fetching-")
         .tempdir_in(store)
-        .map_err(|e| format!("{}: {e}", store.display()))?;
+        .map_err(io_err(store))?;
     let dl = tmp.path().join("download");
-    fs::create_dir(&dl).map_err(|e| e.to_string())?;
+    fs::create_dir(&dl).map_err(io_err(&dl))?;
     run(Command::new("apt-get")
         .args(["download", "-q", "--", pkg])
         .current_dir(&dl))?;
@@ -182,39 +219,46 @@ fn download_into(store: &Path, dir: &Path, pkg: &str) -> Result<Fetched, String>
     let root = tmp.path().join("root");
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
     let out = tmp.path().join("out");
-    fs::create_dir(&out).map_err(|e| e.to_string())?;
+    fs::create_dir(&out).map_err(io_err(&out))?;
     let (vmlinuz, release) = unpacked_kernel(&root.join("boot"))?;
-    fs::rename(&vmlinuz, out.join(format!("vmlinuz-{release}"))).map_err(|e| e.to_string())?;
+    fs::rename(&vmlinuz, out.join(format!("vmlinuz-{release}"))).map_err(io_err(&vmlinuz))?;
     // The host's own modules for this release are the same files; keep the unpacked
     // ones only when the host has none (the package ships no modules.dep: depmod).
     let host_modules = Path::new("/lib/modules").join(&release).join("modules.dep");
     let unpacked = root.join("lib/modules").join(&release);
     if !host_modules.is_file() && unpacked.join("kernel").is_dir() {
         run(Command::new("depmod").arg("-b").arg(&root).arg(&release))?;
-        fs::create_dir_all(out.join("lib/modules")).map_err(|e| e.to_string())?;
-        fs::rename(&unpacked, out.join("lib/modules").join(&release)).map_err(|e| e.to_string())?;
+        let modules = out.join("lib/modules");
+        fs::create_dir_all(&modules).map_err(io_err(&modules))?;
+        fs::rename(&unpacked, modules.join(&release)).map_err(io_err(&unpacked))?;
     }
-    fs::write(out.join("release"), &release).map_err(|e| e.to_string())?;
-    fs::write(out.join("complete"), pkg).map_err(|e| e.to_string())?;
+    let (release_file, complete) = (out.join("release"), out.join("complete"));
+    fs::write(&release_file, &release).map_err(io_err(&release_file))?;
+    fs::write(&complete, pkg).map_err(io_err(&complete))?;
     match fs::rename(&out, dir) {
         Ok(()) => {}
         Err(_) if load(dir).is_some() => {}
-        Err(e) => return Err(format!("{}: {e}", dir.display())),
+        Err(e) => return Err(io_err(dir)(e)),
     }
-    load(dir).ok_or_else(|| format!("{} is incomplete", dir.display()))
+    load(dir).ok_or_else(|| FetchError::Incomplete {
+        path: dir.to_path_buf(),
+    })
 }
 
 /// Run a tool; its failure as one line (the last line it printed on stderr).
-fn run(cmd: &mut Command) -> Result<(), String> {
-    let name = cmd.get_program().to_string_lossy().into_owned();
+fn run(cmd: &mut Command) -> Result<(), FetchError> {
+    let tool = cmd.get_program().to_string_lossy().into_owned();
     let out = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => format!("{name} not found"),
-            _ => format!("{name}: {e}"),
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => FetchError::ToolMissing { tool: tool.clone() },
+            _ => FetchError::ToolStart {
+                tool: tool.clone(),
+                source,
+            },
         })?;
     if out.status.success() {
         return Ok(());
@@ -225,33 +269,30 @@ fn run(cmd: &mut Command) -> Result<(), String> {
         .map(str::trim)
         .rfind(|l| !l.is_empty())
         .unwrap_or("failed");
-    Err(format!(
-        "{name}: {}",
-        crate::terminal::printable_max(last, 300)
-    ))
+    Err(FetchError::ToolFailed {
+        tool,
+        said: crate::terminal::printable_max(last, 300),
+    })
 }
 
 /// The one `.deb` apt-get wrote.
-fn only_deb(dir: &Path) -> Result<PathBuf, String> {
+fn only_deb(dir: &Path) -> Result<PathBuf, FetchError> {
     let debs: Vec<PathBuf> = fs::read_dir(dir)
-        .map_err(|e| e.to_string())?
+        .map_err(io_err(dir))?
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "deb"))
         .collect();
     match debs.as_slice() {
         [one] => Ok(one.clone()),
-        _ => Err(format!(
-            "apt-get wrote {} packages, expected one",
-            debs.len()
-        )),
+        _ => Err(FetchError::Packages(debs.len())),
     }
 }
 
 /// The `vmlinuz-<release>` of an unpacked package's `/boot`.
-fn unpacked_kernel(boot: &Path) -> Result<(PathBuf, String), String> {
+fn unpacked_kernel(boot: &Path) -> Result<(PathBuf, String), FetchError> {
     let found: Vec<(PathBuf, String)> = fs::read_dir(boot)
-        .map_err(|_| "the package has no /boot".to_string())?
+        .map_err(|_| FetchError::NoBoot)?
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
@@ -262,10 +303,7 @@ fn unpacked_kernel(boot: &Path) -> Result<(PathBuf, String), String> {
         .collect();
     match found.as_slice() {
         [one] => Ok(one.clone()),
-        _ => Err(format!(
-            "the package has {} kernels in /boot, expected one",
-            found.len()
-        )),
+        _ => Err(FetchError::Kernels(found.len())),
     }
 }
 
