@@ -172,16 +172,12 @@ impl Error {
                 image: image.to_path_buf(),
                 what,
             },
-            e @ (Error::Build(_)
-            | Error::Vm(_)
-            | Error::Appliance { .. }
-            | Error::NoAnswer { .. }
-            | Error::Guest { .. }
-            | Error::GuestFrame(_)
-            | Error::QemuGone { .. }) => Error::OnImage {
-                image: image.to_path_buf(),
-                source: Box::new(e),
-            },
+            e if e.is_appliance_failure() && !matches!(e, Error::OnImage { .. }) => {
+                Error::OnImage {
+                    image: image.to_path_buf(),
+                    source: Box::new(e),
+                }
+            }
             other => other,
         }
     }
