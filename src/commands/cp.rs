@@ -35,6 +35,7 @@
 //! read by the host from the image itself ([`crate::bulk`]).
 
 mod args;
+mod batch;
 mod dest;
 mod error;
 mod order;

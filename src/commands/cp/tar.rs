@@ -10,12 +10,13 @@
 //! mtimes. Permission bits are kept and set-id and sticky
 //! bits dropped, as `cp` does. Holes are written as zeros (the archive is not sparse).
 
+use super::batch::Batch;
 use super::order::Tree;
 use super::plan::{check_entry, collect, guest_path, leaf, stat_sources, Item, Source};
 use super::progress::Progress;
 use super::write::kind_name;
 use super::{show, CopyStats, CpError, KEPT_MODE};
-use crate::agent_client::{FileRequest, FileSink, GuestFs};
+use crate::agent_client::{FileSink, GuestFs};
 use crate::bulk::{HostReader, MAP_MIN};
 use crate::{trace, Error, Result};
 use imgsafe_proto::{FileMap, FileType};
@@ -23,10 +24,6 @@ use std::io::{self, Write};
 
 /// Size of a tar block (POSIX ustar).
 const BLOCK: usize = 512;
-/// Most files whose requests go out together.
-const BATCH_FILES: usize = 64;
-/// Most request bytes in flight (see `write::BATCH_REQUEST_BYTES`).
-const BATCH_REQUEST_BYTES: usize = 64 * 1024;
 
 /// The pax records and ustar header of one member.
 struct Member<'a> {
@@ -307,72 +304,34 @@ pub(super) fn write_tar(
         .iter()
         .filter(|i| i.entry.kind == FileType::Regular)
         .fold(0u64, |acc, i| acc.saturating_add(i.entry.size));
-    let mut progress = Progress::new(progress_wanted, total);
-    let mut stats = CopyStats::default();
-    let mut batch: Vec<&Item> = Vec::new();
-    let mut requests: Vec<FileRequest> = Vec::new();
-    let mut bytes = 0usize;
-    let flush = |fs: &mut dyn GuestFs,
-                 batch: &mut Vec<&Item>,
-                 requests: &mut Vec<FileRequest>,
-                 out: &mut dyn Write,
-                 progress: &mut Progress,
-                 stats: &mut CopyStats|
-     -> Result<()> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let mut sink = TarSink {
-            out,
-            sources: &srcs,
-            items: std::mem::take(batch),
-            reader,
-            progress,
-            stats,
-            current: None,
-            failed: None,
-        };
-        fs.read_files(&std::mem::take(requests), &mut sink)
+    let mut w = TarWriter {
+        out,
+        sources: &srcs,
+        reader,
+        progress: Progress::new(progress_wanted, total),
+        stats: CopyStats::default(),
     };
+    let mut batch = Batch::default();
     for item in &items {
         let e = &item.entry;
         if e.kind != FileType::Regular {
-            flush(
-                fs,
-                &mut batch,
-                &mut requests,
-                out,
-                &mut progress,
-                &mut stats,
-            )?;
-            bytes = 0;
+            w.run(fs, &mut batch)?;
         }
         match e.kind {
             FileType::Regular => {
-                let path = guest_path(&srcs, item);
                 let mapped = reader.is_some() && e.size >= MAP_MIN;
-                bytes += path.len() * 4 + 64;
-                batch.push(item);
-                requests.push(FileRequest { path, mapped });
-                if mapped || batch.len() >= BATCH_FILES || bytes >= BATCH_REQUEST_BYTES {
-                    flush(
-                        fs,
-                        &mut batch,
-                        &mut requests,
-                        out,
-                        &mut progress,
-                        &mut stats,
-                    )?;
-                    bytes = 0;
+                if batch.push(item, guest_path(&srcs, item), mapped) {
+                    w.run(fs, &mut batch)?;
                 }
             }
             FileType::Directory | FileType::Symlink => {
-                out.write_all(&member(item).header())
+                w.out
+                    .write_all(&member(item).header())
                     .map_err(|source| CpError::Output { source })?;
                 if e.kind == FileType::Directory {
-                    stats.dirs += 1;
+                    w.stats.dirs += 1;
                 } else {
-                    stats.symlinks += 1;
+                    w.stats.symlinks += 1;
                 }
             }
             other => {
@@ -381,23 +340,46 @@ pub(super) fn write_tar(
                     kind_name(other),
                     show(&guest_path(&srcs, item))
                 );
-                stats.skipped += 1;
+                w.stats.skipped += 1;
             }
         }
     }
-    flush(
-        fs,
-        &mut batch,
-        &mut requests,
-        out,
-        &mut progress,
-        &mut stats,
-    )?;
-    out.write_all(&[0u8; 2 * BLOCK])
-        .and_then(|()| out.flush())
+    w.run(fs, &mut batch)?;
+    w.out
+        .write_all(&[0u8; 2 * BLOCK])
+        .and_then(|()| w.out.flush())
         .map_err(|source| CpError::Output { source })?;
-    progress.finish();
-    Ok(stats)
+    w.progress.finish();
+    Ok(w.stats)
+}
+
+/// The archive being written and what it has counted so far.
+struct TarWriter<'a> {
+    out: &'a mut dyn Write,
+    sources: &'a [Source],
+    reader: Option<&'a HostReader>,
+    progress: Progress,
+    stats: CopyStats,
+}
+
+impl<'a> TarWriter<'a> {
+    /// Read the files waiting in `batch` and write them as members.
+    fn run(&mut self, fs: &mut dyn GuestFs, batch: &mut Batch<&'a Item>) -> Result<()> {
+        let Some((items, requests)) = batch.take() else {
+            return Ok(());
+        };
+        let mut sink = TarSink {
+            out: &mut *self.out,
+            sources: self.sources,
+            items,
+            reader: self.reader,
+            progress: &mut self.progress,
+            stats: &mut self.stats,
+            current: None,
+            failed: None,
+        };
+        fs.read_files(&requests, &mut sink)
+    }
 }
 
 #[cfg(test)]

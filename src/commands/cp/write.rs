@@ -7,7 +7,7 @@ use super::plan::{check_item, leaf, Item, Plan};
 use super::progress::Progress;
 use super::{show, CopyOptions, CopyStats, CpError};
 use super::{HOLE_BLOCK, KEPT_MODE, PART_PREFIX, WORK_DIR_MODE};
-use crate::agent_client::{FileRequest, FileSink, GuestFs};
+use crate::agent_client::{FileSink, GuestFs};
 use crate::bulk::MAP_MIN;
 use crate::{trace, Error, Result};
 use imgsafe_proto::{Entry, FileMap, FileType};
@@ -124,39 +124,15 @@ fn create_part(parent: &Dir) -> io::Result<(Vec<u8>, File)> {
     }
 }
 
-/// Most files whose requests go out together (see [`GuestFs::read_files`]).
-const BATCH_FILES: usize = 64;
-/// Most request bytes in flight: far below what the channel buffers, so sending a batch
-/// never waits for the guest, which may be busy writing answers the host has not read.
-const BATCH_REQUEST_BYTES: usize = 64 * 1024;
+/// Regular files of one directory waiting to be read in one batch, by plan index.
+type Batch = super::batch::Batch<usize>;
 
-/// Regular files of one directory waiting to be read in one batch.
-#[derive(Default)]
-struct Batch {
-    items: Vec<usize>,
-    requests: Vec<FileRequest>,
-    bytes: usize,
-}
-
-impl Batch {
-    /// Whether `item` belongs to another directory than the files already waiting.
-    fn other_dir(&self, plan: &Plan, item: &Item) -> bool {
-        self.items.first().is_some_and(|&i| {
-            let p = &plan.items[i].path;
-            p[..p.len() - 1] != item.path[..item.path.len() - 1]
-        })
-    }
-
-    /// Add file `i`; true when the batch must now be read (full, or a mapped file,
-    /// which only the last of a batch may be).
-    fn push(&mut self, plan: &Plan, i: usize, mapped: bool) -> bool {
-        let path = plan.guest_path(&plan.items[i]);
-        // JSON writes a byte as up to four characters.
-        self.bytes += path.len() * 4 + 64;
-        self.items.push(i);
-        self.requests.push(FileRequest { path, mapped });
-        mapped || self.items.len() >= BATCH_FILES || self.bytes >= BATCH_REQUEST_BYTES
-    }
+/// Whether `item` belongs to another directory than the files waiting in `batch`.
+fn other_dir(batch: &Batch, plan: &Plan, item: &Item) -> bool {
+    batch.first().is_some_and(|&i| {
+        let p = &plan.items[i].path;
+        p[..p.len() - 1] != item.path[..item.path.len() - 1]
+    })
 }
 
 /// Read the files of `batch` into `parent`, each under a temporary name, then renamed.
@@ -167,18 +143,17 @@ fn run_batch(
     parent: &Dir,
     ctx: &mut Ctx<'_>,
 ) -> Result<()> {
-    if batch.items.is_empty() {
+    let Some((items, requests)) = batch.take() else {
         return Ok(());
-    }
-    let b = std::mem::take(batch);
+    };
     let mut sink = CopySink {
         plan,
-        items: &b.items,
+        items: &items,
         parent,
         ctx,
         current: None,
     };
-    fs.read_files(&b.requests, &mut sink)
+    fs.read_files(&requests, &mut sink)
 }
 
 /// What the second pass carries along.
@@ -445,7 +420,7 @@ fn apply_items(
     let mut batch = Batch::default();
     for (index, item) in plan.items.iter().enumerate() {
         let e = &item.entry;
-        if e.kind != FileType::Regular || batch.other_dir(plan, item) {
+        if e.kind != FileType::Regular || other_dir(&batch, plan, item) {
             let parent = tree.current().map_or(&plan.top, |d| &d.dir);
             run_batch(fs, plan, &mut batch, parent, ctx)?;
         }
@@ -471,7 +446,7 @@ fn apply_items(
             }
             FileType::Regular => {
                 let mapped = ctx.opts.reader.is_some() && e.size >= MAP_MIN;
-                if batch.push(plan, index, mapped) {
+                if batch.push(index, plan.guest_path(item), mapped) {
                     run_batch(fs, plan, &mut batch, parent, ctx)?;
                 }
             }
