@@ -175,19 +175,15 @@ fn member(item: &Item) -> Member<'_> {
 }
 
 /// Receives the files of one batch and writes them as members.
-struct TarSink<'a> {
-    out: &'a mut dyn Write,
-    sources: &'a [Source],
+struct TarSink<'w, 'a> {
+    w: &'w mut TarWriter<'a>,
     items: Vec<&'a Item>,
-    reader: Option<&'a HostReader>,
-    progress: &'a mut Progress,
-    stats: &'a mut CopyStats,
     /// The member being streamed, and its bytes so far.
     current: Option<(usize, u64)>,
     failed: Option<io::Error>,
 }
 
-impl TarSink<'_> {
+impl TarSink<'_, '_> {
     fn output(&self, source: io::Error) -> Error {
         CpError::Output { source }.into()
     }
@@ -195,7 +191,8 @@ impl TarSink<'_> {
     fn pad(&mut self, size: u64) -> Result<()> {
         let rem = (size % BLOCK as u64) as usize;
         if rem != 0 {
-            self.out
+            self.w
+                .out
                 .write_all(&[0u8; BLOCK][..BLOCK - rem])
                 .map_err(|e| self.output(e))?;
         }
@@ -203,10 +200,10 @@ impl TarSink<'_> {
     }
 }
 
-impl FileSink for TarSink<'_> {
+impl FileSink for TarSink<'_, '_> {
     fn begin(&mut self, i: usize, _announced: u64) -> Result<()> {
         let h = member(self.items[i]).header();
-        self.out.write_all(&h).map_err(|e| self.output(e))?;
+        self.w.out.write_all(&h).map_err(|e| self.output(e))?;
         self.current = Some((i, 0));
         Ok(())
     }
@@ -219,13 +216,13 @@ impl FileSink for TarSink<'_> {
         if *n + d.len() as u64 > size {
             return Err(io::Error::other("stream longer than the file's size"));
         }
-        if let Err(e) = self.out.write_all(d) {
+        if let Err(e) = self.w.out.write_all(d) {
             let kind = e.kind();
             self.failed = Some(e);
             return Err(kind.into());
         }
         *n += d.len() as u64;
-        self.progress.add(d.len() as u64);
+        self.w.progress.add(d.len() as u64);
         Ok(())
     }
 
@@ -240,37 +237,37 @@ impl FileSink for TarSink<'_> {
         if n != item.entry.size {
             return Err(Error::guest(format!(
                 "{}: sent a stream of another size than its {} bytes",
-                show(&guest_path(self.sources, item)),
+                show(&guest_path(self.w.sources, item)),
                 item.entry.size
             )));
         }
-        self.stats.files += 1;
-        self.stats.bytes += n;
+        self.w.stats.files += 1;
+        self.w.stats.bytes += n;
         self.pad(n)
     }
 
     fn mapped(&mut self, i: usize, map: FileMap) -> Result<bool> {
         let item = self.items[i];
-        let Some(reader) = self.reader else {
+        let Some(reader) = self.w.reader else {
             return Ok(false);
         };
         let checked = match reader.accept(&map, item.entry.size) {
             Ok(c) => c,
             Err(why) => {
-                let g = show(&guest_path(self.sources, item));
+                let g = show(&guest_path(self.w.sources, item));
                 trace::note(&format!("{g}: streamed instead: {why}"));
                 return Ok(false);
             }
         };
         let h = member(item).header();
-        self.out.write_all(&h).map_err(|e| self.output(e))?;
+        self.w.out.write_all(&h).map_err(|e| self.output(e))?;
         reader
-            .copy_stream(&checked, self.out)
+            .copy_stream(&checked, self.w.out)
             .map_err(|e| self.output(e))?;
-        self.progress.add(item.entry.size);
-        self.stats.files += 1;
-        self.stats.mapped += 1;
-        self.stats.bytes += item.entry.size;
+        self.w.progress.add(item.entry.size);
+        self.w.stats.files += 1;
+        self.w.stats.mapped += 1;
+        self.w.stats.bytes += item.entry.size;
         self.pad(item.entry.size)?;
         Ok(true)
     }
@@ -369,12 +366,8 @@ impl<'a> TarWriter<'a> {
             return Ok(());
         };
         let mut sink = TarSink {
-            out: &mut *self.out,
-            sources: self.sources,
+            w: self,
             items,
-            reader: self.reader,
-            progress: &mut self.progress,
-            stats: &mut self.stats,
             current: None,
             failed: None,
         };
