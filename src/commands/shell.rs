@@ -302,8 +302,8 @@ fn copy_input<W: Write>(
             }
             continue;
         }
-        let ready: Vec<bool> = fds.iter().map(|p| !p.revents().is_empty()).collect();
-        if ready[0] {
+        let ready = |i: usize| !fds[i].revents().is_empty();
+        if ready(0) {
             let mut byte = [0u8; 1];
             if !matches!(rustix::io::read(wake, &mut byte), Ok(1)) {
                 // EOF: the output side has ended.
@@ -316,7 +316,7 @@ fn copy_input<W: Write>(
             continue;
         }
         if let Some(wn) = winch {
-            if ready[1] {
+            if ready(1) {
                 wn.drain();
                 if let Some((rows, cols)) = term::window_size(libc::STDIN_FILENO) {
                     write_msg(w, &Request::ShellResize { rows, cols })
@@ -325,7 +325,7 @@ fn copy_input<W: Write>(
                 }
             }
         }
-        if stdin_open && ready.last() == Some(&true) {
+        if stdin_open && ready(fds.len() - 1) {
             match rustix::io::read(stdin, &mut buf) {
                 Err(rustix::io::Errno::INTR) => continue,
                 Ok(0) | Err(_) => {

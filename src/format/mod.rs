@@ -273,7 +273,7 @@ pub const MAX_CHAIN_DEPTH: usize = 64;
 /// parent of their own kind cannot use: they check the parent's id before opening its
 /// chain.
 #[derive(Debug, Default)]
-pub struct ChainFiles(Vec<(u64, u64)>);
+pub(crate) struct ChainFiles(Vec<(u64, u64)>);
 
 impl ChainFiles {
     /// Enter `file` as the next file down a `kind` chain ("differencing", "delta"):
@@ -307,11 +307,6 @@ impl ChainFiles {
     /// How many files are in the chain.
     pub fn len(&self) -> usize {
         self.0.len()
-    }
-
-    /// Whether no file was entered yet.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 
     /// Forget the files entered after the first `len` (a parent candidate that failed).

@@ -34,7 +34,7 @@ pub fn checksum(bytes: &[u8], at: usize) -> u32 {
     !sum
 }
 
-pub use crate::bytes::{be32, be64};
+use crate::bytes::{be32, be64};
 
 /// A VHD footer, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]

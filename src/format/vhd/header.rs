@@ -1,7 +1,8 @@
 //! The 1024-byte dynamic disk header (`cxsparse`, VHD spec "Dynamic Disk Header Format")
 //! and the parent locators a differencing disk uses to find its parent.
 
-use super::footer::{be32, be64, checksum};
+use super::footer::checksum;
+use crate::bytes::{be32, be64};
 use std::path::{Path, PathBuf};
 
 /// Size of the dynamic header on disk.
